@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment and install the project into it.
+#
+# The venv lives outside the checkout, keyed by a hash of requirements.txt and the Python version, so
+# sessions, clones and CI runs on the same machine reuse it while the requirements are unchanged.
+# Prints the venv's path as its last line. Override the location with UNITE_VENV_ROOT and the
+# interpreter with PYTHON.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+python=${PYTHON:-python3}
+root=${UNITE_VENV_ROOT:-$HOME/.cache/unite/venvs}
+key=$( { cat "$repo/requirements.txt"; "$python" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-16)
+venv="$root/$key"
+
+if [[ ! -f "$venv/.complete" ]]; then
+  echo "Creating the environment in $venv (the first time takes a few minutes: torch is large)." >&2
+  rm -rf "$venv"
+  mkdir -p "$root"
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
+  "$venv/bin/python" -m pip install --quiet -r "$repo/requirements.txt" >&2
+  touch "$venv/.complete"
+fi
+
+# The project itself is reinstalled every time, because the venv may last served another checkout.
+"$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo" >&2
+echo "$venv"

@@ -1,0 +1,67 @@
+"""The exception tree of UNITE.
+
+Every error the project raises derives from :class:`UniteError`, and errors from third-party libraries
+(openslide, PIL, h5py, httpx, sqlite3) are converted where they enter and chained with ``from``::
+
+    UniteError
+    ├── ConfigError        a setting or option has an invalid value
+    ├── SlideError         a slide cannot be opened, has no usable resolution, or has no tissue
+    ├── ImageError         an uploaded or cached tile image cannot be used
+    ├── CacheError         the embedding cache or a training shard is missing or damaged
+    ├── TeacherError       the teacher failed or returned an invalid answer
+    └── ModelError         a model or checkpoint cannot be built or loaded
+
+Each error carries a machine-readable ``code`` and, where a limit was broken, the ``limit`` and the
+``value`` found, so services can return them in the one JSON error shape of the embeddings protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class UniteError(Exception):
+    """Root of all UNITE errors; ``code`` names the kind for API clients."""
+
+    code = "unite_error"
+    status_code = 500
+
+    def __init__(self, message: str, *, limit: Any = None, value: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.limit = limit
+        self.value = value
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the error in the protocol's JSON shape: ``{"error": {...}}``."""
+        return {"error": {"code": self.code, "message": self.message, "limit": self.limit, "value": self.value}}
+
+
+class ConfigError(UniteError):
+    code = "invalid_config"
+    status_code = 400
+
+
+class SlideError(UniteError):
+    code = "invalid_slide"
+    status_code = 422
+
+
+class ImageError(UniteError):
+    code = "invalid_image"
+    status_code = 422
+
+
+class CacheError(UniteError):
+    code = "cache_error"
+    status_code = 500
+
+
+class TeacherError(UniteError):
+    code = "teacher_error"
+    status_code = 502
+
+
+class ModelError(UniteError):
+    code = "model_error"
+    status_code = 500

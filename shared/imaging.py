@@ -1,0 +1,97 @@
+"""Tile images: decoding uploads, encoding for the protocol, and the one preprocessing every model input gets.
+
+Training and inference both call :func:`prepare_tile` and :func:`to_model_input`, so a tile reaches the
+student the same way in the distiller and in the server. No torch here: the model side wraps the
+float array with ``torch.from_numpy``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from shared.errors import ImageError
+
+MODEL_INPUT_SIZE = 224
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def decode_image(data: bytes, *, name: str = "image") -> np.ndarray:
+    """Decode PNG or JPEG bytes into an (H, W, 3) uint8 RGB array.
+
+    Raises :class:`ImageError` for bytes that are not an image and for images that are not 8-bit RGB,
+    naming the mode found, since a silent conversion of RGBA or greyscale would change what the
+    teacher sees.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            mode = image.mode
+            if mode != "RGB":
+                raise ImageError(
+                    f"{name}: image mode is {mode!r}, expected 8-bit 'RGB'. "
+                    "Convert the tile to RGB (for example PIL's image.convert('RGB')) before sending it.",
+                    value=mode,
+                    limit="RGB",
+                )
+            return np.asarray(image, dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageError(
+            f"{name}: cannot decode {len(data)} bytes as an image ({error}). Send a PNG or JPEG file."
+        ) from error
+
+
+def decode_base64_image(text: str, *, name: str = "image") -> np.ndarray:
+    """Decode a base64 string of PNG or JPEG bytes into an RGB array."""
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ImageError(f"{name}: invalid base64 ({error}). Encode the PNG or JPEG bytes with standard base64.") from error
+    return decode_image(data, name=name)
+
+
+def encode_png(tile: np.ndarray) -> bytes:
+    """Encode an (H, W, 3) uint8 array as lossless PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(tile), mode="RGB").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def encode_base64_png(tile: np.ndarray) -> str:
+    """Encode an (H, W, 3) uint8 array as base64 PNG text for the embeddings protocol."""
+    return base64.b64encode(encode_png(tile)).decode("ascii")
+
+
+def prepare_tile(tile: np.ndarray, size: int = MODEL_INPUT_SIZE) -> np.ndarray:
+    """Bring an RGB tile to the model's input: resize the shorter side to ``size`` (bicubic), then centre crop.
+
+    This is the resize-then-centre-crop of UNI2-h's own transform. A tile already at ``size`` x ``size``
+    is returned unchanged, so its bytes, and the cache key built from them, stay stable.
+    """
+    if tile.ndim != 3 or tile.shape[2] != 3 or tile.dtype != np.uint8:
+        raise ImageError(
+            f"tile has shape {tile.shape} and dtype {tile.dtype}, expected (H, W, 3) uint8 RGB.",
+            value=list(tile.shape),
+        )
+    height, width = tile.shape[:2]
+    if (height, width) == (size, size):
+        return tile
+    scale = size / min(height, width)
+    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
+    resized = np.asarray(Image.fromarray(tile).resize((new_width, new_height), Image.BICUBIC))
+    top, left = (new_height - size) // 2, (new_width - size) // 2
+    return np.ascontiguousarray(resized[top : top + size, left : left + size])
+
+
+def to_model_input(tiles: np.ndarray) -> np.ndarray:
+    """Normalise a batch of (N, H, W, 3) uint8 tiles to (N, 3, H, W) float32 with ImageNet mean and std."""
+    if tiles.ndim != 4 or tiles.shape[3] != 3:
+        raise ImageError(f"tile batch has shape {tiles.shape}, expected (N, H, W, 3).", value=list(tiles.shape))
+    scaled = tiles.astype(np.float32) / 255.0
+    normalised = (scaled - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(normalised.transpose(0, 3, 1, 2))

@@ -1,0 +1,1 @@
+"""Teacher backends: what turns prepared tiles into teacher embeddings."""
