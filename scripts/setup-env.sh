@@ -18,11 +18,19 @@ if [[ ! -f "$venv/.complete" ]]; then
   rm -rf "$venv"
   mkdir -p "$root"
   "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
-  "$venv/bin/python" -m pip install --quiet -r "$repo/requirements.txt" >&2
+  log="$root/$key.install.log"
+  if ! { "$venv/bin/python" -m pip install --upgrade pip && "$venv/bin/python" -m pip install -r "$repo/requirements.txt"; } >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "Installing the requirements failed; the full log is $log." >&2
+    exit 1
+  fi
   touch "$venv/.complete"
 fi
 
 # The project itself is reinstalled every time, because the venv may last served another checkout.
-"$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo" >&2
+if ! output=$("$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo" 2>&1); then
+  echo "$output" >&2
+  echo "Installing the project into $venv failed." >&2
+  exit 1
+fi
 echo "$venv"

@@ -1,0 +1,330 @@
+"""The distillation run: training shards in, an exported student checkpoint out.
+
+:func:`distill` splits the shards' tiles by slide, trains :class:`~distiller.module.DistillModule` with a
+Lightning Trainer (bf16 autocast on CPU and GPU by default), writes Lightning checkpoints so a run can
+resume, and exports the student with :func:`shared.checkpoint.save_student`. Output folder layout::
+
+    out_dir/
+        logs/version_N/metrics.csv   per-step train loss, per-epoch validation loss, learning rate
+        lightning/last.ckpt          full training state (student, projector, optimiser, schedule)
+        student/                     the exported checkpoint: model.safetensors, config.json, README.md
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from distiller.data import ShardDataset
+from distiller.loss import UNITE_TEMPERATURE
+from distiller.module import DistillModule
+from distiller.split import Split, split_by_slide
+from shared.checkpoint import save_student
+from shared.errors import ConfigError
+from shared.models.student import UNITE_STUDENT_KWARGS, UNITE_STUDENT_NAME
+from shared.shards import ShardInfo, list_shards, read_metadata
+
+logger = logging.getLogger(__name__)
+
+STUDENT_SUBDIR = "student"
+LIGHTNING_SUBDIR = "lightning"
+LOGS_SUBDIR = "logs"
+GRADIENT_CLIP_NORM = 1.0
+PRECISIONS = ("bf16-mixed", "16-mixed", "32-true", "bf16-true")
+
+
+@dataclass
+class DistillConfig:
+    """Settings of one distillation run.
+
+    ``max_steps`` caps the optimiser steps (None: ``epochs`` full passes). ``resume_from`` is a
+    Lightning checkpoint to continue from, or "last" for ``out_dir/lightning/last.ckpt``; the split is
+    recomputed from the same shards and seed, so it matches the interrupted run's.
+    ``checkpoint_every_n_steps`` also saves ``last.ckpt`` within epochs (None: at each epoch's end only).
+    ``command`` is recorded in the model card.
+    """
+
+    shard_dir: Path
+    out_dir: Path
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.1
+    val_fraction: float = 0.2
+    seed: int = 0
+    num_workers: int = 0
+    precision: str = "bf16-mixed"
+    accelerator: str = "auto"
+    max_steps: int | None = None
+    resume_from: Path | str | None = None
+    checkpoint_every_n_steps: int | None = None
+    command: str | None = None
+
+    def __post_init__(self) -> None:
+        self.shard_dir = Path(self.shard_dir)
+        self.out_dir = Path(self.out_dir)
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size}
+        if self.max_steps is not None:
+            positive["max_steps"] = self.max_steps
+        if self.checkpoint_every_n_steps is not None:
+            positive["checkpoint_every_n_steps"] = self.checkpoint_every_n_steps
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"distill: {name} is {value}, expected an integer >= 1.", value=value, limit=1)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"distill: lr is {self.lr}, expected a positive learning rate.", value=self.lr)
+        if self.weight_decay < 0:
+            raise ConfigError(f"distill: weight_decay is {self.weight_decay}, expected >= 0.", value=self.weight_decay, limit=0)
+        if self.num_workers < 0:
+            raise ConfigError(f"distill: num_workers is {self.num_workers}, expected >= 0.", value=self.num_workers, limit=0)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"distill: precision is {self.precision!r}, expected one of {list(PRECISIONS)}.",
+                value=self.precision,
+                limit=list(PRECISIONS),
+            )
+        # warmup_fraction and val_fraction are checked where they are used, by DistillModule and split_by_slide.
+
+
+@dataclass
+class DistillResult:
+    """What a distillation run produced: the exported folder, the loss curve and the split."""
+
+    checkpoint_dir: Path
+    first_loss: float
+    last_loss: float
+    train_tiles: int
+    val_tiles: int
+    split_description: str
+    # Train loss of every optimiser step of this run, in order; after a resume, only the steps run since.
+    history: list[float] = field(default_factory=list)
+    val_loss: float | None = None
+    steps: int = 0
+
+
+class LossHistory(Callback):
+    """Records the train loss of every optimiser step and the validation loss of every epoch."""
+
+    def __init__(self) -> None:
+        self.train: list[float] = []
+        self.val: list[float] = []
+
+    def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.train.append(float(loss.detach()))
+
+    def on_validation_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get("val/loss")
+        if value is not None:
+            self.val.append(float(value))
+
+
+def distill(config: DistillConfig, *, progress: bool = True) -> DistillResult:
+    """Train the UNITE student on the shards in ``config.shard_dir`` and export it to ``out_dir/student``."""
+    resume = _resolve_resume(config)
+    lightning.seed_everything(config.seed, workers=True, verbose=False)
+    shards = list_shards(config.shard_dir)
+    teacher, licence, teacher_dim = shards[0].teacher, shards[0].teacher_licence, shards[0].embedding_dim
+    slide_ids, coords = _read_all_metadata(shards)
+
+    split = split_by_slide(slide_ids, coords, val_fraction=config.val_fraction, seed=config.seed)
+    log_level = logging.INFO if split.unit == "slide" else logging.WARNING
+    logger.log(log_level, "train/validation split %s", split.description)
+
+    batch_size = _clamp_batch_size(config.batch_size, len(split.train))
+    train_loader = _loader(ShardDataset(shards, split.train), batch_size, config, shuffle=True)
+    val_loader = _validation_loader(shards, split, batch_size, config)
+
+    steps_per_epoch = len(split.train) // batch_size
+    planned_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        planned_steps = min(planned_steps, config.max_steps)
+    module = DistillModule(
+        teacher_dim=teacher_dim,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_fraction=config.warmup_fraction,
+        total_steps=planned_steps,
+    )
+
+    history = LossHistory()
+    trainer = _trainer(config, history, progress=progress)
+    logger.info(
+        "distilling %s: %d train tiles, %d validation tiles, batch %d, %d planned steps, precision %s, teacher %s",
+        config.shard_dir,
+        len(split.train),
+        len(split.val),
+        batch_size,
+        planned_steps,
+        config.precision,
+        teacher,
+    )
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=resume)
+    if not history.train:
+        raise ConfigError(
+            f"distill: no training step ran (global step {trainer.global_step} of {planned_steps} planned). "
+            "A run resumed from a finished checkpoint has nothing left to do; raise epochs or max_steps.",
+            value=trainer.global_step,
+            limit=planned_steps,
+        )
+
+    val_loss = history.val[-1] if history.val else None
+    training = {
+        "epochs": config.epochs,
+        "steps": int(trainer.global_step),
+        "batch_size": batch_size,
+        "lr": config.lr,
+        "weight_decay": config.weight_decay,
+        "warmup_fraction": config.warmup_fraction,
+        "schedule": "linear warm-up, then one cosine decay to 0 (no restarts)",
+        "loss": f"symmetric InfoNCE, temperature {UNITE_TEMPERATURE}, teacher projected {teacher_dim} -> {module.student.num_features}",
+        "precision": config.precision,
+        "seed": config.seed,
+        "shards": len(shards),
+        "split": split.description,
+        "train_tiles": len(split.train),
+        "val_tiles": len(split.val),
+        "train_slides": _count_slides(slide_ids, split.train),
+        "val_slides": _count_slides(slide_ids, split.val),
+        "losses": {"first_train": history.train[0], "last_train": history.train[-1], "val": val_loss},
+    }
+    checkpoint_dir = save_student(
+        module.student,
+        config.out_dir / STUDENT_SUBDIR,
+        architecture=UNITE_STUDENT_NAME,
+        architecture_kwargs=UNITE_STUDENT_KWARGS,
+        teacher=teacher,
+        teacher_licence=licence,
+        training=training,
+        command=config.command,
+    )
+    logger.info(
+        "distilled in %d steps: train loss %.4f -> %.4f, validation loss %s; student exported to %s",
+        trainer.global_step,
+        history.train[0],
+        history.train[-1],
+        "none" if val_loss is None else f"{val_loss:.4f}",
+        checkpoint_dir,
+    )
+    return DistillResult(
+        checkpoint_dir=checkpoint_dir,
+        first_loss=history.train[0],
+        last_loss=history.train[-1],
+        train_tiles=len(split.train),
+        val_tiles=len(split.val),
+        split_description=split.description,
+        history=list(history.train),
+        val_loss=val_loss,
+        steps=int(trainer.global_step),
+    )
+
+
+def _read_all_metadata(shards: list[ShardInfo]) -> tuple[list[str], np.ndarray]:
+    slide_ids: list[str] = []
+    coords = []
+    for info in shards:
+        shard_slides, shard_coords = read_metadata(info)
+        slide_ids.extend(shard_slides)
+        coords.append(shard_coords)
+    return slide_ids, np.concatenate(coords, axis=0)
+
+
+def _clamp_batch_size(requested: int, train_tiles: int) -> int:
+    # InfoNCE needs at least one negative per anchor, hence two tiles per batch.
+    if train_tiles < 2:
+        raise ConfigError(
+            f"distill: the training side of the split holds {train_tiles} tile, expected at least 2 for a contrastive batch. "
+            "Add tiles or lower val_fraction.",
+            value=train_tiles,
+            limit=2,
+        )
+    if requested > train_tiles:
+        logger.warning(
+            "batch size %d is larger than the %d training tiles; using batch size %d, so each epoch is one step",
+            requested,
+            train_tiles,
+            train_tiles,
+        )
+        return train_tiles
+    return requested
+
+
+def _loader(dataset: ShardDataset, batch_size: int, config: DistillConfig, *, shuffle: bool) -> DataLoader:
+    # drop_last keeps every batch at full size: InfoNCE's difficulty, and so its value, depends on the batch size.
+    generator = torch.Generator().manual_seed(config.seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=True,
+        num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        generator=generator,
+    )
+
+
+def _validation_loader(shards: list[ShardInfo], split: Split, batch_size: int, config: DistillConfig) -> DataLoader | None:
+    if len(split.val) < 2:
+        if len(split.val) == 1:
+            logger.warning("validation holds 1 tile, too few for a contrastive loss; training without validation")
+        return None
+    val_batch_size = min(batch_size, len(split.val))
+    if val_batch_size < batch_size:
+        logger.info("validation batch size %d (all %d validation tiles)", val_batch_size, len(split.val))
+    return _loader(ShardDataset(shards, split.val), val_batch_size, config, shuffle=False)
+
+
+def _trainer(config: DistillConfig, history: LossHistory, *, progress: bool) -> lightning.Trainer:
+    checkpoint = ModelCheckpoint(
+        dirpath=config.out_dir / LIGHTNING_SUBDIR,
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=config.checkpoint_every_n_steps,
+    )
+    return lightning.Trainer(
+        accelerator=config.accelerator,
+        devices=1,
+        precision=config.precision,
+        max_epochs=config.epochs,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        gradient_clip_val=GRADIENT_CLIP_NORM,
+        logger=CSVLogger(config.out_dir, name=LOGS_SUBDIR),
+        callbacks=[history, checkpoint, LearningRateMonitor(logging_interval="step")],
+        enable_checkpointing=True,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+    )
+
+
+def _resolve_resume(config: DistillConfig) -> str | None:
+    if config.resume_from is None:
+        return None
+    path = config.out_dir / LIGHTNING_SUBDIR / "last.ckpt" if str(config.resume_from) == "last" else Path(config.resume_from)
+    if not path.is_file():
+        raise ConfigError(
+            f"distill: checkpoint to resume from {path} not found. "
+            f"Pass a .ckpt file, or 'last' after a run that wrote {config.out_dir / LIGHTNING_SUBDIR / 'last.ckpt'}.",
+            value=str(path),
+        )
+    logger.info("resuming from %s", path)
+    return str(path)
+
+
+def _count_slides(slide_ids: list[str], indices: np.ndarray) -> int:
+    return len({slide_ids[index] for index in indices if slide_ids[index]})

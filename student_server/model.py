@@ -1,0 +1,93 @@
+"""The loaded student, shared by every request of one server process.
+
+A server may start before ``unite distill`` has exported a checkpoint (docker compose starts both at
+once). It then stays alive but not ready, and tries to load the checkpoint again on a readiness probe
+or a request, at most once per ``reload_interval_s``, so it becomes ready once the export appears.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+
+from shared.checkpoint import CHECKPOINT_WEIGHTS, LoadedStudent, load_student
+from shared.errors import ModelError
+from shared.models.inference import embed_tiles
+from student_server.settings import StudentSettings
+
+logger = logging.getLogger(__name__)
+
+
+class StudentModel:
+    """The student of one server: loaded once, reloaded while missing, and called under a lock.
+
+    The lock is held for one batch at a time, so concurrent requests take turns batch by batch instead
+    of oversubscribing the CPU cores with several forward passes at once.
+    """
+
+    def __init__(self, settings: StudentSettings) -> None:
+        self.settings = settings
+        self.loaded: LoadedStudent | None = None
+        self.reason = "the student checkpoint has not been loaded yet"
+        self._load_lock = threading.Lock()
+        self._inference_lock = threading.Lock()
+        self._last_attempt: float | None = None
+
+    def ensure_loaded(self) -> LoadedStudent | None:
+        """Return the loaded student, first trying to load it if it is missing and the retry interval has passed."""
+        if self.loaded is not None:
+            return self.loaded
+        with self._load_lock:
+            due = self._last_attempt is None or time.monotonic() - self._last_attempt >= self.settings.reload_interval_s
+            if self.loaded is None and due:
+                self._try_load()
+        return self.loaded
+
+    def embed(self, tiles: np.ndarray) -> np.ndarray:
+        """Embed (N, H, W, 3) uint8 tiles with the loaded student; returns (N, D) float32."""
+        student = self.loaded
+        if student is None:
+            raise ModelError(f"cannot embed: {self.reason}")
+        batch_size = self.settings.batch_size
+        if len(tiles) == 0:
+            return np.zeros((0, student.embed_dim), dtype=np.float32)
+
+        parts = []
+        for start in range(0, len(tiles), batch_size):
+            with self._inference_lock:
+                parts.append(embed_tiles(student.model, tiles[start : start + batch_size], batch_size=batch_size, device=self.settings.device))
+        return np.concatenate(parts, axis=0)
+
+    def _try_load(self) -> None:
+        self._last_attempt = time.monotonic()
+        folder = self.settings.checkpoint_dir
+        if not (folder / CHECKPOINT_WEIGHTS).is_file():
+            self._set_reason(
+                f"no student checkpoint at {folder}: run `unite distill` to export one, "
+                "or set UNITE_STUDENT_CHECKPOINT_DIR to an exported student folder"
+            )
+            return
+        try:
+            self.loaded = load_student(folder, device=self.settings.device)
+        except ModelError as error:
+            self._set_reason(f"cannot load the student checkpoint at {folder}: {error.message}", level=logging.ERROR)
+            return
+        except (RuntimeError, AssertionError) as error:
+            # torch raises these when the configured device does not exist, for example CUDA on a CPU-only build.
+            self._set_reason(
+                f"cannot load the student checkpoint at {folder} onto device {self.settings.device!r} ({error}). "
+                "Set UNITE_STUDENT_DEVICE to an available device such as 'cpu'",
+                level=logging.ERROR,
+            )
+            return
+        self.reason = ""
+        logger.info("serving student %s (checkpoint sha256 %s) on %s", self.loaded.name, self.loaded.sha256, self.settings.device)
+
+    def _set_reason(self, reason: str, *, level: int = logging.WARNING) -> None:
+        # Probes retry every few seconds; log a reason only when it changes.
+        if reason != self.reason:
+            logger.log(level, "student server not ready: %s", reason)
+        self.reason = reason

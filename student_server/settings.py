@@ -1,0 +1,79 @@
+"""Settings of the student server, read from ``UNITE_STUDENT_*`` environment variables."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigError
+
+ENV_PREFIX = "UNITE_STUDENT_"
+GIB = 1 << 30
+
+
+class StudentSettings(BaseSettings):
+    """Where the student checkpoint is, where to listen, and the limits on each request.
+
+    Every field can be set from the environment with the ``UNITE_STUDENT_`` prefix, for example
+    ``UNITE_STUDENT_CHECKPOINT_DIR=/checkpoints/student``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    checkpoint_dir: Path = Field(
+        default=Path("runs/student"),
+        description="Folder of the exported student (model.safetensors, config.json, README.md), as `unite distill` writes it.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address to bind; use 0.0.0.0 only inside a container.")
+    port: int = Field(default=8200, ge=1, le=65535, description="TCP port to bind.")
+    max_tiles_per_request: int = Field(default=256, ge=1, description="Maximum number of tiles in one POST /v1/embeddings request.")
+    max_request_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Maximum size of a JSON request body in bytes (64 MiB holds about 256 PNG tiles of 224 px).",
+    )
+    max_upload_bytes: int = Field(default=2 * GIB, ge=1, description="Maximum size of an uploaded slide file, in bytes.")
+    max_patches_per_slide: int = Field(
+        default=100_000,
+        ge=1,
+        description="Maximum number of tissue patches embedded for one uploaded slide.",
+    )
+    upload_dir: Path = Field(
+        default_factory=lambda: Path(tempfile.gettempdir()) / "unite-student-uploads",
+        description="Folder where uploaded slides are written while they are embedded; each file is deleted afterwards.",
+    )
+    batch_size: int = Field(default=32, ge=1, description="Tiles per forward pass of the student.")
+    device: str = Field(default="cpu", description="Torch device of the student: 'cpu', 'cuda' or 'cuda:N'.")
+    reload_interval_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds between attempts to load the checkpoint while none is loaded, so a server started "
+        "before `unite distill` finished becomes ready once the export appears.",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        kind, _, index = value.partition(":")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+            raise ValueError(f"device is {value!r}, expected 'cpu', 'cuda' or 'cuda:N' (N a GPU index).")
+        return value
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> StudentSettings:
+    """Return the student server settings read from the environment, once per process.
+
+    Raises :class:`ConfigError` naming the environment variable of each invalid value.
+    """
+    try:
+        return StudentSettings()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{ENV_PREFIX}{'_'.join(str(part) for part in item['loc']).upper()}: {item['msg']}" for item in error.errors()
+        )
+        raise ConfigError(f"invalid student server settings: {problems}. Fix or unset these environment variables.") from error

@@ -1,0 +1,215 @@
+"""A synchronous client of the embeddings protocol, used by the CLI to fill the cache through a gateway.
+
+It sends tiles as base64 PNG in batches, retries rate limits (429), server errors (5xx) and connection
+failures a few times with exponential back-off, and raises :class:`TeacherError` with the server's
+JSON error message for every other failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import numpy as np
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from shared.errors import ConfigError, TeacherError
+from shared.imaging import encode_base64_png
+
+logger = logging.getLogger(__name__)
+
+RETRY_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
+
+
+class _RetryableResponse(Exception):
+    """A response with a status worth retrying; converted to :class:`TeacherError` once retries run out."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(f"HTTP {response.status_code}")
+        self.response = response
+
+
+class GatewayClient:
+    """Client of a gateway (or any server of the embeddings protocol) at ``base_url``.
+
+    ``timeout`` is in seconds per request, and ``batch_size`` tiles go in one request. A failing request is
+    tried at most ``max_attempts`` times. The waits between tries start at ``retry_wait_s`` seconds and
+    double, up to 10 s.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 120.0,
+        *,
+        batch_size: int = 64,
+        model: str | None = None,
+        max_attempts: int = 3,
+        retry_wait_s: float = 0.5,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"gateway client batch_size is {batch_size}, expected at least 1.", limit=1, value=batch_size)
+        if max_attempts < 1:
+            raise ConfigError(f"gateway client max_attempts is {max_attempts}, expected at least 1.", limit=1, value=max_attempts)
+        self.base_url = base_url.rstrip("/")
+        self.batch_size = batch_size
+        self.model = model
+        self.max_attempts = max_attempts
+        self.retry_wait_s = retry_wait_s
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+
+    def embed(
+        self,
+        tiles: Sequence[np.ndarray],
+        *,
+        slide_id: str | Sequence[str | None] | None = None,
+        coords: Sequence[tuple[int, int] | None] | None = None,
+        mpp: float | Sequence[float | None] | None = None,
+    ) -> np.ndarray:
+        """Embed RGB uint8 tiles and return an (N, D) float32 array in the order of ``tiles``.
+
+        ``slide_id`` and ``mpp`` take one value for all tiles or one per tile; ``coords`` takes one
+        level-0 (x, y) per tile. They are stored with the tile in the gateway's cache.
+        """
+        count = len(tiles)
+        slide_ids = _per_tile("slide_id", slide_id, count)
+        mpps = _per_tile("mpp", mpp, count)
+        all_coords = _per_tile("coords", coords, count, allow_scalar=False)
+
+        batches = []
+        for start in range(0, count, self.batch_size):
+            stop = min(start + self.batch_size, count)
+            inputs = []
+            for index in range(start, stop):
+                item: dict[str, Any] = {"image": encode_base64_png(tiles[index])}
+                if slide_ids[index] is not None:
+                    item["slide_id"] = slide_ids[index]
+                if all_coords[index] is not None:
+                    item["coords"] = [int(value) for value in all_coords[index]]
+                if mpps[index] is not None:
+                    item["mpp"] = float(mpps[index])
+                inputs.append(item)
+            batches.append(self._embed_batch(inputs))
+        if not batches:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.concatenate(batches)
+
+    def models(self) -> list[dict[str, Any]]:
+        """Return the models the server lists under ``GET /v1/models``."""
+        return self._request("GET", "/v1/models")["data"]
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> GatewayClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _embed_batch(self, inputs: list[dict[str, Any]]) -> np.ndarray:
+        payload: dict[str, Any] = {"input": inputs}
+        if self.model is not None:
+            payload["model"] = self.model
+        body = self._request("POST", "/v1/embeddings", json=payload)
+
+        data = body.get("data")
+        if not isinstance(data, list) or len(data) != len(inputs):
+            found = len(data) if isinstance(data, list) else type(data).__name__
+            raise TeacherError(
+                f"gateway {self.base_url} returned {found} embeddings for {len(inputs)} tiles, expected one per tile.",
+                limit=len(inputs),
+                value=found,
+            )
+        try:
+            ordered = sorted(data, key=lambda item: item["index"])
+            indices = [item["index"] for item in ordered]
+            embeddings = np.array([item["embedding"] for item in ordered], dtype=np.float32)
+        except (KeyError, TypeError, ValueError) as error:
+            raise TeacherError(
+                f"gateway {self.base_url} returned a malformed embeddings response ({type(error).__name__}: {error}). "
+                "Check that the server implements the embeddings protocol."
+            ) from error
+        if indices != list(range(len(inputs))) or embeddings.ndim != 2:
+            raise TeacherError(
+                f"gateway {self.base_url} returned indices {indices} and embeddings of shape {embeddings.shape}, "
+                f"expected indices 0 to {len(inputs) - 1} and one vector each. "
+                "Check that the server implements the embeddings protocol."
+            )
+        return embeddings
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """Send one request with retries and return its JSON body; raise :class:`TeacherError` on failure."""
+        retrying = Retrying(
+            stop=stop_after_attempt(self.max_attempts),
+            wait=wait_exponential(multiplier=self.retry_wait_s, max=10.0),
+            retry=retry_if_exception(lambda error: isinstance(error, (httpx.TransportError, _RetryableResponse))),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        url = f"{self.base_url}{path}"
+        try:
+            response = retrying(self._send, method, path, **kwargs)
+        except httpx.TransportError as error:
+            raise TeacherError(
+                f"cannot reach the gateway at {url} after {self.max_attempts} attempts ({type(error).__name__}: {error}). "
+                "Check that it runs (unite serve-gateway) and that the URL is right."
+            ) from error
+        except _RetryableResponse as error:
+            response = error.response
+
+        if response.is_success:
+            return response.json()
+        error_body = _error_body(response)
+        raise TeacherError(
+            f"gateway {url} returned HTTP {response.status_code}: {error_body.get('message', response.text[:500])}",
+            limit=error_body.get("limit"),
+            value=error_body.get("value"),
+        )
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code in RETRY_STATUS_CODES:
+            raise _RetryableResponse(response)
+        return response
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        logger.warning(
+            "gateway %s: attempt %d of %d failed (%s); retrying in %.1f s",
+            self.base_url,
+            state.attempt_number,
+            self.max_attempts,
+            error,
+            state.next_action.sleep if state.next_action is not None else 0.0,
+        )
+
+
+def _per_tile(name: str, value: Any, count: int, *, allow_scalar: bool = True) -> list[Any]:
+    """Expand a value given once for all tiles, or check a sequence given per tile."""
+    if value is None:
+        return [None] * count
+    if allow_scalar and isinstance(value, (str, int, float)):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise ConfigError(f"{name} has {len(values)} values for {count} tiles, expected one per tile.", limit=count, value=len(values))
+    return values
+
+
+def _error_body(response: httpx.Response) -> dict[str, Any]:
+    """Return the ``error`` object of a protocol error response, or an empty dict for any other body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, dict) else {}

@@ -1,0 +1,481 @@
+"""The student server over real HTTP: tile and slide embeddings, readiness, limits and error shapes.
+
+Every test talks to a uvicorn server on 127.0.0.1 through httpx. The student has random weights, saved
+once per module as a real exported checkpoint; what is checked is that the server embeds exactly as
+``embed_tiles`` does and reports the checkpoint it serves.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import logging
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from servers import run_app
+from shared.checkpoint import load_student, save_student
+from shared.errors import ConfigError, ImageError
+from shared.imaging import decode_image, encode_base64_png
+from shared.models.inference import embed_tiles
+from shared.models.student import UNITE_STUDENT_KWARGS, build_unite_student
+from shared.slides.reader import open_slide
+from shared.slides.tiling import iter_tiles, tile_slide
+from student_server.app import SLIDE_EMBED_PATH, create_app
+from student_server.settings import StudentSettings, get_settings
+
+MAX_TILES = 8
+SLIDE_TIMEOUT_S = 300
+
+
+def save_test_student(folder: Path) -> Path:
+    torch.manual_seed(0)
+    return save_student(
+        build_unite_student(),
+        folder,
+        architecture="unite-vit-small-14",
+        architecture_kwargs=UNITE_STUDENT_KWARGS,
+        teacher="test-teacher/v1",
+        teacher_licence="test",
+        training={},
+    )
+
+
+def lung_tiles(shared_data: Path, count: int) -> list[bytes]:
+    """Return the JPEG bytes of ``count`` real 224 x 224 lung tiles."""
+    paths = sorted((shared_data / "tiles" / "lc25000_lung_dedup" / "lung_aca").glob("*.jpeg"))[:count]
+    return [path.read_bytes() for path in paths]
+
+
+def png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def assert_error_shape(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"code", "message", "limit", "value"}
+    assert error["code"] == code
+    return error
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_test_student(tmp_path_factory.mktemp("checkpoint") / "student")
+
+
+@pytest.fixture(scope="module")
+def student_model(checkpoint):
+    return load_student(checkpoint).model
+
+
+@pytest.fixture(scope="module")
+def upload_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("uploads")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, upload_dir):
+    settings = StudentSettings(checkpoint_dir=checkpoint, upload_dir=upload_dir, max_tiles_per_request=MAX_TILES)
+    app = create_app(settings)
+    with run_app(app) as base_url, httpx.Client(base_url=base_url, timeout=SLIDE_TIMEOUT_S) as client:
+        yield client, app
+
+
+@pytest.fixture()
+def client(server) -> httpx.Client:
+    return server[0]
+
+
+# embed_tiles
+
+
+def test_embed_tiles_shape_and_dtype(student_model, shared_data):
+    tiles = np.stack([decode_image(data) for data in lung_tiles(shared_data, 2)])
+
+    embeddings = embed_tiles(student_model, tiles)
+
+    assert embeddings.shape == (2, 384)
+    assert embeddings.dtype == np.float32
+    assert np.isfinite(embeddings).all()
+
+
+def test_embed_tiles_resizes_other_sizes(student_model, shared_data):
+    tile = decode_image(lung_tiles(shared_data, 1)[0])
+    larger = np.asarray(Image.fromarray(tile).resize((448, 448), Image.BICUBIC))
+
+    embeddings = embed_tiles(student_model, larger[None])
+
+    assert embeddings.shape == (1, 384)
+    assert np.isfinite(embeddings).all()
+
+
+def test_embed_tiles_empty_batch(student_model):
+    embeddings = embed_tiles(student_model, np.zeros((0, 224, 224, 3), dtype=np.uint8))
+
+    assert embeddings.shape == (0, 384)
+    assert embeddings.dtype == np.float32
+
+
+def test_embed_tiles_rejects_float_tiles(student_model):
+    with pytest.raises(ImageError, match="uint8"):
+        embed_tiles(student_model, np.zeros((1, 224, 224, 3), dtype=np.float32))
+
+
+# POST /v1/embeddings
+
+
+def test_embeddings_match_embed_tiles(client, student_model, shared_data):
+    jpegs = lung_tiles(shared_data, 3)
+    tiles = np.stack([decode_image(data) for data in jpegs])
+    body = {"input": [{"image": base64.b64encode(data).decode("ascii"), "slide_id": "s1", "coords": [0, 224 * i]} for i, data in enumerate(jpegs)]}
+
+    response = client.post("/v1/embeddings", json=body)
+
+    assert response.status_code == 200, response.text
+    served = np.asarray([item["embedding"] for item in response.json()["data"]], dtype=np.float32)
+    assert [item["index"] for item in response.json()["data"]] == [0, 1, 2]
+    assert served.shape == (3, 384)
+    np.testing.assert_allclose(served, embed_tiles(student_model, tiles), rtol=0, atol=1e-5)
+
+
+def test_embeddings_resize_larger_tile(client, student_model, shared_data):
+    tile = decode_image(lung_tiles(shared_data, 1)[0])
+    larger = np.asarray(Image.fromarray(tile).resize((320, 256), Image.BICUBIC))
+
+    response = client.post("/v1/embeddings", json={"input": [{"image": encode_base64_png(larger)}]})
+
+    assert response.status_code == 200, response.text
+    served = np.asarray(response.json()["data"][0]["embedding"], dtype=np.float32)
+    np.testing.assert_allclose(served, embed_tiles(student_model, larger[None])[0], rtol=0, atol=1e-5)
+
+
+def test_embeddings_name_checkpoint(client, checkpoint, shared_data):
+    expected_sha256 = hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()
+    image = base64.b64encode(lung_tiles(shared_data, 1)[0]).decode("ascii")
+
+    answer = client.post("/v1/embeddings", json={"input": [{"image": image}]}).json()
+
+    assert answer["checkpoint_sha256"] == expected_sha256
+    assert answer["usage"]["checkpoint_sha256"] == expected_sha256
+    assert answer["usage"]["tiles"] == 1
+    assert answer["object"] == "list"
+    assert answer["model"] == f"unite-vit-small-14@{expected_sha256[:12]}"
+
+
+def test_embeddings_accept_served_model_name(client, shared_data):
+    models = client.get("/v1/models").json()["data"]
+    image = base64.b64encode(lung_tiles(shared_data, 1)[0]).decode("ascii")
+
+    response = client.post("/v1/embeddings", json={"model": models[0]["id"], "input": [{"image": image}]})
+
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == models[0]["id"]
+
+
+def test_embeddings_unknown_model_404(client, shared_data):
+    image = base64.b64encode(lung_tiles(shared_data, 1)[0]).decode("ascii")
+
+    response = client.post("/v1/embeddings", json={"model": "uni2-h", "input": [{"image": image}]})
+
+    error = assert_error_shape(response, 404, "model_not_found")
+    assert error["value"] == "uni2-h"
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L"])
+def test_embeddings_non_rgb_image_422(client, shared_data, mode):
+    rgb = base64.b64encode(lung_tiles(shared_data, 1)[0]).decode("ascii")
+    other = png_base64(Image.new(mode, (224, 224)))
+
+    response = client.post("/v1/embeddings", json={"input": [{"image": rgb}, {"image": other}]})
+
+    error = assert_error_shape(response, 422, "invalid_image")
+    assert f"'{mode}'" in error["message"]
+    assert "input[1].image" in error["message"]
+    assert error["value"] == mode
+
+
+def test_embeddings_invalid_base64_422(client):
+    response = client.post("/v1/embeddings", json={"input": [{"image": "not base64!"}]})
+
+    error = assert_error_shape(response, 422, "invalid_image")
+    assert "base64" in error["message"]
+
+
+def test_embeddings_too_many_tiles_413(client):
+    tile = encode_base64_png(np.zeros((224, 224, 3), dtype=np.uint8))
+
+    response = client.post("/v1/embeddings", json={"input": [{"image": tile}] * (MAX_TILES + 1)})
+
+    error = assert_error_shape(response, 413, "request_too_large")
+    assert error["limit"] == MAX_TILES
+    assert error["value"] == MAX_TILES + 1
+    assert str(MAX_TILES) in error["message"]
+
+
+def test_embeddings_missing_input_422(client):
+    response = client.post("/v1/embeddings", json={"model": None})
+
+    error = assert_error_shape(response, 422, "invalid_request")
+    assert "input" in error["message"]
+
+
+def test_embeddings_malformed_json_422(client):
+    response = client.post("/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"})
+
+    error = assert_error_shape(response, 422, "invalid_request")
+    assert "not valid JSON" in error["message"]
+
+
+def test_unexpected_error_is_generic_500(server, shared_data, caplog):
+    client, app = server
+    image = base64.b64encode(lung_tiles(shared_data, 1)[0]).decode("ascii")
+    student = app.state.student
+    original_embed = student.embed
+
+    def failing_embed(tiles):
+        raise RuntimeError("secret detail /srv/private/path")
+
+    student.embed = failing_embed
+    try:
+        with caplog.at_level(logging.ERROR, logger="student_server"):
+            response = client.post("/v1/embeddings", json={"input": [{"image": image}]})
+    finally:
+        student.embed = original_embed
+
+    error = assert_error_shape(response, 500, "internal_error")
+    request_id = response.headers["x-request-id"]
+    assert request_id in error["message"]
+    assert "secret" not in response.text
+    assert "/srv/private/path" not in response.text
+    assert "Traceback" not in response.text
+    assert request_id in caplog.text
+    assert "secret detail" in caplog.text
+
+
+def test_unknown_route_404_json(client):
+    response = client.get("/v1/nothing-here")
+
+    assert_error_shape(response, 404, "not_found")
+
+
+# GET /v1/models, /healthz, /readyz
+
+
+def test_models_lists_student(client, checkpoint):
+    models = client.get("/v1/models").json()["data"]
+
+    assert len(models) == 1
+    assert models[0]["dim"] == 384
+    assert models[0]["teacher"] == "test-teacher/v1"
+    assert models[0]["checkpoint_sha256"] == hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_readyz_ready_with_checkpoint(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+    response = client.get("/readyz")
+
+    assert response.status_code == 200
+    assert response.json()["status"] == "ready"
+
+
+def test_readyz_503_without_checkpoint(tmp_path):
+    missing = tmp_path / "no-student-here"
+    app = create_app(StudentSettings(checkpoint_dir=missing, upload_dir=tmp_path / "uploads", reload_interval_s=0))
+
+    with run_app(app) as base_url, httpx.Client(base_url=base_url) as client:
+        health = client.get("/healthz")
+        ready = client.get("/readyz")
+        embeddings = client.post("/v1/embeddings", json={"input": [{"image": encode_base64_png(np.zeros((224, 224, 3), np.uint8))}]})
+        models = client.get("/v1/models").json()
+
+        assert health.status_code == 200
+        error = assert_error_shape(ready, 503, "not_ready")
+        assert f"no student checkpoint at {missing}" in error["message"]
+        assert "unite distill" in error["message"]
+        assert_error_shape(embeddings, 503, "not_ready")
+        assert models["data"] == []
+
+        save_test_student(missing)
+        assert client.get("/readyz").status_code == 200
+
+
+# POST /v1/slides/embed
+
+
+def test_slide_upload_embeds_patches(server, student_model, shared_data, upload_dir, caplog):
+    client, _ = server
+    slide_path = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    client_name = "Doe-Jane-1970-biopsy.svs"
+
+    with caplog.at_level(logging.DEBUG), slide_path.open("rb") as handle:
+        response = client.post(SLIDE_EMBED_PATH, files={"file": (client_name, handle)})
+
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    tiled = tile_slide(slide_path)
+    coords = np.asarray(answer["coords"], dtype=np.int64)
+    patches = np.asarray(answer["patch_embeddings"], dtype=np.float32)
+    slide_embedding = np.asarray(answer["slide_embedding"], dtype=np.float32)
+
+    assert answer["num_patches"] == len(tiled.grid.coords)
+    np.testing.assert_array_equal(coords, tiled.grid.coords)
+    assert patches.shape == (answer["num_patches"], 384)
+    assert slide_embedding.shape == (384,)
+    np.testing.assert_allclose(slide_embedding, patches.mean(axis=0), rtol=0, atol=1e-6)
+    assert answer["slide_id"] == tiled.info.slide_id
+    assert answer["mpp"] == pytest.approx(0.499)
+    assert answer["patch_size_level0"] == tiled.grid.patch_size_level0
+    assert answer["checkpoint_sha256"] == client.get("/readyz").json()["checkpoint_sha256"]
+    assert set(answer["timings"]) == {"upload_s", "tiling_s", "embedding_s", "total_s"}
+
+    with open_slide(slide_path) as slide:
+        first_coords, first_tiles = next(iter_tiles(slide, tiled.grid, batch_size=32))
+    np.testing.assert_array_equal(coords[:32], first_coords)
+    np.testing.assert_allclose(patches[:32], embed_tiles(student_model, first_tiles), rtol=0, atol=1e-5)
+
+    assert list(upload_dir.iterdir()) == []
+    assert client_name not in caplog.text
+    assert "Doe-Jane" not in caplog.text
+
+
+def test_slide_upload_mpp_override_without_patches(client, shared_data):
+    # This TIFF reports an absurd 1000 µm/px, so only the override makes it usable.
+    slide_path = shared_data / "slides" / "BRACS_1640_N_3_cropped.tiff"
+
+    with slide_path.open("rb") as handle:
+        response = client.post(SLIDE_EMBED_PATH, files={"file": ("crop.tiff", handle)}, data={"mpp": "0.5", "include_patches": "false"})
+
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["mpp"] == 0.5
+    assert answer["mpp_source"] == "override"
+    assert answer["patch_embeddings"] is None
+    assert answer["num_patches"] == len(answer["coords"])
+    assert len(answer["slide_embedding"]) == 384
+
+
+def test_slide_without_resolution_422(client, shared_data, upload_dir):
+    slide_path = shared_data / "slides" / "BRACS_1640_N_3_cropped.tiff"
+
+    with slide_path.open("rb") as handle:
+        response = client.post(SLIDE_EMBED_PATH, files={"file": ("crop.tiff", handle)})
+
+    error = assert_error_shape(response, 422, "invalid_slide")
+    assert "form field 'mpp'" in error["message"]
+    assert str(upload_dir) not in response.text
+    assert "upload-" not in response.text
+
+
+def test_slide_not_a_slide_422(client, upload_dir):
+    response = client.post(SLIDE_EMBED_PATH, files={"file": ("Smith-John-notes.svs", b"these are notes, not a slide")})
+
+    error = assert_error_shape(response, 422, "invalid_slide")
+    assert error["message"].startswith("uploaded slide ")
+    assert str(upload_dir) not in response.text
+    assert "upload-" not in response.text
+    assert "Smith-John" not in response.text
+    assert "/tmp" not in response.text
+    assert list(upload_dir.iterdir()) == []
+
+
+def test_slide_missing_file_field_422(client):
+    response = client.post(SLIDE_EMBED_PATH, files={"slide": ("a.svs", b"data")})
+
+    error = assert_error_shape(response, 422, "invalid_request")
+    assert "'file'" in error["message"]
+
+
+def test_slide_invalid_form_field_422(client):
+    response = client.post(SLIDE_EMBED_PATH, files={"file": ("a.svs", b"data")}, data={"mpp": "fast"})
+
+    error = assert_error_shape(response, 422, "invalid_request")
+    assert "mpp" in error["message"]
+
+
+def test_slide_not_multipart_422(client):
+    response = client.post(SLIDE_EMBED_PATH, json={"file": "slide.svs"})
+
+    error = assert_error_shape(response, 422, "invalid_request")
+    assert "multipart/form-data" in error["message"]
+
+
+@pytest.fixture(scope="module")
+def small_upload_server(checkpoint, tmp_path_factory):
+    upload_dir = tmp_path_factory.mktemp("small-uploads")
+    app = create_app(StudentSettings(checkpoint_dir=checkpoint, upload_dir=upload_dir, max_upload_bytes=100_000))
+    with run_app(app) as base_url, httpx.Client(base_url=base_url, timeout=60) as client:
+        yield client, upload_dir
+
+
+def test_slide_upload_over_limit_413(small_upload_server, shared_data):
+    client, upload_dir = small_upload_server
+    slide_path = shared_data / "slides" / "CMU-1-Small-Region.svs"
+
+    with slide_path.open("rb") as handle:
+        response = client.post(SLIDE_EMBED_PATH, files={"file": ("a.svs", handle)})
+
+    error = assert_error_shape(response, 413, "upload_too_large")
+    assert error["limit"] == 100_000
+    assert error["value"] > slide_path.stat().st_size
+    assert "100000" in error["message"]
+    assert list(upload_dir.iterdir()) == []
+
+
+def test_slide_streamed_upload_over_limit_413(small_upload_server, shared_data):
+    # Without a Content-Length the limit is enforced while the file part streams to disk.
+    client, upload_dir = small_upload_server
+    data = (shared_data / "slides" / "CMU-1-Small-Region.svs").read_bytes()
+    boundary = "unite-test-boundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.svs"\r\n\r\n'.encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+
+    def chunks():
+        for start in range(0, len(body), 65536):
+            yield body[start : start + 65536]
+
+    response = client.post(SLIDE_EMBED_PATH, content=chunks(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+
+    error = assert_error_shape(response, 413, "upload_too_large")
+    assert error["limit"] == 100_000
+    assert 100_000 < error["value"] < len(data)
+    assert list(upload_dir.iterdir()) == []
+
+
+# settings
+
+
+def test_settings_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("UNITE_STUDENT_CHECKPOINT_DIR", str(tmp_path / "student"))
+    monkeypatch.setenv("UNITE_STUDENT_PORT", "8311")
+    monkeypatch.setenv("UNITE_STUDENT_MAX_UPLOAD_BYTES", "1048576")
+
+    settings = StudentSettings()
+
+    assert settings.checkpoint_dir == tmp_path / "student"
+    assert settings.port == 8311
+    assert settings.max_upload_bytes == 1048576
+    assert settings.host == "127.0.0.1"
+
+
+def test_settings_invalid_device_names_variable(monkeypatch):
+    monkeypatch.setenv("UNITE_STUDENT_DEVICE", "gpu")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="UNITE_STUDENT_DEVICE"):
+            get_settings()
+    finally:
+        get_settings.cache_clear()

@@ -1,0 +1,176 @@
+"""Entry point of the ``unite`` command line.
+
+Every option has help text with its unit and default; no path is ever edited into source. Heavy
+imports (torch, Lightning, the services) happen inside each command, so ``unite --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from shared.errors import UniteError
+
+logger = logging.getLogger("unite")
+
+
+def _add_slide_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="resolution of the slides in µm per pixel, overriding their metadata (default: read from the slide)",
+    )
+    parser.add_argument("--patch-size", type=int, default=224, help="patch size in pixels at the target resolution (default: 224)")
+    parser.add_argument("--target-mpp", type=float, default=0.5, help="target resolution in µm per pixel (default: 0.5, about 20x)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the parser of every ``unite`` subcommand."""
+    parser = argparse.ArgumentParser(prog="unite", description="Black-box distillation of pathology foundation models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level instead of INFO")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fetch = commands.add_parser("fetch-sample", help="download the CMU-1 sample slide and print its path")
+    fetch.add_argument("--data-dir", type=Path, default=None, help="folder for the slide (default: $UNITE_DATA_DIR or ~/.cache/unite/data)")
+
+    tile = commands.add_parser("tile", help="detect tissue and write a TRIDENT-layout patch file per slide")
+    tile.add_argument("slides", nargs="+", type=Path, help="slide files openslide can read")
+    tile.add_argument("--out", type=Path, required=True, help="output folder; patch files go to OUT/patches/NAME_patches.h5")
+    _add_slide_options(tile)
+
+    teach = commands.add_parser("teach", help="embed slides' tiles through the teacher gateway and export training shards")
+    teach.add_argument("slides", nargs="+", type=Path, help="slide files openslide can read")
+    teach.add_argument("--gateway", required=True, help="base URL of the teacher gateway, for example http://127.0.0.1:8100")
+    teach.add_argument("--cache-dir", type=Path, required=True, help="the gateway's cache folder, read to export the shards")
+    teach.add_argument("--shards", type=Path, required=True, help="output folder for the training shards")
+    teach.add_argument("--batch-size", type=int, default=64, help="tiles per request to the gateway (default: 64)")
+    _add_slide_options(teach)
+
+    distill = commands.add_parser("distill", help="train the student from training shards and export it")
+    distill.add_argument("--shards", type=Path, required=True, help="folder of training shards written by `unite teach`")
+    distill.add_argument("--out", type=Path, required=True, help="output folder; the student is exported to OUT/student")
+    distill.add_argument("--epochs", type=int, default=1, help="passes over the training tiles (default: 1)")
+    distill.add_argument("--batch-size", type=int, default=32, help="tiles per step (default: 32)")
+    distill.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of AdamW (default: 5e-4)")
+    distill.add_argument("--seed", type=int, default=0, help="random seed of the run (default: 0)")
+    distill.add_argument("--resume", type=Path, default=None, help="Lightning checkpoint to resume from (default: start afresh)")
+
+    gateway = commands.add_parser("serve-gateway", help="run the teacher gateway HTTP service")
+    gateway.add_argument("--host", default=None, help="address to bind (default: UNITE_GATEWAY_HOST or 127.0.0.1)")
+    gateway.add_argument("--port", type=int, default=None, help="port to bind (default: UNITE_GATEWAY_PORT or 8100)")
+    gateway.add_argument("--cache-dir", type=Path, default=None, help="cache folder (default: UNITE_GATEWAY_CACHE_DIR or ./runs/cache)")
+    gateway.add_argument("--teacher", default=None, help="teacher backend (default: UNITE_GATEWAY_TEACHER or 'reference')")
+
+    student = commands.add_parser("serve-student", help="run the student embedding HTTP service")
+    student.add_argument("--host", default=None, help="address to bind (default: UNITE_STUDENT_HOST or 127.0.0.1)")
+    student.add_argument("--port", type=int, default=None, help="port to bind (default: UNITE_STUDENT_PORT or 8200)")
+    student.add_argument("--checkpoint", type=Path, default=None, help="exported student folder (default: UNITE_STUDENT_CHECKPOINT_DIR or ./runs/student)")
+
+    demo = commands.add_parser("demo", help="run the whole chain on one slide: tile, teach, distill, serve, embed")
+    demo.add_argument("--slide", type=Path, default=None, help="slide to use (default: the CMU-1 sample slide, downloaded once)")
+    demo.add_argument("--mpp", type=float, default=None, help="resolution of the slide in µm per pixel, overriding its metadata")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
+    demo.add_argument("--epochs", type=int, default=2, help="distillation epochs (default: 2)")
+    demo.add_argument("--batch-size", type=int, default=32, help="tiles per training step (default: 32)")
+    return parser
+
+
+def _overrides(**values) -> dict:
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "fetch-sample":
+        from shared.sample_data import default_data_dir, fetch_cmu1
+
+        print(fetch_cmu1(args.data_dir or default_data_dir()))
+        return 0
+
+    if args.command == "tile":
+        from unite_cli.pipeline import tile_to_patch_files
+
+        for path in tile_to_patch_files(args.slides, args.out, mpp=args.mpp, patch_size=args.patch_size, target_mpp=args.target_mpp):
+            print(path)
+        return 0
+
+    if args.command == "teach":
+        from unite_cli.pipeline import teach_slides
+
+        result = teach_slides(
+            args.slides,
+            gateway_url=args.gateway,
+            cache_dir=args.cache_dir,
+            shard_dir=args.shards,
+            mpp=args.mpp,
+            patch_size=args.patch_size,
+            target_mpp=args.target_mpp,
+            batch_size=args.batch_size,
+        )
+        print(result.summary())
+        return 0
+
+    if args.command == "distill":
+        from distiller.train import DistillConfig, distill
+
+        config = DistillConfig(
+            shard_dir=args.shards,
+            out_dir=args.out,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            resume_from=args.resume,
+        )
+        result = distill(config, command=" ".join(["unite", *sys.argv[1:]]))
+        print(f"first loss {result.first_loss:.4f}, last loss {result.last_loss:.4f}; student exported to {result.checkpoint_dir}")
+        return 0
+
+    if args.command == "serve-gateway":
+        import uvicorn
+
+        from teacher_gateway.app import create_app
+        from teacher_gateway.settings import GatewaySettings
+
+        settings = GatewaySettings(**_overrides(host=args.host, port=args.port, cache_dir=args.cache_dir, teacher=args.teacher))
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+        return 0
+
+    if args.command == "serve-student":
+        import uvicorn
+
+        from student_server.app import create_app
+        from student_server.settings import StudentSettings
+
+        settings = StudentSettings(**_overrides(host=args.host, port=args.port, checkpoint_dir=args.checkpoint))
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+        return 0
+
+    if args.command == "demo":
+        from unite_cli.demo import run_demo
+
+        run_demo(slide=args.slide, mpp=args.mpp, out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size)
+        return 0
+
+    raise AssertionError(f"unhandled command {args.command!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``unite`` command line; a UNITE error ends it with its message and exit status 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return _run(args)
+    except UniteError as error:
+        logger.error("%s", error.message)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
