@@ -12,7 +12,7 @@ UNITE_TEMPERATURE = 0.07
 def symmetric_info_nce(student: torch.Tensor, teacher: torch.Tensor, temperature: float = UNITE_TEMPERATURE) -> torch.Tensor:
     """Return the symmetric InfoNCE loss of two (B, D) batches whose row i of each side forms a positive pair.
 
-    Both sides are L2-normalised here, so ``logits = s @ t.T / temperature`` holds cosine similarities
+    Both sides are L2-normalised here, so ``logits = s @ t.T / temperature`` contains cosine similarities
     scaled by ``1 / temperature``, and the loss is the mean of the cross entropy of each row (student to
     teacher) and of each column (teacher to student) against the diagonal. Computed in float32 even
     under autocast, because bf16 loses the small differences between cosines that a low temperature

@@ -4,7 +4,7 @@ A random tile-level split leaks near-duplicate neighbours of a slide into valida
 validation loss look better than it is. With two or more known slides, whole slides go to one side.
 With one slide, or when no tile carries a slide id, the split falls back to spatial blocks: the level-0
 plane is cut into square blocks of several patches, and whole blocks go to one side. Tiles with neither
-a slide id nor coordinates can only be split at random, and the description says so.
+a slide id nor coordinates can only be split at random, and the description states it.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def split_by_slide(
 
     ``slide_ids`` has one pseudonymous id per tile ("" when unknown); ``coords`` is (N, 2) level-0
     top-left corners, (-1, -1) when unknown. Groups are shuffled with ``seed`` and assigned to
-    validation until it holds about ``val_fraction`` of the tiles; both sides keep at least one group.
+    validation until it contains about ``val_fraction`` of the tiles; both sides keep at least one group.
     With ``val_fraction`` 0 every tile trains and validation is empty.
     """
     coords = np.asarray(coords)
@@ -101,22 +101,26 @@ def _split_by_blocks(slide_ids: list[str], coords: np.ndarray, known: np.ndarray
     block_size = patch_size * BLOCK_PATCHES
     block_x = np.where(known, coords[:, 0] // block_size, -1)
     block_y = np.where(known, coords[:, 1] // block_size, -1)
-    # One group per occupied block; tiles without coordinates form one extra group of their own.
-    _, groups = np.unique(np.stack([block_x, block_y], axis=1), axis=0, return_inverse=True)
-    groups = groups.reshape(-1)
+    # One group per occupied block of each slide id; tiles without coordinates form one group per slide id.
+    keys = list(zip(slide_ids, block_x.tolist(), block_y.tolist()))
+    group_of_key = {key: number for number, key in enumerate(dict.fromkeys(keys))}
+    groups = np.array([group_of_key[key] for key in keys])
     if len(np.unique(groups)) < 2:
         return _split_at_random(len(slide_ids), val_fraction, seed, reason="all tiles fall in one spatial block")
 
     val_groups = _choose_val_groups(groups, val_fraction, seed)
     train, val = _indices_of(groups, val_groups)
     known_slides = {slide for slide in slide_ids if slide != UNKNOWN_SLIDE}
-    which = f"slide {next(iter(known_slides))!r}" if known_slides else "tiles without slide ids"
+    if known_slides:
+        reason = f"there is only one slide ({next(iter(known_slides))!r})"
+    else:
+        reason = "no tile has a slide id, so all tiles are treated as one slide"
     description = (
-        f"by spatial blocks, because there is only one slide ({which}): level-0 plane cut into "
+        f"by spatial blocks, because {reason}: level-0 plane cut into "
         f"{block_size} px blocks ({BLOCK_PATCHES} x {BLOCK_PATCHES} patches of {patch_size} px); "
         f"{len(np.unique(groups)) - len(val_groups)} blocks ({len(train)} tiles) train, "
-        f"{len(val_groups)} blocks ({len(val)} tiles) validate. Neighbouring blocks of one slide still share "
-        "tissue, so the validation loss is optimistic"
+        f"{len(val_groups)} blocks ({len(val)} tiles) validate. Neighbouring blocks of one slide are still "
+        "correlated, so the validation loss is optimistic"
     )
     return Split(train, val, description, "block")
 
@@ -151,21 +155,21 @@ def _grid_step(coords: np.ndarray) -> int:
 
 
 def _choose_val_groups(groups: np.ndarray, val_fraction: float, seed: int) -> set[int]:
-    """Shuffle the groups and take them for validation until they hold about ``val_fraction`` of the tiles."""
+    """Shuffle the groups and take them for validation until they contain about ``val_fraction`` of the tiles."""
     unique, sizes = np.unique(groups, return_counts=True)
     order = np.random.default_rng(seed).permutation(len(unique))
     target = val_fraction * len(groups)
     chosen: set[int] = set()
-    taken = 0
+    val_count = 0
     for position in order:
         if len(chosen) == len(unique) - 1:
             break  # Training keeps at least one group.
         size = int(sizes[position])
         # Take a group while that brings validation closer to the target; always take at least one.
-        if chosen and abs(taken + size - target) >= abs(taken - target):
+        if chosen and abs(val_count + size - target) >= abs(val_count - target):
             continue
         chosen.add(int(unique[position]))
-        taken += size
+        val_count += size
     return chosen
 
 

@@ -48,10 +48,13 @@ class DistillConfig:
     """Settings of one distillation run.
 
     ``max_steps`` caps the optimiser steps (None: ``epochs`` full passes). ``resume_from`` is a
-    Lightning checkpoint to continue from, or "last" for ``out_dir/lightning/last.ckpt``; the split is
+    Lightning checkpoint to continue from, or "last" for ``out_dir/lightning/last.ckpt``. The split is
     recomputed from the same shards and seed, so it matches the interrupted run's.
     ``checkpoint_every_n_steps`` also saves ``last.ckpt`` within epochs (None: at each epoch's end only).
     ``command`` is recorded in the model card.
+
+    NOTE: the learning-rate schedule is rebuilt from the resumed run's ``epochs`` and ``max_steps``, so
+    resuming with a longer plan than the first run continues on the longer cosine, not the original one.
     """
 
     shard_dir: Path
@@ -99,7 +102,7 @@ class DistillConfig:
 
 @dataclass
 class DistillResult:
-    """What a distillation run produced: the exported folder, the loss curve and the split."""
+    """Outputs of a distillation run: the exported folder, the loss curve and the split."""
 
     checkpoint_dir: Path
     first_loss: float
@@ -172,7 +175,12 @@ def distill(config: DistillConfig, *, progress: bool = True) -> DistillResult:
         config.precision,
         teacher,
     )
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=resume)
+    try:
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=resume)
+    finally:
+        for loader in (train_loader, val_loader):
+            if loader is not None:
+                loader.dataset.close()
     if not history.train:
         raise ConfigError(
             f"distill: no training step ran (global step {trainer.global_step} of {planned_steps} planned). "
@@ -246,7 +254,7 @@ def _clamp_batch_size(requested: int, train_tiles: int) -> int:
     # InfoNCE needs at least one negative per anchor, hence two tiles per batch.
     if train_tiles < 2:
         raise ConfigError(
-            f"distill: the training side of the split holds {train_tiles} tile, expected at least 2 for a contrastive batch. "
+            f"distill: the training side of the split contains {train_tiles} tile, expected at least 2 for a contrastive batch. "
             "Add tiles or lower val_fraction.",
             value=train_tiles,
             limit=2,
@@ -280,7 +288,7 @@ def _loader(dataset: ShardDataset, batch_size: int, config: DistillConfig, *, sh
 def _validation_loader(shards: list[ShardInfo], split: Split, batch_size: int, config: DistillConfig) -> DataLoader | None:
     if len(split.val) < 2:
         if len(split.val) == 1:
-            logger.warning("validation holds 1 tile, too few for a contrastive loss; training without validation")
+            logger.warning("the validation side contains 1 tile, too few for a contrastive loss; training without validation")
         return None
     val_batch_size = min(batch_size, len(split.val))
     if val_batch_size < batch_size:

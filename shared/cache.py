@@ -7,8 +7,8 @@ first embedding stored for a key wins.
 
 SQLite settings and why:
 
-- ``journal_mode=WAL``: readers never block the writer and the writer never blocks readers, so the gateway
-  serves cache hits while another process fills the cache. WAL needs a local file system (not NFS).
+- ``journal_mode=WAL``: readers do not block the writer and the writer does not block readers (SQLite's
+  WAL documentation), so the gateway serves cache hits while another process fills the cache. WAL needs a local file system (not NFS).
 - ``synchronous=NORMAL``: in WAL mode this cannot corrupt the database. A process crash loses nothing that
   was committed. A power cut or OS crash may roll back the last few committed transactions, which only
   means asking the teacher again for those tiles. ``FULL`` would add an fsync per commit for that case.

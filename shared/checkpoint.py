@@ -1,6 +1,6 @@
 """The exported student checkpoint: a folder the distiller writes and the student server reads.
 
-The folder holds three files:
+The folder contains three files:
 
 - ``model.safetensors``: the student's weights (float32 state dict, no pickled code).
 - ``config.json``: ``format`` "unite-student", ``format_version``, the architecture name and keyword
@@ -270,7 +270,7 @@ def _read_config(path: Path) -> dict[str, Any]:
             f"student checkpoint config {path} is not valid JSON ({error}). Export the student again with `unite distill`."
         ) from error
     if not isinstance(config, dict):
-        raise ModelError(f"student checkpoint config {path} holds a {type(config).__name__}, expected a JSON object.")
+        raise ModelError(f"student checkpoint config {path} contains a {type(config).__name__}, expected a JSON object.")
     missing = [key for key in _REQUIRED_CONFIG_KEYS if key not in config]
     if missing:
         raise ModelError(

@@ -19,17 +19,27 @@ from shared.errors import ImageError
 MODEL_INPUT_SIZE = 224
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+MAX_TILE_PIXELS = 4096 * 4096
 
 
-def decode_image(data: bytes, *, name: str = "image") -> np.ndarray:
+def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_TILE_PIXELS) -> np.ndarray:
     """Decode PNG or JPEG bytes into an (H, W, 3) uint8 RGB array.
 
-    Raises :class:`ImageError` for bytes that are not an image and for images that are not 8-bit RGB,
-    naming the mode found, since a silent conversion of RGBA or greyscale would change what the
-    teacher sees.
+    Raises :class:`ImageError` for bytes that are not an image, for images of more than ``max_pixels``
+    pixels (checked from the header, before decoding, so a small compressed file cannot expand into
+    gigabytes), and for images that are not 8-bit RGB, naming the mode found, since a silent
+    conversion of RGBA or greyscale would change what the teacher sees.
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"{name}: image is {width} x {height} = {width * height} pixels, more than the limit of "
+                    f"{max_pixels}. Send tiles, not whole slides: cut the image into tiles of 224 to 1024 px.",
+                    limit=max_pixels,
+                    value=width * height,
+                )
             image.load()
             mode = image.mode
             if mode != "RGB":
@@ -40,7 +50,7 @@ def decode_image(data: bytes, *, name: str = "image") -> np.ndarray:
                     limit="RGB",
                 )
             return np.asarray(image, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
         raise ImageError(
             f"{name}: cannot decode {len(data)} bytes as an image ({error}). Send a PNG or JPEG file."
         ) from error

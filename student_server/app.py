@@ -3,7 +3,7 @@
 Routes:
 
 - ``POST /v1/embeddings``: the embeddings protocol the teacher gateway also speaks, so a client written
-  for the teacher works unchanged; the response adds ``checkpoint_sha256``, the sha256 of the served
+  for the teacher works unchanged. The response adds ``checkpoint_sha256``, the sha256 of the served
   ``model.safetensors``.
 - ``POST /v1/slides/embed``: a multipart upload of one slide file (field ``file``, optional ``mpp`` and
   ``include_patches``), streamed to disk with a size limit, tiled over its tissue, and returned as patch
@@ -51,9 +51,9 @@ class StudentEmbeddingResponse(EmbeddingResponse):
 
 
 def create_app(settings: StudentSettings | None = None) -> FastAPI:
-    """Build the student server; the checkpoint is loaded in the app's lifespan.
+    """Build the student server, which loads the checkpoint in the app's lifespan.
 
-    A missing or unreadable checkpoint does not stop the server: ``/healthz`` stays 200, ``/readyz`` and
+    A missing or unreadable checkpoint does not stop the server. ``/healthz`` stays 200, ``/readyz`` and
     the embedding routes return 503 with the reason, and the load is retried while it is missing.
     """
     settings = settings if settings is not None else get_settings()
@@ -103,18 +103,18 @@ ModelDep = Annotated[StudentModel, Depends(get_student_model)]
 StudentDep = Annotated[LoadedStudent, Depends(require_student)]
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (404, 411, 413, 422, 500, 503)
+    status: {"model": ErrorResponse} for status in (404, 413, 422, 500, 503)
 }
 
 
 def _add_routes(app: FastAPI) -> None:
     @app.post("/v1/embeddings", response_model=StudentEmbeddingResponse, responses=_ERROR_RESPONSES)
     def create_embeddings(body: EmbeddingRequest, student: StudentDep, model: ModelDep, settings: SettingsDep) -> JSONResponse:
-        """Embed base64 PNG or JPEG RGB tiles with the student; tiles not 224 x 224 are resized and centre-cropped."""
+        """Embed base64 PNG or JPEG RGB tiles with the student, resizing and centre-cropping tiles that are not 224 x 224."""
         served_names = [student.name, student.config["architecture"]]
         if body.model is not None and body.model not in served_names:
             raise ModelNotFoundError(
-                f"model {body.model!r} is not served here; this server serves {served_names}. "
+                f"model {body.model!r} is not served here. This server serves {served_names}. "
                 "Omit 'model' or use one of these names.",
                 limit=served_names,
                 value=body.model,
@@ -127,7 +127,11 @@ def _add_routes(app: FastAPI) -> None:
                 value=len(body.input),
             )
 
-        tiles = np.stack([prepare_tile(decode_base64_image(item.image, name=f"input[{index}].image")) for index, item in enumerate(body.input)])
+        prepared = []
+        for index, item in enumerate(body.input):
+            tile = decode_base64_image(item.image, name=f"input[{index}].image")
+            prepared.append(prepare_tile(tile))
+        tiles = np.stack(prepared)
         embeddings = model.embed(tiles)
         batches = -(-len(tiles) // settings.batch_size)
         # Built by hand rather than through the pydantic model: validating 256 x 384 floats again would
@@ -227,7 +231,7 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/readyz", responses={503: {"model": ErrorResponse}})
     def readyz(student: StudentDep) -> dict[str, str]:
-        """Report ready once a student is loaded; 503 with the reason otherwise."""
+        """Report ready once a student is loaded, and 503 with the reason until then."""
         return {"status": "ready", "model": student.name, "checkpoint_sha256": student.sha256}
 
 
@@ -237,4 +241,5 @@ def _parse_slide_options(fields: dict[str, str]) -> SlideEmbedOptions:
     try:
         return SlideEmbedOptions.model_validate(values)
     except ValidationError as error:
-        raise RequestValidationError([{**problem, "loc": ("body", *problem["loc"])} for problem in error.errors(include_url=False)]) from error
+        problems = [{**problem, "loc": ("body", *problem["loc"])} for problem in error.errors(include_url=False)]
+        raise RequestValidationError(problems) from error

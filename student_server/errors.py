@@ -67,7 +67,7 @@ class ModelNotFoundError(UniteError):
 
 
 class NotReadyError(UniteError):
-    """No student is loaded, so the server cannot embed yet; the message says why."""
+    """No student is loaded, so the server cannot embed yet. The message gives the reason."""
 
     code = "not_ready"
     status_code = 503
@@ -90,7 +90,7 @@ def request_id_of(request: Request) -> str:
 
 
 def _internal_error_body(code: str, request_id: str) -> dict[str, Any]:
-    message = f"internal error in the student server (request id {request_id}); the server log has the cause."
+    message = f"internal error in the student server (request id {request_id}). The server log has the cause."
     return {"error": {"code": code, "message": message, "limit": None, "value": None}}
 
 
@@ -125,7 +125,12 @@ def describe_validation_problem(problem: dict[str, Any]) -> str:
     for part in problem.get("loc", ()):
         if part == "body":
             continue
-        field += f"[{part}]" if isinstance(part, int) else (f".{part}" if field else str(part))
+        if isinstance(part, int):
+            field += f"[{part}]"
+        elif field:
+            field += f".{part}"
+        else:
+            field = str(part)
     return f"{field or 'body'}: {problem.get('msg')}"
 
 
@@ -134,8 +139,8 @@ class RequestGuardMiddleware:
 
     The body is read before the app runs, so a body without a Content-Length header is limited too,
     except on ``streamed_paths``, whose routes stream the body themselves. An exception that no handler
-    took is logged once with the request id and answered with a generic 500 in the protocol's error
-    shape, never with a stack trace.
+    took is logged once with the request id, and the client gets a generic 500 in the protocol's error
+    shape, never as a stack trace.
     """
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int, streamed_paths: frozenset[str]) -> None:

@@ -47,7 +47,7 @@ class StudentModel:
         return self.loaded
 
     def embed(self, tiles: np.ndarray) -> np.ndarray:
-        """Embed (N, H, W, 3) uint8 tiles with the loaded student; returns (N, D) float32."""
+        """Embed (N, H, W, 3) uint8 tiles with the loaded student and return (N, D) float32 embeddings."""
         student = self.loaded
         if student is None:
             raise ModelError(f"cannot embed: {self.reason}")

@@ -2,7 +2,7 @@
 
 The slide reaches this module as a file in the server's upload folder under a random name. Errors from
 the slide modules name that server path, so they are rewritten to name the slide's pseudonymous id
-before they reach a client; the original file name never reaches this module.
+before they reach a client. The original file name never reaches this module.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class SlideEmbedOptions(BaseModel):
 
 
 class SlideEmbedResponse(BaseModel):
-    """Patch and slide embeddings of one uploaded slide; ``coords`` and ``patch_embeddings`` share their row order."""
+    """Patch and slide embeddings of one uploaded slide, with ``coords`` and ``patch_embeddings`` in the same row order."""
 
     object: str = "slide.embedding"
     model: str = Field(description="Name of the student that embedded the slide.")
@@ -60,7 +60,7 @@ class SlideEmbedResponse(BaseModel):
     patch_size_level0: int = Field(description="Patch size in level-0 pixels.")
     overlap: int
     coords: list[tuple[int, int]] = Field(description="Level-0 top-left corners (x, y) of the patches.")
-    patch_embeddings: list[list[float]] | None = Field(description="(num_patches, embedding_dim); null unless requested.")
+    patch_embeddings: list[list[float]] | None = Field(description="(num_patches, embedding_dim), or null when include_patches is false.")
     slide_embedding: list[float] = Field(description="Mean of the patch embeddings.")
     upload_bytes: int
     timings: dict[str, float] = Field(description="Seconds spent receiving, tiling, embedding and in total.")
@@ -68,7 +68,7 @@ class SlideEmbedResponse(BaseModel):
 
 @dataclass
 class SlideEmbedding:
-    """What :func:`embed_slide_file` computed, before it becomes a response."""
+    """Result of :func:`embed_slide_file`, before it becomes a response."""
 
     slide_id: str
     coords: np.ndarray

@@ -1,16 +1,15 @@
 """Receiving a slide file from a ``multipart/form-data`` request, streamed to disk with a size limit.
 
-Starlette's own form parsing reads the whole body before a handler runs and has no limit on file
+Starlette's own form parsing (1.10) reads the whole body before a handler runs and has no limit on file
 parts, so this module feeds the raw request stream to python-multipart's push parser instead. The file
-part goes straight to a file under the upload folder in the chunks the client sends; nothing holds the
-whole slide in memory, and the upload stops as soon as it passes the limit. The original file name is
+part goes straight to a file under the upload folder in the chunks the client sends. The whole slide is
+never in memory, and the upload stops as soon as it passes the limit. The original file name is
 used only for its extension (some openslide formats are recognised by it) and is never stored or logged.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
+import os
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -29,8 +28,6 @@ except ImportError:  # python-multipart before 0.0.13 installs the package as `m
     from multipart.exceptions import ParseError
     from multipart.multipart import MultipartParser, parse_options_header
 
-logger = logging.getLogger(__name__)
-
 FILE_FIELD = "file"
 # Bytes a multipart body may carry beyond the file itself: boundaries, part headers and the small fields.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -41,11 +38,10 @@ _SUFFIX_PATTERN = re.compile(r"^\.[a-z0-9]{1,10}$")
 
 @dataclass
 class SlideUpload:
-    """A slide file written to the upload folder, with its size, its sha256 and the other form fields."""
+    """A slide file written to the upload folder, with its size in bytes and the other form fields."""
 
     path: Path
     size: int
-    sha256: str
     fields: dict[str, str] = field(default_factory=dict)
 
 
@@ -53,15 +49,16 @@ async def receive_slide_upload(request: Request, *, upload_dir: Path, max_bytes:
     """Stream the ``file`` part of a multipart request to a new file in ``upload_dir`` and return it.
 
     Other parts are returned as text fields of at most 1 KiB each. Raises :class:`UploadTooLargeError`
-    (413) when the declared ``Content-Length`` or the bytes received pass ``max_bytes`` plus 64 KiB of
-    multipart overhead, or the file part alone passes ``max_bytes``, and :class:`InvalidRequestError`
+    (413) when the file part passes ``max_bytes``, or when the declared ``Content-Length`` or the body
+    received passes ``max_bytes`` plus 64 KiB of multipart overhead. Raises :class:`InvalidRequestError`
     (422) for a body that is not multipart, is malformed, ends early or has no ``file`` part. The
-    partial file is deleted whenever an error is raised; the caller deletes the returned file.
+    partial file is deleted whenever an error is raised, and the caller deletes the returned file.
     """
     boundary = _multipart_boundary(request.headers.get("content-type"))
     _check_declared_length(request.headers.get("content-length"), max_bytes)
 
-    upload_dir.mkdir(parents=True, exist_ok=True)
+    # Uploads may be patient data, so the folder and the files are readable by the server's user only.
+    upload_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     receiver = _MultipartReceiver(upload_dir, max_bytes)
     parser = MultipartParser(boundary, receiver.callbacks())
     try:
@@ -130,7 +127,6 @@ class _MultipartReceiver:
 
         self.path: Path | None = None
         self.size = 0
-        self.digest = hashlib.sha256()
         self._file: BinaryIO | None = None
         self._file_done = False
 
@@ -168,7 +164,7 @@ class _MultipartReceiver:
                 f"(for example curl -F {FILE_FIELD}=@slide.svs).",
                 value=sorted(self.fields),
             )
-        return SlideUpload(path=self.path, size=self.size, sha256=self.digest.hexdigest(), fields=dict(self.fields))
+        return SlideUpload(path=self.path, size=self.size, fields=dict(self.fields))
 
     def discard(self) -> None:
         if self._file is not None:
@@ -188,7 +184,11 @@ class _MultipartReceiver:
     def _on_part_begin(self) -> None:
         self.parts += 1
         if self.parts > MAX_PARTS:
-            raise InvalidRequestError(f"the form has more than {MAX_PARTS} parts.", limit=MAX_PARTS, value=self.parts)
+            raise InvalidRequestError(
+                f"the form has more than {MAX_PARTS} parts. Send the file and at most the fields 'mpp' and 'include_patches'.",
+                limit=MAX_PARTS,
+                value=self.parts,
+            )
         self._headers = {}
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:
@@ -215,11 +215,11 @@ class _MultipartReceiver:
             self._field_value.clear()
             return
         if self.path is not None:
-            raise InvalidRequestError(f"the form has more than one {FILE_FIELD!r} part; send one slide per request.")
+            raise InvalidRequestError(f"the form has more than one {FILE_FIELD!r} part. Send one slide per request.")
         self._field_name = None
         filename = options.get(b"filename", b"").decode("utf-8", errors="replace")
         self.path = self.upload_dir / f"upload-{uuid.uuid4().hex}{_safe_suffix(filename)}"
-        self._file = open(self.path, "xb")
+        self._file = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._file is not None:
@@ -228,7 +228,6 @@ class _MultipartReceiver:
                 raise self._too_large(self.size)
             chunk = data[start:end]
             self._file.write(chunk)
-            self.digest.update(chunk)
             return
         self._field_value += data[start:end]
         if len(self._field_value) > MAX_FIELD_BYTES:

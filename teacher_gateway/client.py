@@ -79,12 +79,24 @@ class GatewayClient:
         ``slide_id`` and ``mpp`` take one value for all tiles or one per tile; ``coords`` takes one
         level-0 (x, y) per tile. They are stored with the tile in the gateway's cache.
         """
+        return self.embed_with_usage(tiles, slide_id=slide_id, coords=coords, mpp=mpp)[0]
+
+    def embed_with_usage(
+        self,
+        tiles: Sequence[np.ndarray],
+        *,
+        slide_id: str | Sequence[str | None] | None = None,
+        coords: Sequence[tuple[int, int] | None] | None = None,
+        mpp: float | Sequence[float | None] | None = None,
+    ) -> tuple[np.ndarray, dict[str, int]]:
+        """Embed tiles like :meth:`embed` and also return the server's usage counts, summed over batches."""
         count = len(tiles)
         slide_ids = _per_tile("slide_id", slide_id, count)
         mpps = _per_tile("mpp", mpp, count)
         all_coords = _per_tile("coords", coords, count, allow_scalar=False)
 
         batches = []
+        usage: dict[str, int] = {}
         for start in range(0, count, self.batch_size):
             stop = min(start + self.batch_size, count)
             inputs = []
@@ -97,14 +109,37 @@ class GatewayClient:
                 if mpps[index] is not None:
                     item["mpp"] = float(mpps[index])
                 inputs.append(item)
-            batches.append(self._embed_batch(inputs))
+            embeddings, batch_usage = self._embed_batch(inputs)
+            batches.append(embeddings)
+            for name, value in batch_usage.items():
+                if isinstance(value, int):
+                    usage[name] = usage.get(name, 0) + value
         if not batches:
-            return np.zeros((0, 0), dtype=np.float32)
-        return np.concatenate(batches)
+            return np.zeros((0, 0), dtype=np.float32), usage
+        return np.concatenate(batches), usage
 
     def models(self) -> list[dict[str, Any]]:
         """Return the models the server lists under ``GET /v1/models``."""
         return self._request("GET", "/v1/models")["data"]
+
+    def model_info(self) -> dict[str, Any]:
+        """Return the served model as ``{"identity", "dim", "licence", "names"}``.
+
+        Raises :class:`TeacherError` when the server lists no model or one without an identity.
+        """
+        models = self.models()
+        if not models or not isinstance(models[0], dict) or "id" not in models[0]:
+            raise TeacherError(
+                f"gateway {self.base_url} lists no model under GET /v1/models (got {models!r}). "
+                "Check that the URL points at a UNITE gateway."
+            )
+        model = models[0]
+        return {
+            "identity": model["id"],
+            "dim": model.get("dim"),
+            "licence": model.get("licence"),
+            "names": model.get("names", [model["id"]]),
+        }
 
     def close(self) -> None:
         self._http.close()
@@ -115,7 +150,7 @@ class GatewayClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _embed_batch(self, inputs: list[dict[str, Any]]) -> np.ndarray:
+    def _embed_batch(self, inputs: list[dict[str, Any]]) -> tuple[np.ndarray, dict[str, Any]]:
         payload: dict[str, Any] = {"input": inputs}
         if self.model is not None:
             payload["model"] = self.model
@@ -144,7 +179,10 @@ class GatewayClient:
                 f"expected indices 0 to {len(inputs) - 1} and one vector each. "
                 "Check that the server implements the embeddings protocol."
             )
-        return embeddings
+        usage = body.get("usage")
+        if not isinstance(usage, dict):
+            usage = {}
+        return embeddings, usage
 
     def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """Send one request with retries and return its JSON body; raise :class:`TeacherError` on failure."""

@@ -3,8 +3,8 @@
 The new shards are written whole into a staging folder inside ``out_dir`` (``list_shards`` does not look
 into subfolders), then renamed into place one by one, and only then are shards of an earlier, longer
 export removed. A process killed while writing leaves the earlier export untouched. Rows are never
-changed or deleted in the cache, so when the earlier export came from the same cache and teacher with the
-same ``shard_size``, each of its full shards equals the new shard of the same name, and the folder
+changed or deleted in the cache. So when the earlier export came from the same cache and teacher with the
+same ``shard_size``, each of its full shards equals the new shard of the same name. The folder then
 contains a prefix of the cache in insertion order even between two renames.
 
 NOTE: with a different ``shard_size`` or teacher than the earlier export, a process killed during the

@@ -1,8 +1,8 @@
 """The gateway's core, free of HTTP: tiles in, teacher embeddings out, from the cache first.
 
-For each request the service decodes and prepares every tile, looks all keys up in the cache, sends only
-the misses to the teacher (each distinct tile once, however often it occurs in the request), checks the
-teacher's output, stores it, and returns the embeddings in request order.
+For each request the service decodes and prepares every tile and looks all keys up in the cache. It sends
+only the misses to the teacher, each distinct tile once however often it occurs in the request. Then it
+checks the teacher's output, stores it, and returns the embeddings in request order.
 """
 
 from __future__ import annotations

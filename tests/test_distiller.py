@@ -1,6 +1,6 @@
 """Tests of the distiller: loss, split, dataset, schedule, real training steps and a whole run to an export.
 
-Training tests use real LC25000 lung tiles from ../shared/data and skip when that folder is absent.
+Training tests read real LC25000 lung tiles from LUNG_TILES, beside the checkout, and skip when it is absent.
 Their teacher embeddings are a fixed random projection of 16 x 16 downsampled pixels to 1536-d: a
 real, deterministic function of each tile that a student can learn, with no teacher weights needed.
 """
@@ -162,8 +162,12 @@ def test_split_is_seeded():
     assert np.array_equal(first.val, again.val)
 
 
-@pytest.mark.parametrize("slide_id", ["slide-a", ""], ids=["one-slide", "no-slide-ids"])
-def test_split_single_slide_by_blocks(slide_id):
+@pytest.mark.parametrize(
+    ("slide_id", "reason"),
+    [("slide-a", "only one slide ('slide-a')"), ("", "no tile has a slide id")],
+    ids=["one-slide", "no-slide-ids"],
+)
+def test_split_single_slide_by_blocks(slide_id, reason):
     patch = 448
     xs, ys = np.meshgrid(np.arange(20), np.arange(12))
     coords = np.stack([xs.ravel() * patch, ys.ravel() * patch], axis=1).astype(np.int64)
@@ -180,7 +184,7 @@ def test_split_single_slide_by_blocks(slide_id):
     assert len(split.val) > 0
     assert split.unit == "block"
     assert "spatial blocks" in split.description
-    assert "only one slide" in split.description
+    assert reason in split.description
 
 
 def test_split_without_ids_or_coords_is_random():
@@ -279,7 +283,7 @@ def test_thirty_steps_lower_the_loss(tmp_path):
     """Thirty seeded bf16 steps on one fixed batch of 8 real tiles go through DistillModule and a Trainer.
 
     Measured on a 2-core CPU: the loss falls from about 2.10 (log 8 = 2.08, an untrained student) to
-    about 0.14 in 30 steps at about 5 img/s. The test asks for less than half the first loss, a margin
+    about 0.14 in 30 steps at about 5 img/s. The test requires less than half the first loss, a margin
     that a broken optimiser, schedule or loss cannot meet and a slower machine still can.
     """
     batch, steps = 8, 30
@@ -333,7 +337,7 @@ def test_distill_exports_and_resumes(tmp_path):
     assert result.val_loss is not None and math.isfinite(result.val_loss)
     assert all(math.isfinite(value) for value in result.history)
 
-    # The export holds the weights the Trainer ended with.
+    # The export contains the weights the Trainer ended with.
     loaded = load_student(result.checkpoint_dir)
     trained = DistillModule.load_from_checkpoint(out_dir / "lightning" / "last.ckpt", map_location="cpu").eval()
     images = torch.from_numpy(to_model_input(tiles[:4]))

