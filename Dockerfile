@@ -32,6 +32,8 @@ ARG PIP_EXTRA_INDEX_URL
 # The glob copies ./wheelhouse's wheels next to requirements.txt when the folder exists and nothing otherwise.
 COPY requirements.txt wheelhous[e] /tmp/deps/
 RUN set -eu; \
+    [ -n "${PIP_INDEX_URL:-}" ] || unset PIP_INDEX_URL; \
+    [ -n "${PIP_EXTRA_INDEX_URL:-}" ] || unset PIP_EXTRA_INDEX_URL; \
     python3 -m venv /opt/venv; \
     if ls /tmp/deps/*.whl >/dev/null 2>&1; then \
         pip_source="--no-index --find-links /tmp/deps"; \
@@ -57,8 +59,8 @@ RUN /opt/venv/bin/pip install --no-deps --no-build-isolation --no-index . \
 FROM base AS runtime
 ARG UNITE_UID=10001
 RUN set -eu; \
-    groupadd --system --gid "${UNITE_UID}" unite; \
-    useradd --system --uid "${UNITE_UID}" --gid unite --create-home --home-dir /home/unite --shell /usr/sbin/nologin unite; \
+    groupadd --gid "${UNITE_UID}" unite; \
+    useradd --uid "${UNITE_UID}" --gid unite --create-home --home-dir /home/unite --shell /usr/sbin/nologin unite; \
     mkdir -p /cache /checkpoints /data /weights /tmp/unite-uploads; \
     chown unite:unite /cache /checkpoints /tmp/unite-uploads
 COPY --from=build /opt/venv /opt/venv

@@ -9,14 +9,11 @@ a slide id nor coordinates can only be split at random, and the description stat
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from shared.errors import ConfigError
-
-logger = logging.getLogger(__name__)
 
 # A block is BLOCK_PATCHES x BLOCK_PATCHES patches of the grid inferred from the coordinates, so
 # adjacent, overlapping or touching tiles usually fall in the same block.

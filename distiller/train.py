@@ -51,7 +51,6 @@ class DistillConfig:
     Lightning checkpoint to continue from, or "last" for ``out_dir/lightning/last.ckpt``. The split is
     recomputed from the same shards and seed, so it matches the interrupted run's.
     ``checkpoint_every_n_steps`` also saves ``last.ckpt`` within epochs (None: at each epoch's end only).
-    ``command`` is recorded in the model card.
 
     NOTE: the learning-rate schedule is rebuilt from the resumed run's ``epochs`` and ``max_steps``, so
     resuming with a longer plan than the first run continues on the longer cosine, not the original one.
@@ -72,7 +71,6 @@ class DistillConfig:
     max_steps: int | None = None
     resume_from: Path | str | None = None
     checkpoint_every_n_steps: int | None = None
-    command: str | None = None
 
     def __post_init__(self) -> None:
         self.shard_dir = Path(self.shard_dir)
@@ -135,8 +133,12 @@ class LossHistory(Callback):
             self.val.append(float(value))
 
 
-def distill(config: DistillConfig, *, progress: bool = True) -> DistillResult:
-    """Train the UNITE student on the shards in ``config.shard_dir`` and export it to ``out_dir/student``."""
+def distill(config: DistillConfig, *, progress: bool = True, command: str | None = None) -> DistillResult:
+    """Train the UNITE student on the shards in ``config.shard_dir`` and export it to ``out_dir/student``.
+
+    ``progress`` shows Lightning's progress bar. ``command`` is the command line that started the run,
+    recorded in the model card.
+    """
     resume = _resolve_resume(config)
     lightning.seed_everything(config.seed, workers=True, verbose=False)
     shards = list_shards(config.shard_dir)
@@ -190,25 +192,16 @@ def distill(config: DistillConfig, *, progress: bool = True) -> DistillResult:
         )
 
     val_loss = history.val[-1] if history.val else None
-    training = {
-        "epochs": config.epochs,
-        "steps": int(trainer.global_step),
-        "batch_size": batch_size,
-        "lr": config.lr,
-        "weight_decay": config.weight_decay,
-        "warmup_fraction": config.warmup_fraction,
-        "schedule": "linear warm-up, then one cosine decay to 0 (no restarts)",
-        "loss": f"symmetric InfoNCE, temperature {UNITE_TEMPERATURE}, teacher projected {teacher_dim} -> {module.student.num_features}",
-        "precision": config.precision,
-        "seed": config.seed,
-        "shards": len(shards),
-        "split": split.description,
-        "train_tiles": len(split.train),
-        "val_tiles": len(split.val),
-        "train_slides": _count_slides(slide_ids, split.train),
-        "val_slides": _count_slides(slide_ids, split.val),
-        "losses": {"first_train": history.train[0], "last_train": history.train[-1], "val": val_loss},
-    }
+    training = _training_summary(
+        config,
+        steps=int(trainer.global_step),
+        batch_size=batch_size,
+        loss=f"symmetric InfoNCE, temperature {UNITE_TEMPERATURE}, teacher projected {teacher_dim} -> {module.student.num_features}",
+        shard_count=len(shards),
+        split=split,
+        slide_ids=slide_ids,
+        losses={"first_train": history.train[0], "last_train": history.train[-1], "val": val_loss},
+    )
     checkpoint_dir = save_student(
         module.student,
         config.out_dir / STUDENT_SUBDIR,
@@ -217,7 +210,7 @@ def distill(config: DistillConfig, *, progress: bool = True) -> DistillResult:
         teacher=teacher,
         teacher_licence=licence,
         training=training,
-        command=config.command,
+        command=command,
     )
     logger.info(
         "distilled in %d steps: train loss %.4f -> %.4f, validation loss %s; student exported to %s",
@@ -248,6 +241,39 @@ def _read_all_metadata(shards: list[ShardInfo]) -> tuple[list[str], np.ndarray]:
         slide_ids.extend(shard_slides)
         coords.append(shard_coords)
     return slide_ids, np.concatenate(coords, axis=0)
+
+
+def _training_summary(
+    config: DistillConfig,
+    *,
+    steps: int,
+    batch_size: int,
+    loss: str,
+    shard_count: int,
+    split: Split,
+    slide_ids: list[str],
+    losses: dict[str, float | None],
+) -> dict[str, Any]:
+    """Build the training record that config.json and the model card carry."""
+    return {
+        "epochs": config.epochs,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": config.lr,
+        "weight_decay": config.weight_decay,
+        "warmup_fraction": config.warmup_fraction,
+        "schedule": "linear warm-up, then one cosine decay to 0 (no restarts)",
+        "loss": loss,
+        "precision": config.precision,
+        "seed": config.seed,
+        "shards": shard_count,
+        "split": split.description,
+        "train_tiles": len(split.train),
+        "val_tiles": len(split.val),
+        "train_slides": _count_slides(slide_ids, split.train),
+        "val_slides": _count_slides(slide_ids, split.val),
+        "losses": losses,
+    }
 
 
 def _clamp_batch_size(requested: int, train_tiles: int) -> int:

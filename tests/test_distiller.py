@@ -1,6 +1,6 @@
 """Tests of the distiller: loss, split, dataset, schedule, real training steps and a whole run to an export.
 
-Training tests read real LC25000 lung tiles from LUNG_TILES, beside the checkout, and skip when it is absent.
+Training tests read real LC25000 lung tiles from the shared data folder and skip when it is absent.
 Their teacher embeddings are a fixed random projection of 16 x 16 downsampled pixels to 1536-d: a
 real, deterministic function of each tile that a student can learn, with no teacher weights needed.
 """
@@ -32,24 +32,24 @@ from shared.errors import ConfigError
 from shared.imaging import to_model_input
 from shared.shards import list_shards, write_shard
 
-LUNG_TILES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiles" / "lc25000_lung_dedup"
 TEACHER = "pixel-projection-1536@test"
 TEACHER_LICENCE = "CC-BY-NC-ND-4.0"
 TEACHER_DIM = 1536
 
 
-def _lung_tiles(count: int) -> np.ndarray:
+def _lung_tiles(shared_data: Path, count: int) -> np.ndarray:
     """Read ``count`` real 224 px lung tiles, taking the three classes in turn."""
-    labels = LUNG_TILES / "labels.csv"
+    folder = shared_data / "tiles" / "lc25000_lung_dedup"
+    labels = folder / "labels.csv"
     if not labels.is_file():
-        pytest.skip(f"real tiles not found at {LUNG_TILES}; the shared data folder is absent")
+        pytest.skip(f"real lung tiles not found at {folder}")
     with open(labels, newline="") as file:
         rows = list(csv.DictReader(file))
     by_class: dict[str, list[str]] = {}
     for row in rows:
         by_class.setdefault(row["label"], []).append(row["path"])
     interleaved = [path for group in zip(*by_class.values()) for path in group]
-    tiles = [np.asarray(Image.open(LUNG_TILES / path).convert("RGB")) for path in interleaved[:count]]
+    tiles = [np.asarray(Image.open(folder / path).convert("RGB")) for path in interleaved[:count]]
     return np.stack(tiles)
 
 
@@ -232,8 +232,8 @@ def test_config_rejects_unknown_precision(tmp_path):
 # Dataset
 
 
-def test_dataset_reads_rows_across_shards(tmp_path):
-    tiles = _lung_tiles(6)
+def test_dataset_reads_rows_across_shards(shared_data, tmp_path):
+    tiles = _lung_tiles(shared_data, 6)
     _write_shards(tmp_path, tiles, slides_per_shard=1, tiles_per_slide=3)
     embeddings = _teacher_embeddings(tiles)
     shards = list_shards(tmp_path)
@@ -253,8 +253,8 @@ def test_dataset_reads_rows_across_shards(tmp_path):
     dataset.close()
 
 
-def test_dataset_rejects_rows_out_of_range(tmp_path):
-    _write_shards(tmp_path, _lung_tiles(3), slides_per_shard=1, tiles_per_slide=3)
+def test_dataset_rejects_rows_out_of_range(shared_data, tmp_path):
+    _write_shards(tmp_path, _lung_tiles(shared_data, 3), slides_per_shard=1, tiles_per_slide=3)
 
     with pytest.raises(ConfigError, match="expected values in"):
         ShardDataset(list_shards(tmp_path), np.array([0, 3]))
@@ -263,8 +263,8 @@ def test_dataset_rejects_rows_out_of_range(tmp_path):
 # Training
 
 
-def test_every_parameter_gets_a_gradient():
-    tiles = _lung_tiles(2)
+def test_every_parameter_gets_a_gradient(shared_data):
+    tiles = _lung_tiles(shared_data, 2)
     torch.manual_seed(0)
     module = DistillModule(teacher_dim=TEACHER_DIM, total_steps=1)
     images = torch.from_numpy(to_model_input(tiles))
@@ -279,7 +279,7 @@ def test_every_parameter_gets_a_gradient():
 
 
 @pytest.mark.slow
-def test_thirty_steps_lower_the_loss(tmp_path):
+def test_thirty_steps_lower_the_loss(shared_data, tmp_path):
     """Thirty seeded bf16 steps on one fixed batch of 8 real tiles go through DistillModule and a Trainer.
 
     Measured on a 2-core CPU: the loss falls from about 2.10 (log 8 = 2.08, an untrained student) to
@@ -287,7 +287,7 @@ def test_thirty_steps_lower_the_loss(tmp_path):
     that a broken optimiser, schedule or loss cannot meet and a slower machine still can.
     """
     batch, steps = 8, 30
-    tiles = _lung_tiles(batch)
+    tiles = _lung_tiles(shared_data, batch)
     _write_shards(tmp_path / "shards", tiles, slides_per_shard=1, tiles_per_slide=batch)
     # The same rows repeated give one fixed batch per step.
     dataset = ShardDataset(list_shards(tmp_path / "shards"), np.tile(np.arange(batch), steps))
@@ -319,13 +319,13 @@ def test_thirty_steps_lower_the_loss(tmp_path):
 
 
 @pytest.mark.slow
-def test_distill_exports_and_resumes(tmp_path):
-    tiles = _lung_tiles(40)
+def test_distill_exports_and_resumes(shared_data, tmp_path):
+    tiles = _lung_tiles(shared_data, 40)
     slide_ids = _write_shards(tmp_path / "shards", tiles, slides_per_shard=2, tiles_per_slide=10)
     out_dir = tmp_path / "run"
-    config = DistillConfig(shard_dir=tmp_path / "shards", out_dir=out_dir, batch_size=8, epochs=1, command="unite distill --test")
+    config = DistillConfig(shard_dir=tmp_path / "shards", out_dir=out_dir, batch_size=8, epochs=1)
 
-    result = distill(config, progress=False)
+    result = distill(config, progress=False, command="unite distill --test")
 
     # Split: 4 slides of 10 tiles, one to validation; 30 training tiles make 3 full batches of 8.
     assert (result.train_tiles, result.val_tiles) == (30, 10)
@@ -371,8 +371,8 @@ def test_distill_exports_and_resumes(tmp_path):
     assert load_student(resumed.checkpoint_dir).sha256 != loaded.sha256
 
 
-def test_distill_rejects_missing_resume_checkpoint(tmp_path):
-    _write_shards(tmp_path / "shards", _lung_tiles(4), slides_per_shard=2, tiles_per_slide=2)
+def test_distill_rejects_missing_resume_checkpoint(shared_data, tmp_path):
+    _write_shards(tmp_path / "shards", _lung_tiles(shared_data, 4), slides_per_shard=2, tiles_per_slide=2)
     config = DistillConfig(shard_dir=tmp_path / "shards", out_dir=tmp_path / "run", batch_size=2, resume_from="last")
 
     with pytest.raises(ConfigError, match="last.ckpt"):

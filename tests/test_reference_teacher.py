@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from shared.errors import ConfigError, ImageError
 from shared.imaging import decode_image, prepare_tile
@@ -174,9 +176,13 @@ def child_process_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("child")
     tiles = np.stack([synthetic_he_tile(spacing=28), edge_case_tiles()[3]])
     np.save(folder / "tiles.npy", tiles)
+    # The child gets one BLAS and OpenMP thread, unlike this process, so the test also shows that the
+    # embedding does not depend on the thread count.
+    environment = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     completed = subprocess.run(
         [sys.executable, "-c", CHILD_SCRIPT, str(folder / "tiles.npy"), str(folder / "embeddings.npy")],
         cwd=REPOSITORY_ROOT,
+        env=environment,
         capture_output=True,
         text=True,
         timeout=120,
@@ -285,10 +291,12 @@ def linear_probe_balanced_accuracy(features: np.ndarray, labels: np.ndarray) -> 
     """Return the mean balanced accuracy of StandardScaler + LogisticRegression over 5 stratified folds."""
     folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=PROBE_SEED)
     scores = []
-    for train, test in folds.split(features, labels):
-        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=10_000))
-        probe.fit(features[train], labels[train])
-        scores.append(balanced_accuracy_score(labels[test], probe.predict(features[test])))
+    # One BLAS thread: on a busy 2-core machine, two threads made these small fits 30 times slower.
+    with threadpool_limits(limits=1):
+        for train, test in folds.split(features, labels):
+            probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=10_000))
+            probe.fit(features[train], labels[train])
+            scores.append(balanced_accuracy_score(labels[test], probe.predict(features[test])))
     return float(np.mean(scores))
 
 

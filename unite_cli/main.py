@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--slide", type=Path, default=None, help="slide to use (default: the CMU-1 sample slide, downloaded once)")
     demo.add_argument("--mpp", type=float, default=None, help="resolution of the slide in µm per pixel, overriding its metadata")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
-    demo.add_argument("--epochs", type=int, default=2, help="distillation epochs (default: 2)")
-    demo.add_argument("--batch-size", type=int, default=32, help="tiles per training step (default: 32)")
+    demo.add_argument("--epochs", type=int, default=5, help="distillation epochs (default: 5; the sample slide has about 60 tissue patches)")
+    demo.add_argument("--batch-size", type=int, default=16, help="tiles per training step (default: 16)")
     return parser
 
 
@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # Lightning attaches its own console handler; without this every Lightning line is printed twice.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).propagate = False
     try:
         return _run(args)
     except UniteError as error:
