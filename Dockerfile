@@ -27,8 +27,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1
 
 FROM base AS deps
-ARG PIP_INDEX_URL
-ARG PIP_EXTRA_INDEX_URL
+ARG PIP_INDEX_URL=
+ARG PIP_EXTRA_INDEX_URL=
 # The glob copies ./wheelhouse's wheels next to requirements.txt when the folder exists and nothing otherwise.
 COPY requirements.txt wheelhous[e] /tmp/deps/
 RUN set -eu; \

@@ -56,7 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--batch-size", type=int, default=32, help="tiles per step (default: 32)")
     distill.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of AdamW (default: 5e-4)")
     distill.add_argument("--seed", type=int, default=0, help="random seed of the run (default: 0)")
-    distill.add_argument("--resume", type=Path, default=None, help="Lightning checkpoint to resume from (default: start afresh)")
+    distill.add_argument("--val-fraction", type=float, default=0.2, help="share of slides held out for validation (default: 0.2)")
+    distill.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps (default: EPOCHS full passes)")
+    distill.add_argument("--precision", default="bf16-mixed", help="Lightning precision (default: bf16-mixed, autocast on CPU and GPU)")
+    distill.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu or gpu (default: auto)")
+    distill.add_argument("--num-workers", type=int, default=0, help="data loader worker processes (default: 0, load in the main process)")
+    distill.add_argument(
+        "--resume",
+        default=None,
+        help="Lightning checkpoint to resume from, or 'last' for OUT/lightning/last.ckpt (default: start afresh)",
+    )
 
     gateway = commands.add_parser("serve-gateway", help="run the teacher gateway HTTP service")
     gateway.add_argument("--host", default=None, help="address to bind (default: UNITE_GATEWAY_HOST or 127.0.0.1)")
@@ -122,6 +131,11 @@ def _run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             lr=args.lr,
             seed=args.seed,
+            val_fraction=args.val_fraction,
+            max_steps=args.max_steps,
+            precision=args.precision,
+            accelerator=args.accelerator,
+            num_workers=args.num_workers,
             resume_from=args.resume,
         )
         result = distill(config, command=" ".join(["unite", *sys.argv[1:]]))
