@@ -16,7 +16,7 @@ from shared.models.uni2 import UNI2H_EMBED_DIM, UNI2H_PARAMETERS, build_uni2h
 
 LUNG_TILES = Path("tiles") / "lc25000_lung_dedup"
 STUDENT_EMBED_DIM = 384
-# Parameters allowed to get no gradient from the student's output; none are expected, because the
+# Parameters allowed to get no gradient from the student's output. None are expected, because the
 # student has no class token and no classifier head.
 PARAMETERS_WITHOUT_GRADIENT: frozenset[str] = frozenset()
 
@@ -62,8 +62,8 @@ def load_two_lung_tiles(shared_data: Path) -> torch.Tensor:
 def student() -> Iterator[torch.nn.Module]:
     """Yield a randomly initialised student, running torch on one thread meanwhile.
 
-    On a busy 2-core machine, torch's default of two threads made the forward and backward passes
-    about three times slower.
+    On a busy 2-core machine, torch's default of one thread per core made the forward and backward
+    passes about three times slower.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -99,8 +99,8 @@ def test_every_student_parameter_gets_gradient(student: torch.nn.Module, shared_
     assert set(missing) == PARAMETERS_WITHOUT_GRADIENT, missing
 
     # That sum proves little: while fc_norm's weight is all ones, its 384 outputs sum to a constant, so
-    # every gradient before it is rounding noise (1e-12 to 1e-7 at this seed). A fixed random weighting
-    # of the outputs must give finite, non-zero gradients everywhere.
+    # every gradient before it is only rounding noise. A fixed random weighting of the outputs must give
+    # finite, non-zero gradients everywhere.
     student.zero_grad(set_to_none=True)
     weights = torch.randn(2, STUDENT_EMBED_DIM, generator=torch.Generator().manual_seed(0))
     (student(batch) * weights).sum().backward()

@@ -39,8 +39,8 @@ PROBE_SEED = 0
 MIN_TILES_PER_SECOND = 20.0
 
 # The first coordinates of the embedding of synthetic_he_tile(spacing=28), computed with version 1.
-# A change of any descriptor, constant or of numpy's normal stream moves them: then bump
-# REFERENCE_TEACHER_VERSION (the cache keys embeddings by the identity) and update these values.
+# A change of any descriptor, of a constant or of numpy's normal stream moves them. Then bump
+# REFERENCE_TEACHER_VERSION, because the cache keys embeddings by the identity, and update these values.
 # The tolerance absorbs float32 rounding across CPUs, which can move a pixel across a bin edge.
 PINNED_VERSION = 1
 PINNED_COORDINATES = np.array([-0.7498, -0.3145, -0.7675, -0.4332, 1.2793, -0.1412, -0.7663, 0.2162])
@@ -172,12 +172,12 @@ print(json.dumps({"torch_imported": "torch" in sys.modules}))
 
 @pytest.fixture(scope="module")
 def child_process_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Embed two tiles in a fresh Python process; return the tiles, its embeddings and what it imported."""
+    """Embed two tiles in a fresh Python process, and return the tiles, its embeddings and what it imported."""
     folder = tmp_path_factory.mktemp("child")
     tiles = np.stack([synthetic_he_tile(spacing=28), edge_case_tiles()[3]])
     np.save(folder / "tiles.npy", tiles)
-    # The child gets one BLAS and OpenMP thread, unlike this process, so the test also shows that the
-    # embedding does not depend on the thread count.
+    # The child gets one BLAS and OpenMP thread, which this process may not have, so the test also shows
+    # that the embedding does not depend on the thread count.
     environment = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     completed = subprocess.run(
         [sys.executable, "-c", CHILD_SCRIPT, str(folder / "tiles.npy"), str(folder / "embeddings.npy")],
@@ -193,9 +193,9 @@ def child_process_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_embedding_is_bit_identical_in_new_process(teacher: ReferenceTeacher, child_process_run: dict) -> None:
-    here = teacher.embed(child_process_run["tiles"])
+    in_this_process = teacher.embed(child_process_run["tiles"])
 
-    assert here.tobytes() == child_process_run["embeddings"].tobytes()
+    assert in_this_process.tobytes() == child_process_run["embeddings"].tobytes()
 
 
 def test_reference_teacher_imports_no_torch(child_process_run: dict) -> None:

@@ -1,8 +1,8 @@
 """The built-in reference teacher: fixed colour and texture descriptors of H&E tiles, projected to 1536-d.
 
-It needs no weights and no torch, so the demo and the tests can run the whole pipeline on a laptop. It is
-always reported under its own identity, never as UNI2-h, and a student distilled from it learns what these
-hand-made descriptors capture and nothing of UNI2-h.
+It needs no weights, no torch and no GPU, so the demo and the tests can run the whole pipeline anywhere.
+It is always reported under its own identity, never as UNI2-h, and a student distilled from it learns
+what these hand-made descriptors capture and nothing of UNI2-h.
 
 Each tile goes through four fixed steps:
 
@@ -12,15 +12,16 @@ Each tile goes through four fixed steps:
    histogram, gradient, Laplacian, local-binary-pattern and co-occurrence statistics on a four-level
    Gaussian pyramid of the stain densities, local variance, and nuclei proxies from
    strong-haematoxylin blobs.
-3. Fixed constants, derived from each value's natural range and never fitted on data, bring each
-   group to a Euclidean norm of order 1 (0.3 to 1.6 on real H&E tiles), so no group dominates the
-   distances between embeddings.
+3. Fixed round constants bring each group to a Euclidean norm of order 1, so no group dominates the
+   distances between embeddings. They are set from each value's natural or typical range, not
+   estimated from a data set, and give group norms of about 0.3 to 1.6 on the real H&E tiles tried.
 4. A fixed Gaussian matrix drawn from ``numpy.random.default_rng(PROJECTION_SEED)`` maps the 725
    values to 1536.
 
 Every tile is computed on its own by the same code path, so an embedding does not depend on the batch
-it arrived in. Measured on one core of the 2-core development machine, with numpy 2.4 and scipy 1.17,
-the teacher embeds about 150 tiles per second.
+it arrived in. On one core of a 2-core x86 virtual machine with numpy 2.4 and scipy 1.17, the teacher
+embedded 100 to 130 real 224 px tiles per second while other jobs shared the machine
+(tests/test_reference_teacher.py prints the rate it measures).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ PROJECTION_SEED = 20_240_601
 
 # Optical-density vectors of haematoxylin, eosin and DAB in (R, G, B), from Ruifrok and Johnston,
 # "Quantification of histochemical staining by color deconvolution", Anal Quant Cytol Histol 23:291-299
-# (2001). Rows are normalised to unit length below. DAB is absent from H&E, so its channel is the
-# residual that the two stains do not explain.
+# (2001), the values of scikit-image's ``skimage.color.rgb_from_hed``. Rows are normalised to unit
+# length below. DAB is absent from H&E, so its channel is the residual that the two stains do not explain.
 RUIFROK_JOHNSTON_STAINS = np.array(
     [
         [0.65, 0.70, 0.29],  # haematoxylin
@@ -57,12 +58,12 @@ RUIFROK_JOHNSTON_STAINS = np.array(
     ]
 )
 _STAINS = RUIFROK_JOHNSTON_STAINS / np.linalg.norm(RUIFROK_JOHNSTON_STAINS, axis=1, keepdims=True)
-# OD = concentrations @ _STAINS, so concentrations = OD @ inverse; float32 keeps the per-pixel work cheap.
+# OD = concentrations @ _STAINS, so concentrations = OD @ inverse. float32 keeps the per-pixel work cheap.
 _STAIN_UNMIXING = np.linalg.inv(_STAINS).astype(np.float32)
 # OD of each 8-bit intensity, -log10((I + 1) / 256): the +1 keeps black pixels finite (OD 2.41).
 _OPTICAL_DENSITY = (-np.log10((np.arange(256) + 1.0) / 256.0)).astype(np.float32)
 
-# Histogram ranges in OD; H&E stain densities of tissue lie between 0 and about 1.5, and values
+# Histogram ranges, in OD. H&E stain densities of tissue lie between 0 and about 1.5, and values
 # outside a range fall into its first or last bin.
 HAEMATOXYLIN_RANGE = (-0.2, 1.4)
 EOSIN_RANGE = (-0.2, 1.0)
@@ -94,7 +95,7 @@ DESCRIPTOR_GROUPS: dict[str, int] = {
 }
 DESCRIPTOR_DIM = sum(DESCRIPTOR_GROUPS.values())
 
-# 5-tap binomial kernel: a Gaussian of sigma 1 px, the smoothing of Burt and Adelson's image pyramid.
+# 5-tap binomial kernel of variance 1 px^2, close to a Gaussian of sigma 1 px: the usual pyramid smoothing.
 _BINOMIAL_KERNEL = np.array([1.0, 4.0, 6.0, 4.0, 1.0], dtype=np.float32) / 16.0
 # Neighbours of the 8-point, radius-1 local binary pattern, in circular order.
 _LBP_NEIGHBOURS = ((-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1))
@@ -113,13 +114,15 @@ _RIU2_CLASSES = np.array([_riu2_code(pattern) for pattern in range(256)], dtype=
 def _riu2_noise_probabilities() -> np.ndarray:
     """Return the riu2 class probabilities of i.i.d. continuous noise, the reference of the LBP group.
 
-    Under such noise each neighbour exceeds the centre independently with probability p, with p uniform on
-    [0, 1], so one pattern with k ones has probability Beta(k + 1, 9 - k) = k! (8 - k)! / 9!.
+    Given the centre's value, each neighbour is at least as large independently with one probability p,
+    and p is uniform on [0, 1] over centres, so one pattern with k ones has probability
+    Beta(k + 1, 9 - k) = k! (8 - k)! / 9!.
     """
     probabilities = np.zeros(10)
     for pattern in range(256):
         ones = bin(pattern).count("1")
-        probabilities[_RIU2_CLASSES[pattern]] += math.factorial(ones) * math.factorial(8 - ones) / math.factorial(9)
+        pattern_probability = math.factorial(ones) * math.factorial(8 - ones) / math.factorial(9)
+        probabilities[_RIU2_CLASSES[pattern]] += pattern_probability
     return probabilities
 
 
@@ -150,16 +153,17 @@ class ReferenceTeacher:
         )
 
     def embed(self, tiles: np.ndarray) -> np.ndarray:
-        """Embed (N, 224, 224, 3) uint8 RGB tiles into (N, 1536) float32 vectors; N may be 0.
+        """Embed (N, 224, 224, 3) uint8 RGB tiles into (N, 1536) float32 vectors. N may be 0.
 
         Raises :class:`ImageError` when the batch is not a uint8 array of that shape.
         """
         validate_tiles(tiles)
         embeddings = np.empty((len(tiles), self.dim), dtype=np.float32)
         for index, tile in enumerate(tiles):
-            # einsum without ``optimize`` runs numpy's own loop, which sums over the descriptor in a fixed
-            # order on one thread. A BLAS product would depend on the library's thread count, and on a
-            # busy 2-core machine its two threads made this step about four times slower.
+            # einsum without ``optimize`` runs numpy's own loop on one thread, which sums over the
+            # descriptor in an order fixed by the array shapes. A BLAS product would depend on the
+            # library's thread count, and on a busy 2-core machine its two threads made this step
+            # about four times slower.
             embeddings[index] = np.einsum("k,kd->d", describe_tile(tile), self._projection)
         return embeddings
 
@@ -193,10 +197,10 @@ def projection_matrix() -> np.ndarray:
     """Return the fixed (DESCRIPTOR_DIM, 1536) float64 projection, read-only and shared by all instances.
 
     Entries are standard normal divided by the square root of the number of descriptor groups, so with
-    every group of norm about 1 the embedding's coordinates are of order 1.
+    every group of norm of order 1 the embedding's coordinates are of order 1.
     """
-    # NOTE: NumPy promises the same standard_normal stream only for the same numpy build; the pinned
-    # embedding values in tests/test_reference_teacher.py fail if a new numpy changes it, and then
+    # NOTE: NumPy promises the same standard_normal stream only for the same numpy build. If a new numpy
+    # changes it, the pinned embedding values in tests/test_reference_teacher.py fail, and then
     # REFERENCE_TEACHER_VERSION must be bumped.
     generator = np.random.default_rng(PROJECTION_SEED)
     projection = generator.standard_normal((DESCRIPTOR_DIM, REFERENCE_TEACHER_DIM))
@@ -208,7 +212,7 @@ def projection_matrix() -> np.ndarray:
 def describe_tile(tile: np.ndarray) -> np.ndarray:
     """Compute the normalised (DESCRIPTOR_DIM,) float64 descriptor of one (224, 224, 3) uint8 tile.
 
-    Groups follow ``DESCRIPTOR_GROUPS``; each is scaled to a norm of about 1.
+    Groups follow the order of ``DESCRIPTOR_GROUPS``, and each is scaled to a norm of order 1.
     """
     haematoxylin, eosin, residual, density_sum = separate_stains(tile)
     groups = [
@@ -241,8 +245,8 @@ def separate_stains(tile: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def _stain_quantiles(haematoxylin: np.ndarray, eosin: np.ndarray, residual: np.ndarray) -> np.ndarray:
-    # Stain ODs of tissue lie in [0, 1], mapped to [-1, 1]; the residual is centred on 0 because pure H&E
-    # leaves none.
+    # Stain ODs of tissue lie in [0, 1], which is mapped to [-1, 1]. The residual is centred on 0,
+    # because pure H&E leaves none.
     values = np.concatenate(
         [(_quantiles(haematoxylin) - 0.5) / 0.5, (_quantiles(eosin) - 0.5) / 0.5, _quantiles(residual) / 0.5]
     )
@@ -329,7 +333,7 @@ def _gradient_and_laplacian(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _lbp_histogram(image: np.ndarray) -> np.ndarray:
-    """Histogram of riu2 local binary patterns (8 neighbours, radius 1), as log ratios to i.i.d. noise."""
+    """Compute the riu2 local-binary-pattern histogram (8 neighbours, radius 1) as log ratios to i.i.d. noise."""
     height, width = image.shape
     centre = image[1 : height - 1, 1 : width - 1]
     patterns = np.zeros(centre.shape, dtype=np.uint8)
@@ -345,7 +349,7 @@ def _lbp_histogram(image: np.ndarray) -> np.ndarray:
 
 
 def _glcm_statistics(image: np.ndarray) -> np.ndarray:
-    """Haralick contrast, homogeneity, energy, correlation and entropy of the grey-level co-occurrence matrix.
+    """Compute Haralick contrast, homogeneity, energy, correlation and entropy of the co-occurrence matrix.
 
     The haematoxylin OD is quantised into 8 levels of 0.2 OD from -0.2, and pairs at distance 1 in the
     horizontal and vertical directions are counted symmetrically.
@@ -364,8 +368,10 @@ def _glcm_statistics(image: np.ndarray) -> np.ndarray:
     energy = math.sqrt((matrix**2).sum())
     mean = (matrix * _GLCM_ROWS).sum()
     variance = (matrix * (_GLCM_ROWS - mean) ** 2).sum()
-    # A flat image has zero variance; its correlation is defined as 0 here rather than NaN.
-    correlation = (matrix * (_GLCM_ROWS - mean) * (_GLCM_COLUMNS - mean)).sum() / variance if variance > 1e-12 else 0.0
+    # A flat image has zero variance, so its correlation is defined as 0 here rather than NaN.
+    correlation = 0.0
+    if variance > 1e-12:
+        correlation = (matrix * (_GLCM_ROWS - mean) * (_GLCM_COLUMNS - mean)).sum() / variance
     nonzero = matrix[matrix > 0]
     entropy = -(nonzero * np.log(nonzero)).sum()
 
@@ -384,7 +390,7 @@ def _glcm_statistics(image: np.ndarray) -> np.ndarray:
 
 
 def _local_std_quantiles(haematoxylin: np.ndarray) -> np.ndarray:
-    """Quantiles of the haematoxylin standard deviation in 7 x 7 windows, log-scaled."""
+    """Compute log-scaled quantiles of the haematoxylin standard deviation in 7 x 7 windows."""
     mean = ndimage.uniform_filter(haematoxylin, LOCAL_WINDOW)
     mean_of_squares = ndimage.uniform_filter(haematoxylin * haematoxylin, LOCAL_WINDOW)
     local_std = np.sqrt(np.maximum(mean_of_squares - mean * mean, 0.0))
@@ -393,7 +399,7 @@ def _local_std_quantiles(haematoxylin: np.ndarray) -> np.ndarray:
 
 
 def _nuclei_proxies(blurred_haematoxylin: np.ndarray) -> np.ndarray:
-    """Area fraction, count and sizes of strong-haematoxylin blobs at each of ``NUCLEI_THRESHOLDS``."""
+    """Measure area fraction, count and sizes of strong-haematoxylin blobs at each of ``NUCLEI_THRESHOLDS``."""
     values = []
     log_max_count = math.log1p(blurred_haematoxylin.size)
     for threshold in NUCLEI_THRESHOLDS:
@@ -425,7 +431,7 @@ def _blur_and_halve(image: np.ndarray) -> np.ndarray:
 
 
 def _quantiles(image: np.ndarray) -> np.ndarray:
-    """Return ``QUANTILES`` of the image, taken on every second row and column to halve the cost."""
+    """Return ``QUANTILES`` of the image, taken on every second row and column (a quarter of the pixels)."""
     values = image[::2, ::2].ravel()
     ranks = np.round(QUANTILES * (values.size - 1)).astype(np.intp)
     return np.partition(values, ranks)[ranks].astype(np.float64)

@@ -16,7 +16,7 @@ def _build_reference(**options: Any) -> Teacher:
     if options:
         raise ConfigError(
             f"teacher 'reference' takes no options, got {sorted(options)}. "
-            "Remove them; the reference teacher has no weights or settings.",
+            "Remove them, because the reference teacher has no weights or settings.",
             value=sorted(options),
         )
     # Imported here so that listing the backends does not load scipy.
@@ -45,7 +45,7 @@ def build_teacher(name: str, **options: Any) -> Teacher:
     builder = TEACHER_BUILDERS.get(name)
     if builder is None:
         raise ConfigError(
-            f"unknown teacher {name!r}; available teachers: {', '.join(available_teachers())}. "
+            f"unknown teacher {name!r}. Available teachers: {', '.join(available_teachers())}. "
             "Set the gateway's teacher setting (UNITE_GATEWAY_TEACHER or --teacher) to one of them.",
             value=name,
             limit=available_teachers(),
