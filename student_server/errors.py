@@ -99,7 +99,9 @@ async def _handle_unite_error(request: Request, error: UniteError) -> JSONRespon
     if error.status_code >= 500 and not isinstance(error, NotReadyError):
         logger.error("request %s failed: %s", request_id, error.message, exc_info=error)
         return JSONResponse(_internal_error_body(error.code, request_id), status_code=error.status_code)
-    logger.warning("request %s rejected with %d %s: %s", request_id, error.status_code, error.code, error.message)
+    # Readiness probes repeat every few seconds, and StudentModel logs each new reason once already.
+    level = logging.DEBUG if isinstance(error, NotReadyError) else logging.WARNING
+    logger.log(level, "request %s rejected with %d %s: %s", request_id, error.status_code, error.code, error.message)
     return JSONResponse(jsonable_encoder(error.to_dict()), status_code=error.status_code)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path, PurePosixPath
@@ -159,11 +160,12 @@ def test_compose_readers_mount_read_only(resolved):
 def test_compose_healthcheck_probes_both(resolved, service, port):
     test = resolved["services"][service]["healthcheck"]["test"]
 
-    assert test[:3] == ["CMD", "python", "-c"]
-    assert f"http://127.0.0.1:{port}" in test[3]
-    assert "urllib" in test[3]
-    assert "/healthz" in test[3]
-    assert "/readyz" in test[3]
+    assert test[0] == "CMD-SHELL"
+    assert test[1].startswith("python -c ")
+    assert f"http://127.0.0.1:{port}" in test[1]
+    assert "urllib" in test[1]
+    assert "/healthz" in test[1]
+    assert "/readyz" in test[1]
     assert option_value(resolved["services"][service]["command"], "--port") == str(port)
 
 
@@ -204,14 +206,14 @@ def test_compose_distiller_runs_once(resolved):
 def test_student_healthcheck_command_against_server(resolved, tmp_path):
     # The compose health check, run against a real student server on a free port: failing while no
     # checkpoint is loaded, passing once one is.
-    snippet = resolved["services"]["student"]["healthcheck"]["test"][3]
+    shell_command = resolved["services"]["student"]["healthcheck"]["test"][1]
     checkpoint = tmp_path / "student"
     app = create_app(StudentSettings(checkpoint_dir=checkpoint, upload_dir=tmp_path / "uploads", reload_interval_s=0))
 
     with run_app(app) as base_url:
-        probe = snippet.replace("http://127.0.0.1:8200", base_url)
-        assert probe != snippet
-        not_ready = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+        probe = shell_command.replace("http://127.0.0.1:8200", base_url).replace("python ", f"{shlex.quote(sys.executable)} ", 1)
+        assert base_url in probe
+        not_ready = subprocess.run(["/bin/sh", "-c", probe], capture_output=True, text=True, timeout=60)
         save_student(
             build_unite_student(),
             checkpoint,
@@ -221,7 +223,7 @@ def test_student_healthcheck_command_against_server(resolved, tmp_path):
             teacher_licence="test",
             training={},
         )
-        ready = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+        ready = subprocess.run(["/bin/sh", "-c", probe], capture_output=True, text=True, timeout=60)
         readyz = httpx.get(f"{base_url}/readyz")
 
     assert not_ready.returncode != 0
