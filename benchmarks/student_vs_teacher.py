@@ -26,7 +26,7 @@ def load_tiles(folder: Path, count: int) -> np.ndarray:
     """Load ``count`` RGB tiles from the JPEG files of ``folder``, prepared for the models."""
     paths = sorted(folder.rglob("*.jpg"))[:count]
     if len(paths) < count:
-        raise SystemExit(f"{folder} holds {len(paths)} JPEG tiles, expected at least {count}.")
+        raise SystemExit(f"{folder} contains {len(paths)} JPEG tiles, expected at least {count}. Pass a larger folder or a smaller --batch-size.")
     return np.stack([prepare_tile(np.asarray(Image.open(path).convert("RGB"))) for path in paths])
 
 

@@ -42,7 +42,7 @@ class EmbeddingData(BaseModel):
 
 
 class Usage(BaseModel):
-    """Counts for one request: tiles received, answered from the cache, and sent to the model."""
+    """Counts for one request: tiles received, tiles found in the cache, and calls to the model."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -52,7 +52,7 @@ class Usage(BaseModel):
 
 
 class EmbeddingResponse(BaseModel):
-    """The answer to an :class:`EmbeddingRequest`, in request order."""
+    """Response to an :class:`EmbeddingRequest`, with embeddings in request order."""
 
     object: str = "list"
     model: str

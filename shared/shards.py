@@ -23,7 +23,7 @@ SHARD_GLOB = "shard-*.h5"
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """What a shard's attributes declare about it."""
+    """Attributes of one shard file, as stored in it."""
 
     path: Path
     length: int

@@ -1,1 +1,1 @@
-"""The ``unite`` command line: the one place that knows the gateway, the distiller and the student server."""
+"""The ``unite`` command line: the one package that imports the gateway, the distiller and the student server."""

@@ -1,8 +1,8 @@
 """``unite demo``: the real chain on one real slide, from tiles to a served student.
 
-Steps: tile the slide; start the teacher gateway on 127.0.0.1 and fill its cache through the HTTP API;
-export training shards; distill the student; start the student server on the new checkpoint; embed the
-slide through the HTTP API and write its features in TRIDENT's layout.
+The steps: tile the slide, then start the teacher gateway on 127.0.0.1 and fill its cache through the HTTP
+API. Export training shards from the cache and distill the student. Finally, start the student server on
+the new checkpoint, embed the slide through its HTTP API and write the features in TRIDENT's layout.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def tile_to_patch_files(
 
 @dataclass
 class TeachResult:
-    """What ``teach_slides`` did: tiles sent, tiles the teacher embedded, and the shards written."""
+    """Summary of a ``teach_slides`` run: tiles sent, tiles the teacher embedded, and the shards written."""
 
     tiled: list[TiledSlide] = field(default_factory=list)
     tiles: int = 0
