@@ -28,8 +28,7 @@ def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_TILE
     Raises :class:`ImageError` for bytes that are not an image, for images of more than ``max_pixels``
     pixels (checked from the header, before decoding, so a small compressed file cannot expand into
     gigabytes), and for images that are not 8-bit RGB, naming the mode found, since a silent
-    conversion of RGBA or greyscale would change the pixels the
-    teacher embeds.
+    conversion of RGBA or greyscale would change the pixels the teacher embeds.
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
