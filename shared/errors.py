@@ -4,12 +4,16 @@ Every error the project raises derives from :class:`UniteError`, and errors from
 (openslide, PIL, h5py, httpx, sqlite3) are converted where they enter and chained with ``from``::
 
     UniteError
-    ├── ConfigError        a setting or option has an invalid value
-    ├── SlideError         a slide cannot be opened, has no usable resolution, or has no tissue
-    ├── ImageError         an uploaded or cached tile image cannot be used
-    ├── CacheError         the embedding cache or a training shard is missing or damaged
-    ├── TeacherError       the teacher failed or returned an invalid answer
-    └── ModelError         a model or checkpoint cannot be built or loaded
+    ├── ConfigError            a setting or option has an invalid value
+    ├── SlideError             a slide cannot be opened, has no usable resolution, or has no tissue
+    ├── ImageError             an uploaded or cached tile image cannot be used
+    ├── CacheError             the embedding cache or a training shard is missing or damaged
+    ├── TeacherError           the teacher failed or returned an invalid answer
+    ├── ModelError             a model or checkpoint cannot be built or loaded
+    ├── InvalidRequestError    an HTTP request is malformed or is missing a field (422)
+    ├── RequestTooLargeError   an HTTP request has more tiles or bytes than the service accepts (413)
+    ├── ModelNotFoundError     an HTTP request names a model that the service does not serve (404)
+    └── NotReadyError          a service cannot serve requests because its model or storage is not open (503)
 
 Each error carries a machine-readable ``code`` and, where a limit was broken, the ``limit`` and the
 ``value`` found, so services can return them in the one JSON error shape of the embeddings protocol.
@@ -65,3 +69,34 @@ class TeacherError(UniteError):
 class ModelError(UniteError):
     code = "model_error"
     status_code = 500
+
+
+class InvalidRequestError(UniteError):
+    """The request is not shaped as the endpoint expects: a missing field or a malformed body."""
+
+    code = "invalid_request"
+    status_code = 422
+
+
+class RequestTooLargeError(UniteError):
+    """The request has more tiles or more bytes than the service accepts."""
+
+    code = "request_too_large"
+    status_code = 413
+
+
+class ModelNotFoundError(UniteError):
+    """The request names a model that this service does not serve."""
+
+    code = "model_not_found"
+    status_code = 404
+
+
+class NotReadyError(UniteError):
+    """The service cannot serve requests yet, or no longer, because its model or storage is not open.
+
+    The message gives the reason.
+    """
+
+    code = "not_ready"
+    status_code = 503

@@ -12,7 +12,7 @@ Routes:
 - ``GET /v1/models``: the served student, its checkpoint and its teacher.
 - ``GET /healthz``: the process is alive. ``GET /readyz``: a student is loaded; otherwise 503 with the reason.
 
-Errors have the protocol's one JSON shape; see :mod:`student_server.errors`.
+Errors have the protocol's one JSON shape; see :mod:`shared.http`.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from shared.checkpoint import LoadedStudent
+from shared.errors import ModelNotFoundError, NotReadyError, RequestTooLargeError
+from shared.http import install_error_handling
 from shared.imaging import decode_base64_image, prepare_tile
 from shared.protocol import EmbeddingRequest, EmbeddingResponse, ErrorResponse
-from student_server.errors import ModelNotFoundError, NotReadyError, RequestTooLargeError, install_error_handlers
 from student_server.model import StudentModel
 from student_server.settings import StudentSettings, get_settings
 from student_server.slides import SlideEmbedOptions, SlideEmbedResponse, embed_slide_file
@@ -76,7 +77,16 @@ def create_app(settings: StudentSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.student = student
-    install_error_handlers(app, max_body_bytes=settings.max_request_bytes, streamed_paths=frozenset({SLIDE_EMBED_PATH}))
+    install_error_handling(
+        app,
+        max_request_bytes=settings.max_request_bytes,
+        max_request_bytes_setting="UNITE_STUDENT_MAX_REQUEST_BYTES",
+        internal_error_message="internal error in the student server (request id {request_id}). The server log has the cause.",
+        logger=logger,
+        # Clients see why no student is loaded, for example which checkpoint folder is missing.
+        public_errors=(NotReadyError,),
+        streamed_paths=frozenset({SLIDE_EMBED_PATH}),
+    )
     _add_routes(app)
     return app
 

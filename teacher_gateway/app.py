@@ -4,27 +4,22 @@ Routes: ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /v1/cache/stats``, ``
 is alive) and ``GET /readyz`` (the teacher and the cache are open). Every error, including validation
 errors and unknown routes, has the protocol's one JSON shape ``{"error": {"code", "message", "limit",
 "value"}}``. Unexpected exceptions become a 500 whose message contains only a request id, and the full
-error is logged under that id.
+error is logged under that id. :mod:`shared.http` does this for both services.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.datastructures import MutableHeaders
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.cache import EmbeddingCache
-from shared.errors import TeacherError, UniteError
+from shared.errors import ModelNotFoundError, NotReadyError, RequestTooLargeError, TeacherError
+from shared.http import install_error_handling
 from shared.protocol import EmbeddingRequest, EmbeddingResponse, ErrorResponse
 from teacher_gateway.service import EmbeddingService
 from teacher_gateway.settings import GatewaySettings, get_settings
@@ -32,30 +27,6 @@ from teacher_gateway.teachers.base import Teacher
 from teacher_gateway.teachers.registry import build_teacher
 
 logger = logging.getLogger(__name__)
-
-REQUEST_ID_HEADER = "x-request-id"
-
-
-class ModelNotFoundError(UniteError):
-    """The request names a model that this server does not serve."""
-
-    code = "model_not_found"
-    status_code = 404
-
-
-class RequestTooLargeError(UniteError):
-    """The request has more tiles or more bytes than the server accepts."""
-
-    code = "request_too_large"
-    status_code = 413
-
-
-class NotReadyError(UniteError):
-    """The teacher or the cache is not open yet, or no longer."""
-
-    code = "not_ready"
-    status_code = 503
-
 
 def create_app(settings: GatewaySettings | None = None, *, teacher: Teacher | None = None) -> FastAPI:
     """Build the gateway app; the cache opens and the teacher is built in the app's lifespan.
@@ -89,8 +60,16 @@ def create_app(settings: GatewaySettings | None = None, *, teacher: Teacher | No
     app.state.settings = settings
     app.state.service = None
     app.state.model_names = []
-    app.add_middleware(RequestGuardMiddleware, max_body_bytes=settings.max_request_bytes)
-    _add_exception_handlers(app)
+    install_error_handling(
+        app,
+        max_request_bytes=settings.max_request_bytes,
+        max_request_bytes_setting="UNITE_GATEWAY_MAX_REQUEST_BYTES",
+        internal_error_message="internal error in the gateway (request id {request_id}); the gateway log has the cause.",
+        logger=logger,
+        # Teacher errors (502) describe the teacher's output and "not ready" (503) tells the client to
+        # retry, so both go out whole; other server-side errors may name paths and are replaced.
+        public_errors=(TeacherError, NotReadyError),
+    )
     _add_routes(app)
     return app
 
@@ -181,158 +160,3 @@ def _add_routes(app: FastAPI) -> None:
     def readyz(service: ServiceDep) -> dict[str, str]:
         """Report ready once the teacher and the cache are open."""
         return {"status": "ready", "model": service.teacher.identity}
-
-
-def _request_id(request: Request) -> str:
-    return request.scope.get("state", {}).get("request_id", "-")
-
-
-def _add_exception_handlers(app: FastAPI) -> None:
-    @app.exception_handler(UniteError)
-    async def handle_unite_error(request: Request, error: UniteError) -> JSONResponse:
-        request_id = _request_id(request)
-        # Internal errors (500) may carry server paths, so the client gets the code and the request id
-        # only. Teacher errors (502) describe the teacher's output and go out whole.
-        if error.status_code >= 500 and not isinstance(error, TeacherError):
-            logger.error("request %s failed: %s", request_id, error.message, exc_info=error)
-            body = {
-                "error": {
-                    "code": error.code,
-                    "message": f"internal error in the gateway (request id {request_id}); the gateway log has the cause.",
-                    "limit": None,
-                    "value": None,
-                }
-            }
-            return JSONResponse(body, status_code=error.status_code)
-        logger.warning("request %s rejected with %d %s: %s", request_id, error.status_code, error.code, error.message)
-        return JSONResponse(error.to_dict(), status_code=error.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def handle_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        message = "invalid request: " + "; ".join(_describe_validation_problem(problem) for problem in error.errors())
-        logger.warning("request %s rejected with 422: %s", _request_id(request), message)
-        body = {"error": {"code": "invalid_request", "message": message, "limit": None, "value": None}}
-        return JSONResponse(body, status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def handle_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        message = f"{request.method} {request.url.path}: {error.detail}"
-        body = {"error": {"code": codes.get(error.status_code, "http_error"), "message": message, "limit": None, "value": None}}
-        return JSONResponse(body, status_code=error.status_code, headers=error.headers)
-
-
-def _describe_validation_problem(problem: dict[str, Any]) -> str:
-    """Describe one pydantic problem as ``field: message``, with the field written like ``input[3].image``."""
-    location = [part for part in problem.get("loc", ()) if part != "body"]
-    if problem.get("type") == "json_invalid":
-        return f"the body is not valid JSON ({problem.get('ctx', {}).get('error', problem.get('msg'))})"
-    field = ""
-    for part in location:
-        if isinstance(part, int):
-            field += f"[{part}]"
-        elif field:
-            field += f".{part}"
-        else:
-            field = str(part)
-    return f"{field or 'body'}: {problem.get('msg')}"
-
-
-class RequestGuardMiddleware:
-    """Give each request an id, reject bodies over ``max_body_bytes`` with 413, and turn crashes into 500.
-
-    The whole body is read before the app runs, so a body without a Content-Length header is limited too.
-    An exception that no handler took is logged once with the request id and gets a generic
-    500 in the protocol's error shape, never with a stack trace.
-    """
-
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        request_id = uuid.uuid4().hex[:16]
-        scope.setdefault("state", {})["request_id"] = request_id
-        response_started = False
-
-        async def send_with_request_id(message: Message) -> None:
-            nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
-            await send(message)
-
-        too_large = self._check_declared_length(scope)
-        messages: list[Message] = []
-        if too_large is None:
-            messages, too_large = await self._read_body(receive)
-        if too_large is not None:
-            logger.warning("request %s rejected with 413: %s", request_id, too_large.message)
-            await _send_json(send_with_request_id, too_large.status_code, too_large.to_dict())
-            return
-
-        async def replay_body() -> Message:
-            if messages:
-                return messages.pop(0)
-            return await receive()
-
-        try:
-            await self.app(scope, replay_body, send_with_request_id)
-        except Exception:
-            logger.exception("request %s (%s %s) failed with an unexpected error", request_id, scope["method"], scope["path"])
-            if response_started:
-                return
-            body = {
-                "error": {
-                    "code": "internal_error",
-                    "message": f"internal error in the gateway (request id {request_id}); the gateway log has the cause.",
-                    "limit": None,
-                    "value": None,
-                }
-            }
-            await _send_json(send_with_request_id, 500, body)
-
-    def _check_declared_length(self, scope: Scope) -> RequestTooLargeError | None:
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
-                return self._too_large(int(value))
-        return None
-
-    async def _read_body(self, receive: Receive) -> tuple[list[Message], RequestTooLargeError | None]:
-        messages: list[Message] = []
-        size = 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                return messages, None
-            size += len(message.get("body", b""))
-            if size > self.max_body_bytes:
-                return [], self._too_large(size, at_least=True)
-            if not message.get("more_body", False):
-                return messages, None
-
-    def _too_large(self, size: int, *, at_least: bool = False) -> RequestTooLargeError:
-        found = f"at least {size}" if at_least else str(size)
-        return RequestTooLargeError(
-            f"request body has {found} bytes, the limit is {self.max_body_bytes} bytes "
-            "(setting UNITE_GATEWAY_MAX_REQUEST_BYTES). Send fewer tiles per request.",
-            limit=self.max_body_bytes,
-            value=size,
-        )
-
-
-async def _send_json(send: Send, status: int, content: dict[str, Any]) -> None:
-    body = json.dumps(content).encode("utf-8")
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode("ascii"))],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
