@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +64,7 @@ def run_demo(*, slide: Path | None, mpp: float | None, out_dir: Path, epochs: in
     with _timed(timings, "distill"):
         trained = distill(
             DistillConfig(shard_dir=shard_dir, out_dir=distill_dir, epochs=epochs, batch_size=batch_size),
+            progress=sys.stdout.isatty(),
             command=f"unite demo --epochs {epochs} --batch-size {batch_size}",
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from shared.errors import UniteError
@@ -138,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             resume_from=args.resume,
         )
-        result = distill(config, command=" ".join(["unite", *sys.argv[1:]]))
+        result = distill(config, progress=sys.stdout.isatty(), command=" ".join(["unite", *sys.argv[1:]]))
         print(f"first loss {result.first_loss:.4f}, last loss {result.last_loss:.4f}; student exported to {result.checkpoint_dir}")
         return 0
 
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # Lightning 2.6 calls a torch API that torch 2.14 deprecates, on every run; the user can do nothing about it.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # Lightning attaches its own console handler; without this every Lightning line is printed twice.
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).propagate = False
