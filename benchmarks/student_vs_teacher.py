@@ -24,7 +24,7 @@ from shared.models.uni2 import build_uni2h
 
 def load_tiles(folder: Path, count: int) -> np.ndarray:
     """Load ``count`` RGB tiles from the JPEG files of ``folder``, prepared for the models."""
-    paths = sorted(folder.rglob("*.jpg"))[:count]
+    paths = sorted(folder.rglob("*.jp*g"))[:count]
     if len(paths) < count:
         raise SystemExit(f"{folder} contains {len(paths)} JPEG tiles, expected at least {count}. Pass a larger folder or a smaller --batch-size.")
     return np.stack([prepare_tile(np.asarray(Image.open(path).convert("RGB"))) for path in paths])
@@ -48,7 +48,7 @@ def tiles_per_second(model: torch.nn.Module, batch: torch.Tensor, *, device: str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiles", type=Path, required=True, help="folder of 224 px JPEG tiles (searched recursively)")
+    parser.add_argument("--tiles", type=Path, required=True, help="folder of 224 px JPEG tiles (.jpg or .jpeg, searched recursively)")
     parser.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass (default: 8)")
     parser.add_argument("--repeats", type=int, default=3, help="timed forward passes per model (default: 3)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if available)")

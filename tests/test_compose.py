@@ -7,12 +7,16 @@ the reason, only when that download fails.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path, PurePosixPath
 
 import httpx
@@ -276,3 +280,99 @@ def test_dockerfile_copies_no_data_or_weights():
             assert forbidden not in line.split()[1:-1], line
     for pattern in ("runs", "data", "weights", "**/*.safetensors", "**/*.svs", ".git"):
         assert pattern in ignored
+
+
+# The services' commands, run without containers
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def host_command(command: list[str], volumes: dict[str, Path], port: int | None = None) -> list[str]:
+    """Turn a service's container command into one for this machine: volumes to folders, 0.0.0.0 to loopback."""
+    local = []
+    for argument in command:
+        for container_path, folder in volumes.items():
+            if argument == container_path or argument.startswith(container_path + "/"):
+                argument = str(folder) + argument[len(container_path) :]
+        local.append(argument)
+    if "--host" in local:
+        local[local.index("--host") + 1] = "127.0.0.1"
+    if port is not None:
+        local[local.index("--port") + 1] = str(port)
+    return [sys.executable, "-m", "unite_cli.main", *local[1:]]
+
+
+def wait_until_ready(base_url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{base_url}: the service exited with status {process.returncode} before it was ready")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{base_url}: /readyz did not return 200 within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def service_process(command: list[str], log_path: Path):
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.mark.slow
+def test_compose_commands_run_without_containers(resolved, shared_data, tmp_path):
+    # Each service's own `command:` from the resolved compose file, started as a plain process: the
+    # gateway fills its cache from a real slide, the distiller trains on the shards it finds in the
+    # cache volume, and the student server then serves the checkpoint from the checkpoints volume.
+    volumes = {"/cache": tmp_path / "cache", "/checkpoints": tmp_path / "checkpoints"}
+    services = resolved["services"]
+    tile = sorted((shared_data / "tiles" / "lc25000_lung_dedup").glob("*/*.jpeg"))[0].read_bytes()
+    request = {"input": [{"image": base64.b64encode(tile).decode("ascii")}]}
+
+    gateway_port = free_port()
+    gateway_url = f"http://127.0.0.1:{gateway_port}"
+    gateway_command = host_command(services["gateway"]["command"], volumes, gateway_port)
+    with service_process(gateway_command, tmp_path / "gateway.log") as gateway:
+        wait_until_ready(gateway_url, gateway)
+        teach = subprocess.run(
+            [
+                sys.executable, "-m", "unite_cli.main", "teach", str(shared_data / "slides" / "CMU-1-Small-Region.svs"),
+                "--gateway", gateway_url,
+                "--cache-dir", option_value(gateway_command, "--cache-dir"),
+                "--shards", str(volumes["/cache"] / "shards"),
+            ],
+            capture_output=True, text=True, timeout=600, cwd=REPO,
+        )
+        gateway_answer = httpx.post(f"{gateway_url}/v1/embeddings", json=request, timeout=60)
+    assert teach.returncode == 0, teach.stderr[-3000:]
+    assert gateway_answer.status_code == 200
+    assert len(gateway_answer.json()["data"][0]["embedding"]) == 1536
+
+    distill = subprocess.run(
+        host_command(services["distiller"]["command"], volumes), capture_output=True, text=True, timeout=900, cwd=REPO
+    )
+    assert distill.returncode == 0, distill.stderr[-3000:]
+
+    student_port = free_port()
+    student_url = f"http://127.0.0.1:{student_port}"
+    with service_process(host_command(services["student"]["command"], volumes, student_port), tmp_path / "student.log") as student:
+        wait_until_ready(student_url, student)
+        student_answer = httpx.post(f"{student_url}/v1/embeddings", json=request, timeout=60)
+    assert student_answer.status_code == 200, student_answer.text
+    assert len(student_answer.json()["data"][0]["embedding"]) == 384
