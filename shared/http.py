@@ -6,7 +6,8 @@ Every response that is not a success has the embeddings protocol's body
 - a :class:`shared.errors.UniteError` keeps its status code and becomes ``to_dict()``. A 5xx error shows
   only its code and a request id, because its message may hold server paths, unless the service lists
   its class in ``public_errors``;
-- a request that fails validation becomes 422 ``invalid_request`` listing each field and problem;
+- a request that fails validation becomes 422 ``invalid_request`` listing each field and problem, with
+  the first offending value, shortened to 100 characters, in ``value``;
 - an unknown route or method becomes 404 or 405 in the same shape;
 - any other exception becomes a generic 500 ``internal_error`` that names only a request id, and the
   traceback goes to the log under that id, so no stack trace or server path reaches a client;
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import uuid
 from typing import Any
 
@@ -35,6 +37,8 @@ from shared.errors import InvalidRequestError, NotReadyError, RequestTooLargeErr
 REQUEST_ID_HEADER = "x-request-id"
 
 _HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
+# Maximum length, in characters, of the request text that a 422 error copies into its message or ``value``.
+MAX_ECHOED_CHARS = 100
 
 
 def install_error_handling(
@@ -101,9 +105,13 @@ class _ErrorHandlers:
         return JSONResponse(jsonable_encoder(error.to_dict()), status_code=error.status_code)
 
     async def handle_validation_error(self, request: Request, error: RequestValidationError) -> JSONResponse:
-        message = "invalid request: " + "; ".join(describe_validation_problem(problem) for problem in error.errors())
+        problems = error.errors()
+        content_type = request.headers.get("content-type")
+        described = [describe_validation_problem(problem, content_type=content_type) for problem in problems]
+        message = _printable("invalid request: " + "; ".join(described))
         self.logger.warning("request %s rejected with 422: %s", request_id_of(request), message)
-        body = {"error": {"code": InvalidRequestError.code, "message": message, "limit": None, "value": None}}
+        value = offending_value(problems)
+        body = {"error": {"code": InvalidRequestError.code, "message": message, "limit": None, "value": value}}
         return JSONResponse(body, status_code=422)
 
     async def handle_http_error(self, request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -113,21 +121,70 @@ class _ErrorHandlers:
         return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
 
-def describe_validation_problem(problem: dict[str, Any]) -> str:
-    """Describe one pydantic problem as ``field: message``, with the field written like ``input[3].image``."""
+def describe_validation_problem(problem: dict[str, Any], *, content_type: str | None = None) -> str:
+    """Describe one pydantic problem as ``field: message``, with the field written like ``input[3].image``.
+
+    ``content_type`` is the request's Content-Type header. FastAPI leaves a body that is not declared as
+    JSON unparsed, so that problem is described as a wrong Content-Type rather than a wrong body.
+    """
     if problem.get("type") == "json_invalid":
         return f"the body is not valid JSON ({problem.get('ctx', {}).get('error', problem.get('msg'))})"
+    location = tuple(problem.get("loc", ()))
+    if location == ("body",) and isinstance(problem.get("input"), (bytes, bytearray)):
+        sent = f"with Content-Type {_shorten(content_type)!r}" if content_type else "without a Content-Type header"
+        return (
+            f"the body was sent {sent}, so it was not read as JSON. "
+            "Send the JSON body with the header `Content-Type: application/json`"
+        )
     field = ""
-    for part in problem.get("loc", ()):
+    for part in location:
         if part == "body":
             continue
         if isinstance(part, int):
             field += f"[{part}]"
         elif field:
-            field += f".{part}"
+            field += f".{_shorten(str(part))}"
         else:
-            field = str(part)
+            field = _shorten(str(part))
     return f"{field or 'body'}: {problem.get('msg')}"
+
+
+def offending_value(problems: list[dict[str, Any]]) -> Any:
+    """Return the input of the first problem that has one, in a form that JSON can encode, or None.
+
+    A missing field has no input, an invalid JSON body or an unparsed body is not echoed, and text longer
+    than :data:`MAX_ECHOED_CHARS` characters is cut, so a 422 never copies a whole tile back.
+    """
+    for problem in problems:
+        if problem.get("type") in ("missing", "json_invalid") or "input" not in problem:
+            continue
+        value = problem["input"]
+        if isinstance(value, (bytes, bytearray)):
+            continue
+        return _jsonable_preview(value)
+    return None
+
+
+def _jsonable_preview(value: Any) -> Any:
+    """Return ``value`` as JSON can encode it: numbers unchanged, other values as shortened printable text."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 10**MAX_ECHOED_CHARS else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, float):
+        # JSON has no Infinity or NaN, and starlette's encoder raises for them.
+        return value if math.isfinite(value) else str(value)
+    text = value if isinstance(value, str) else repr(value)
+    return _printable(_shorten(text))
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= MAX_ECHOED_CHARS else text[:MAX_ECHOED_CHARS] + "..."
+
+
+def _printable(text: str) -> str:
+    """Escape lone surrogates and other characters that UTF-8 cannot encode, so the response can be sent."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class RequestGuardMiddleware:

@@ -20,18 +20,34 @@ MODEL_INPUT_SIZE = 224
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 MAX_TILE_PIXELS = 4096 * 4096
+# prepare_tile scales the shorter side to 224 px, so a 1 x 10,000 px strip would grow to 224 x 2,240,000 px
+# (1.5 GB of RGB). Tiles are square or close to it, and this bound keeps the resized image under 224 x 896 px.
+MAX_ASPECT_RATIO = 4.0
+# A shorter side under 32 px is upscaled more than 7x to reach 224 px, so the model would embed
+# interpolation rather than tissue.
+MIN_TILE_SIDE = 32
+# Pillow opens a JPEG that carries a multi-picture (MPF) segment, as some cameras write, as format "MPO".
+ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "MPO"})
 
 
 def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_TILE_PIXELS) -> np.ndarray:
-    """Decode PNG or JPEG bytes into an (H, W, 3) uint8 RGB array.
+    """Decode the PNG or JPEG bytes of a tile into an (H, W, 3) uint8 RGB array.
 
-    Raises :class:`ImageError` for bytes that are not an image, for images of more than ``max_pixels``
-    pixels (checked from the header, before decoding, so a small compressed file cannot expand into
-    gigabytes), and for images that are not 8-bit RGB, naming the mode found, since a silent
-    conversion of RGBA or greyscale would change the pixels the teacher embeds.
+    Raises :class:`ImageError` for bytes that are not a PNG or JPEG image (naming the format found), for
+    images of more than ``max_pixels`` pixels or whose size :func:`check_tile_size` rejects (both checked
+    from the header, before decoding, so a small compressed file cannot expand into gigabytes), and for
+    images that are not 8-bit RGB, naming the mode found, since a silent conversion of RGBA or greyscale
+    would change the pixels the teacher embeds.
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.format not in ACCEPTED_FORMATS:
+                raise ImageError(
+                    f"{name}: image format is {image.format!r}, expected PNG or JPEG. "
+                    "Save the tile as PNG (lossless) or JPEG before sending it.",
+                    limit=["PNG", "JPEG"],
+                    value=image.format,
+                )
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(
@@ -40,6 +56,7 @@ def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_TILE
                     limit=max_pixels,
                     value=width * height,
                 )
+            check_tile_size(width, height, name=name)
             image.load()
             mode = image.mode
             if mode != "RGB":
@@ -50,10 +67,48 @@ def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_TILE
                     limit="RGB",
                 )
             return np.asarray(image, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+    except UnidentifiedImageError as error:
+        # Pillow's message names the BytesIO object, which means nothing to a client, so it is left out.
         raise ImageError(
-            f"{name}: cannot decode {len(data)} bytes as an image ({error}). Send a PNG or JPEG file."
+            f"{name}: cannot decode {len(data)} bytes as an image: they start with no PNG or JPEG header. "
+            "Send the PNG or JPEG bytes of the tile."
         ) from error
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+        raise ImageError(
+            f"{name}: cannot decode {len(data)} bytes as an image ({error}). Send a complete PNG or JPEG file."
+        ) from error
+
+
+def check_tile_size(width: int, height: int, *, name: str = "tile") -> None:
+    """Raise :class:`ImageError` for a tile that :func:`prepare_tile` should not resize.
+
+    A tile is rejected when its longer side is more than :data:`MAX_ASPECT_RATIO` times its shorter side,
+    because the resized copy would be huge, or when its shorter side is under :data:`MIN_TILE_SIDE` px.
+    Both services call this before any resize: :func:`decode_image` from the image header, and
+    :func:`prepare_tile` from the array.
+    """
+    shorter, longer = min(width, height), max(width, height)
+    if shorter < 1:
+        raise ImageError(
+            f"{name} is {width} x {height} px, which has no pixels. Send a tile of 224 x 224 px.",
+            limit=MIN_TILE_SIDE,
+            value=shorter,
+        )
+    ratio = longer / shorter
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageError(
+            f"{name} is {width} x {height} px with aspect ratio {round(ratio, 2):g}, the maximum is {MAX_ASPECT_RATIO:g}. "
+            "Send square tiles, such as 224 x 224 px at 0.5 µm/px.",
+            limit=MAX_ASPECT_RATIO,
+            value=round(ratio, 3),
+        )
+    if shorter < MIN_TILE_SIDE:
+        raise ImageError(
+            f"{name} is {width} x {height} px, so its shorter side of {shorter} px is under the minimum of "
+            f"{MIN_TILE_SIDE} px. Send tiles of 224 x 224 px at 0.5 µm/px rather than thumbnails.",
+            limit=MIN_TILE_SIDE,
+            value=shorter,
+        )
 
 
 def decode_base64_image(text: str, *, name: str = "image") -> np.ndarray:
@@ -77,20 +132,23 @@ def encode_base64_png(tile: np.ndarray) -> str:
     return base64.b64encode(encode_png(tile)).decode("ascii")
 
 
-def prepare_tile(tile: np.ndarray, size: int = MODEL_INPUT_SIZE) -> np.ndarray:
+def prepare_tile(tile: np.ndarray, size: int = MODEL_INPUT_SIZE, *, name: str = "tile") -> np.ndarray:
     """Bring an RGB tile to the model's input: resize the shorter side to ``size`` (bicubic), then centre crop.
 
     This is the resize-then-centre-crop of UNI2-h's own transform. A tile already at ``size`` x ``size``
-    is returned unchanged, so its bytes, and the cache key built from them, stay stable.
+    is returned unchanged, so its bytes, and the cache key built from them, stay stable. Raises
+    :class:`ImageError`, naming the tile ``name``, for an array that is not (H, W, 3) uint8 and for a size
+    that :func:`check_tile_size` rejects.
     """
     if tile.ndim != 3 or tile.shape[2] != 3 or tile.dtype != np.uint8:
         raise ImageError(
-            f"tile has shape {tile.shape} and dtype {tile.dtype}, expected (H, W, 3) uint8 RGB.",
+            f"{name} has shape {tile.shape} and dtype {tile.dtype}, expected (H, W, 3) uint8 RGB.",
             value=list(tile.shape),
         )
     height, width = tile.shape[:2]
     if (height, width) == (size, size):
         return tile
+    check_tile_size(width, height, name=name)
     scale = size / min(height, width)
     new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
     resized = np.asarray(Image.fromarray(tile).resize((new_width, new_height), Image.BICUBIC))

@@ -34,7 +34,7 @@ from shared.checkpoint import LoadedStudent
 from shared.errors import ModelNotFoundError, NotReadyError, RequestTooLargeError
 from shared.http import install_error_handling
 from shared.imaging import decode_base64_image, prepare_tile
-from shared.protocol import EmbeddingRequest, EmbeddingResponse, ErrorResponse
+from shared.protocol import STUDENT_SERVICE, EmbeddingRequest, EmbeddingResponse, ErrorResponse
 from student_server.model import StudentModel
 from student_server.settings import StudentSettings, get_settings
 from student_server.slides import SlideEmbedOptions, SlideEmbedResponse, embed_slide_file
@@ -83,7 +83,7 @@ def create_app(settings: StudentSettings | None = None) -> FastAPI:
         max_request_bytes_setting="UNITE_STUDENT_MAX_REQUEST_BYTES",
         internal_error_message="internal error in the student server (request id {request_id}). The server log has the cause.",
         logger=logger,
-        # Clients see why no student is loaded, for example which checkpoint folder is missing.
+        # Clients see why no student is loaded, as StudentModel.public_reason words it without server paths.
         public_errors=(NotReadyError,),
         streamed_paths=frozenset({SLIDE_EMBED_PATH}),
     )
@@ -100,11 +100,14 @@ def get_student_model(request: Request) -> StudentModel:
 
 
 def require_student(request: Request) -> LoadedStudent:
-    """Return the loaded student, or raise :class:`NotReadyError` (503) with the reason there is none."""
+    """Return the loaded student, or raise :class:`NotReadyError` (503) with the reason there is none.
+
+    The message gives the public reason, which names settings but no server path.
+    """
     model: StudentModel = request.app.state.student
     loaded = model.ensure_loaded()
     if loaded is None:
-        raise NotReadyError(f"the student server is not ready: {model.reason}.")
+        raise NotReadyError(f"the student server is not ready: {model.public_reason.rstrip('.')}.")
     return loaded
 
 
@@ -139,8 +142,8 @@ def _add_routes(app: FastAPI) -> None:
 
         prepared = []
         for index, item in enumerate(body.input):
-            tile = decode_base64_image(item.image, name=f"input[{index}].image")
-            prepared.append(prepare_tile(tile))
+            name = f"input[{index}].image"
+            prepared.append(prepare_tile(decode_base64_image(item.image, name=name), name=name))
         tiles = np.stack(prepared)
         embeddings = model.embed(tiles)
         batches = -(-len(tiles) // settings.batch_size)
@@ -232,7 +235,8 @@ def _add_routes(app: FastAPI) -> None:
                     "licence": loaded.config.get("teacher_licence"),
                 }
             )
-        return {"object": "list", "data": data}
+        # "service" lets clients such as `unite teach` check which UNITE service they reached.
+        return {"object": "list", "service": STUDENT_SERVICE, "data": data}
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

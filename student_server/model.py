@@ -3,6 +3,9 @@
 A server may start before ``unite distill`` has exported a checkpoint (docker compose starts both at
 once). It then stays alive but not ready, and tries to load the checkpoint again on a readiness probe
 or a request, at most once per ``reload_interval_s``, so it becomes ready once the export appears.
+
+Why no student is loaded is kept twice: ``reason`` names the checkpoint folder and the loader's error
+for the log, and ``public_reason`` names only the setting to change, because it goes to HTTP clients.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class StudentModel:
         self.settings = settings
         self.loaded: LoadedStudent | None = None
         self.reason = "the student checkpoint has not been loaded yet"
+        self.public_reason = self.reason
         self._load_lock = threading.Lock()
         self._inference_lock = threading.Lock()
         self._last_attempt: float | None = None
@@ -67,27 +71,45 @@ class StudentModel:
         if not (folder / CHECKPOINT_WEIGHTS).is_file():
             self._set_reason(
                 f"no student checkpoint at {folder}: run `unite distill` to export one, "
-                "or set UNITE_STUDENT_CHECKPOINT_DIR to an exported student folder"
+                "or set UNITE_STUDENT_CHECKPOINT_DIR to an exported student folder",
+                public_reason=(
+                    f"no student checkpoint is loaded: the configured checkpoint folder has no {CHECKPOINT_WEIGHTS}. "
+                    "Run `unite distill` to export a student, or set UNITE_STUDENT_CHECKPOINT_DIR to an exported student folder"
+                ),
             )
             return
         try:
             self.loaded = load_student(folder, device=self.settings.device)
         except ModelError as error:
-            self._set_reason(f"cannot load the student checkpoint at {folder}: {error.message}", level=logging.ERROR)
+            self._set_reason(
+                f"cannot load the student checkpoint at {folder}: {error.message}",
+                public_reason=(
+                    "the student checkpoint in the configured folder (setting UNITE_STUDENT_CHECKPOINT_DIR) cannot be "
+                    "loaded, and the server log has the cause. Export the student again with `unite distill`"
+                ),
+                level=logging.ERROR,
+            )
             return
         except (RuntimeError, AssertionError) as error:
             # torch raises these when the configured device does not exist, for example CUDA on a CPU-only build.
             self._set_reason(
                 f"cannot load the student checkpoint at {folder} onto device {self.settings.device!r} ({error}). "
                 "Set UNITE_STUDENT_DEVICE to an available device such as 'cpu'",
+                public_reason=(
+                    f"the student checkpoint cannot be loaded onto device {self.settings.device!r} (setting "
+                    "UNITE_STUDENT_DEVICE), and the server log has the cause. Set UNITE_STUDENT_DEVICE to an "
+                    "available device such as 'cpu'"
+                ),
                 level=logging.ERROR,
             )
             return
         self.reason = ""
+        self.public_reason = ""
         logger.info("serving student %s (checkpoint sha256 %s) on %s", self.loaded.name, self.loaded.sha256, self.settings.device)
 
-    def _set_reason(self, reason: str, *, level: int = logging.WARNING) -> None:
+    def _set_reason(self, reason: str, *, public_reason: str, level: int = logging.WARNING) -> None:
         # Probes retry every few seconds; log a reason only when it changes.
         if reason != self.reason:
             logger.log(level, "student server not ready: %s", reason)
         self.reason = reason
+        self.public_reason = public_reason

@@ -20,13 +20,14 @@ from fastapi.responses import JSONResponse
 from shared.cache import EmbeddingCache
 from shared.errors import ModelNotFoundError, NotReadyError, RequestTooLargeError, TeacherError
 from shared.http import install_error_handling
-from shared.protocol import EmbeddingRequest, EmbeddingResponse, ErrorResponse
+from shared.protocol import GATEWAY_SERVICE, EmbeddingRequest, EmbeddingResponse, ErrorResponse
 from teacher_gateway.service import EmbeddingService
 from teacher_gateway.settings import GatewaySettings, get_settings
 from teacher_gateway.teachers.base import Teacher
 from teacher_gateway.teachers.registry import build_teacher
 
 logger = logging.getLogger(__name__)
+
 
 def create_app(settings: GatewaySettings | None = None, *, teacher: Teacher | None = None) -> FastAPI:
     """Build the gateway app; the cache opens and the teacher is built in the app's lifespan.
@@ -134,6 +135,7 @@ def _add_routes(app: FastAPI) -> None:
         teacher = service.teacher
         return {
             "object": "list",
+            "service": GATEWAY_SERVICE,
             "data": [
                 {
                     "id": teacher.identity,

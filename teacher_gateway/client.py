@@ -122,6 +122,14 @@ class GatewayClient:
         """Return the models the server lists under ``GET /v1/models``."""
         return self._request("GET", "/v1/models")["data"]
 
+    def service(self) -> Any:
+        """Return the ``service`` field of the server's ``GET /v1/models`` response, or None when it has none.
+
+        A UNITE teacher gateway returns ``shared.protocol.GATEWAY_SERVICE`` and a student server
+        ``shared.protocol.STUDENT_SERVICE``.
+        """
+        return self._request("GET", "/v1/models").get("service")
+
     def model_info(self) -> dict[str, Any]:
         """Return the served model as ``{"identity", "dim", "licence", "names"}``.
 

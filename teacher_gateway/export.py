@@ -47,7 +47,8 @@ def export_shards(
 
     Each shard contains ``shard_size`` tiles (the last one fewer). Shards are numbered from 0 and follow the
     cache's insertion order, so the same cache gives the same shards. Raises :class:`CacheError` when
-    the cache has no embeddings of ``teacher`` or a cached tile cannot be decoded.
+    the cache has no embeddings of ``teacher``, or when a cached row cannot be decoded or written to HDF5,
+    naming its key.
     """
     if shard_size < 1:
         raise CacheError(f"shard_size is {shard_size}, expected at least 1.", limit=1, value=shard_size)
@@ -71,7 +72,7 @@ def export_shards(
             exported = 0
             entries_in_order = cache.iter_entries(teacher, batch=min(shard_size, 1024))
             for index, entries in enumerate(_batched(entries_in_order, shard_size)):
-                path = _write_entries(staging / shard_name(index), entries, teacher, teacher_licence)
+                path = _write_entries(staging / shard_name(index), entries, teacher, teacher_licence, cache.path)
                 staged.append(path)
                 exported += len(entries)
                 logger.info("wrote shard %s with %d tiles", path.name, len(entries))
@@ -116,10 +117,11 @@ def _batched(entries: Iterator[CacheEntry], size: int) -> Iterator[list[CacheEnt
         yield batch
 
 
-def _write_entries(path: Path, entries: list[CacheEntry], teacher: str, teacher_licence: str) -> Path:
+def _write_entries(path: Path, entries: list[CacheEntry], teacher: str, teacher_licence: str, cache_path: Path) -> Path:
     """Decode the cached tiles of ``entries`` and write them with their embeddings as one shard."""
     tiles = []
     for entry in entries:
+        _check_slide_id_storable(entry, cache_path)
         try:
             tile = decode_image(entry.tile_png, name=f"cached tile {entry.key}")
         except ImageError as error:
@@ -137,16 +139,41 @@ def _write_entries(path: Path, entries: list[CacheEntry], teacher: str, teacher_
 
     coords = np.array([entry.coords if entry.coords is not None else (-1, -1) for entry in entries], dtype=np.int64)
     mpp = np.array([entry.mpp if entry.mpp is not None else np.nan for entry in entries], dtype=np.float32)
-    return write_shard(
-        path,
-        tiles=np.stack(tiles),
-        embeddings=np.stack([entry.embedding for entry in entries]),
-        teacher=teacher,
-        teacher_licence=teacher_licence,
-        slide_ids=[entry.slide_id or "" for entry in entries],
-        coords=coords,
-        mpp=mpp,
-        keys=[entry.key for entry in entries],
+    try:
+        return write_shard(
+            path,
+            tiles=np.stack(tiles),
+            embeddings=np.stack([entry.embedding for entry in entries]),
+            teacher=teacher,
+            teacher_licence=teacher_licence,
+            slide_ids=[entry.slide_id or "" for entry in entries],
+            coords=coords,
+            mpp=mpp,
+            keys=[entry.key for entry in entries],
+        )
+    except (ValueError, TypeError) as error:
+        # h5py raises these for values that HDF5 cannot store. The value is not known, so the rows are named.
+        raise CacheError(
+            f"cannot write shard {path.name} of teacher {teacher!r} (licence {teacher_licence!r}) from the "
+            f"{len(entries)} cache rows with keys {entries[0].key} to {entries[-1].key} of {cache_path} "
+            f"({type(error).__name__}: {error}). HDF5 cannot store a value of these rows or the teacher or licence "
+            "name. Fix that name, or delete the offending row with sqlite3, and export again."
+        ) from error
+
+
+def _check_slide_id_storable(entry: CacheEntry, cache_path: Path) -> None:
+    """Raise :class:`CacheError` naming the row when its slide id contains NUL, which HDF5 strings cannot contain.
+
+    The gateway rejects such ids, but a cache filled by an earlier version can still contain them.
+    """
+    if entry.slide_id is None or "\x00" not in entry.slide_id:
+        return
+    escaped_slide_id = entry.slide_id[:100].encode("unicode_escape").decode("ascii")
+    raise CacheError(
+        f"cache row {entry.key} has slide_id '{escaped_slide_id}', which contains a NUL character that an HDF5 shard "
+        f"cannot store. Delete the row with sqlite3 {cache_path} \"DELETE FROM embeddings WHERE key = "
+        f"'{entry.key}'\" and export again.",
+        value=entry.key,
     )
 
 

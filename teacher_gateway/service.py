@@ -16,16 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared.cache import CacheEntry, EmbeddingCache
-from shared.errors import ImageError, TeacherError
+from shared.errors import TeacherError
 from shared.imaging import decode_base64_image, encode_png, prepare_tile
 from shared.protocol import EmbeddingInput
 from teacher_gateway.teachers.base import Teacher
 
 logger = logging.getLogger(__name__)
-
-# prepare_tile scales the shorter side to 224 px, so a 1 x 10,000 px strip would grow to 224 x 2,240,000 px.
-# Tiles are square or close to it, and this bound keeps the resized image under 224 x 896 px.
-MAX_ASPECT_RATIO = 4.0
 
 
 @dataclass(frozen=True)
@@ -49,13 +45,13 @@ class EmbeddingService:
     def embed(self, inputs: Sequence[EmbeddingInput]) -> tuple[np.ndarray, dict[str, int]]:
         """Decode the protocol inputs and embed them; see :meth:`embed_tiles`.
 
-        Raises :class:`ImageError` naming the index of the first input that cannot be decoded.
+        Raises :class:`ImageError` naming the index of the first input that cannot be decoded or prepared.
         """
         tiles = []
         for index, item in enumerate(inputs):
-            decoded = decode_base64_image(item.image, name=f"input[{index}].image")
+            name = f"input[{index}].image"
             # Prepared at once, so a request of large images never keeps more than one of them in memory.
-            tile = self._prepare(index, decoded)
+            tile = prepare_tile(decode_base64_image(item.image, name=name), name=name)
             tiles.append(TileInput(tile=tile, slide_id=item.slide_id, coords=item.coords, mpp=item.mpp))
         return self.embed_tiles(tiles)
 
@@ -68,7 +64,7 @@ class EmbeddingService:
         nothing is cached then.
         """
         identity = self.teacher.identity
-        prepared = [self._prepare(index, item.tile) for index, item in enumerate(inputs)]
+        prepared = [prepare_tile(item.tile, name=f"input[{index}]") for index, item in enumerate(inputs)]
         keys = [EmbeddingCache.tile_key(tile, identity) for tile in prepared]
         found = self.cache.get_many(keys)
 
@@ -112,23 +108,6 @@ class EmbeddingService:
             "tiles_sent_to_teacher": len(first_index_of_miss),
         }
         return result, usage
-
-    @staticmethod
-    def _prepare(index: int, tile: np.ndarray) -> np.ndarray:
-        """Run prepare_tile on input ``index``, rejecting strips whose resized copy would be huge."""
-        if tile.ndim >= 2 and min(tile.shape[:2]) > 0:
-            ratio = max(tile.shape[:2]) / min(tile.shape[:2])
-            if ratio > MAX_ASPECT_RATIO:
-                raise ImageError(
-                    f"input[{index}]: tile of {tile.shape[1]} x {tile.shape[0]} px has aspect ratio {ratio:.1f}, "
-                    f"the maximum is {MAX_ASPECT_RATIO:g}. Send square tiles, such as 224 x 224 px at 0.5 µm/px.",
-                    limit=MAX_ASPECT_RATIO,
-                    value=round(ratio, 3),
-                )
-        try:
-            return prepare_tile(tile)
-        except ImageError as error:
-            raise ImageError(f"input[{index}]: {error.message}", limit=error.limit, value=error.value) from error
 
     def _call_teacher(self, tiles: np.ndarray, request_tiles: int, cache_hits: int) -> np.ndarray:
         """Embed ``tiles`` with the teacher and check its output: (N, dim), finite, returned as float32."""

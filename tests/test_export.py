@@ -169,3 +169,38 @@ def test_failed_export_keeps_previous_shards(cache, tmp_path, lung_tiles):
     after = {path.name: path.read_bytes() for path in out_dir.glob("shard-*.h5")}
     assert after == before
     assert [path.name for path in out_dir.iterdir() if path.name.startswith(".export-")] == []
+
+
+def test_nul_slide_id_row_names_key(cache, tmp_path, lung_tiles):
+    # A gateway that validates slide_id rejects NUL, but a cache filled by an earlier one can contain it.
+    entries = _entries(lung_tiles[:3])
+    entries[1].slide_id = "a\x00b"
+    cache.put_many(entries)
+    out_dir = tmp_path / "shards"
+
+    with pytest.raises(CacheError) as error:
+        export_shards(cache, TEACHER, LICENCE, out_dir)
+
+    assert f"cache row {entries[1].key} has slide_id 'a\\x00b'" in error.value.message
+    assert "NUL character" in error.value.message
+    assert f"DELETE FROM embeddings WHERE key = '{entries[1].key}'" in error.value.message
+    assert error.value.value == entries[1].key
+    assert list(out_dir.iterdir()) == [out_dir / ".export.lock"]
+
+
+def test_unstorable_teacher_name_names_rows(tmp_path, lung_tiles):
+    teacher = "nul\x00teacher/1"
+    entries = [
+        CacheEntry(key=EmbeddingCache.tile_key(tile, teacher), teacher=teacher, embedding=np.ones(DIM, dtype=np.float32), tile_png=encode_png(tile))
+        for tile in lung_tiles[:2]
+    ]
+    with EmbeddingCache(tmp_path / "cache") as cache:
+        cache.put_many(entries)
+
+        with pytest.raises(CacheError) as error:
+            export_shards(cache, teacher, LICENCE, tmp_path / "shards")
+
+    assert f"keys {entries[0].key} to {entries[1].key}" in error.value.message
+    assert "ValueError" in error.value.message
+    assert "shard-00000.h5" in error.value.message
+    assert not list((tmp_path / "shards").glob("shard-*.h5"))

@@ -9,17 +9,22 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+import h5py
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
 from servers import run_app
+from shared import protocol
 from shared.cache import CacheEntry, EmbeddingCache
 from shared.errors import TeacherError
 from shared.imaging import decode_image, encode_base64_png, encode_png, prepare_tile
+from shared.shards import list_shards
+from shared.slides import reader
 from teacher_gateway.app import create_app
 from teacher_gateway.client import GatewayClient
+from teacher_gateway.export import export_shards
 from teacher_gateway.settings import GatewaySettings
 from teacher_gateway.teachers.reference import ReferenceTeacher
 
@@ -264,6 +269,76 @@ def test_strip_image_is_rejected(http, teacher, lung_tiles):
     assert teacher.calls == 0
 
 
+# Each case is a JSON fragment added to the second input, the message part expected, and the expected
+# error value. Raw JSON, because NUL, lone surrogates and Infinity cannot all be sent through httpx's json=.
+INVALID_PROVENANCE = {
+    "nul-slide-id": ('"slide_id": "a\\u0000b"', "input[1].slide_id: slide_id contains the control character U+0000 at position 1", "a\x00b"),
+    "surrogate-slide-id": ('"slide_id": "\\ud800"', "input[1].slide_id: slide_id contains the lone surrogate U+D800", "\\ud800"),
+    "long-slide-id": ('"slide_id": "' + "s" * 129 + '"', "input[1].slide_id: slide_id has 129 characters, more than the maximum of 128", "s" * 100 + "..."),
+    "empty-slide-id": ('"slide_id": ""', "input[1].slide_id: slide_id is empty", ""),
+    "huge-coords": ('"coords": [1000000000000000000000000000000, 1]', "input[1].coords: coords x is 1000000000000000000000000000000", "[1000000000000000000000000000000, 1]"),
+    "int64-overflow-coords": ('"coords": [9223372036854775808, 1]', "input[1].coords: coords x is 9223372036854775808", "[9223372036854775808, 1]"),
+    "negative-coords": ('"coords": [0, -5]', "input[1].coords: coords y is -5, expected a level-0 pixel coordinate", "[0, -5]"),
+    "infinite-mpp": ('"mpp": Infinity', "input[1].mpp: mpp is inf, expected a finite resolution from 0.05 to 20.0", "inf"),
+    "inf-text-mpp": ('"mpp": "inf"', "input[1].mpp: mpp is inf", "inf"),
+    "nan-mpp": ('"mpp": NaN', "input[1].mpp: mpp is nan", "nan"),
+    "huge-mpp": ('"mpp": 1e300', "input[1].mpp: mpp is 1e+300", 1e300),
+    "tiny-mpp": ('"mpp": 0.01', "input[1].mpp: mpp is 0.01", 0.01),
+}
+
+
+@pytest.mark.parametrize("fragment, message, value", INVALID_PROVENANCE.values(), ids=INVALID_PROVENANCE.keys())
+def test_invalid_provenance_is_422_before_teacher(http, teacher, lung_jpegs, fragment, message, value):
+    image = base64.b64encode(lung_jpegs[0]).decode("ascii")
+    body = f'{{"input": [{{"image": "{image}"}}, {{"image": "{image}", {fragment}}}]}}'
+
+    response = http.post("/v1/embeddings", content=body.encode("ascii"), headers={"content-type": "application/json"})
+
+    assert response.status_code == 422, response.text
+    error = _error(response)
+    assert error["code"] == "invalid_request"
+    assert message in error["message"]
+    assert error["value"] == value
+    assert teacher.calls == 0
+    assert http.get("/v1/cache/stats").json()["total"] == 0
+
+
+def test_invalid_model_name_is_422(http, teacher, lung_jpegs):
+    image = base64.b64encode(lung_jpegs[0]).decode("ascii")
+    body = f'{{"model": "\\udfff", "input": [{{"image": "{image}"}}]}}'
+
+    response = http.post("/v1/embeddings", content=body.encode("ascii"), headers={"content-type": "application/json"})
+
+    assert response.status_code == 422, response.text
+    error = _error(response)
+    assert error["code"] == "invalid_request"
+    assert "model: model contains the lone surrogate U+DFFF" in error["message"]
+    assert teacher.calls == 0
+
+
+def test_edge_provenance_is_stored_and_exported(tmp_path, teacher, lung_jpegs):
+    longest_slide_id = "é" * protocol.MAX_SLIDE_ID_LENGTH
+    inputs = [
+        _image_input(lung_jpegs[0], slide_id=longest_slide_id, coords=[0, protocol.MAX_COORDINATE], mpp=protocol.MIN_TILE_MPP),
+        _image_input(lung_jpegs[1], slide_id="slide 7 (HE)", coords=[protocol.MAX_COORDINATE, 0], mpp=protocol.MAX_TILE_MPP),
+    ]
+    with _gateway(tmp_path, teacher) as http:
+        response = http.post("/v1/embeddings", json={"input": inputs})
+
+    assert response.status_code == 200, response.text
+    with EmbeddingCache(tmp_path / "cache") as cache:
+        shards = export_shards(cache, CountingTeacher.identity, CountingTeacher.licence, tmp_path / "shards")
+    assert [info.path for info in list_shards(tmp_path / "shards")] == shards
+    with h5py.File(shards[0], "r") as file:
+        assert list(file["slide_ids"].asstr()[:]) == [longest_slide_id, "slide 7 (HE)"]
+        assert file["coords"][:].tolist() == [[0, protocol.MAX_COORDINATE], [protocol.MAX_COORDINATE, 0]]
+        np.testing.assert_allclose(file["mpp"][:], [protocol.MIN_TILE_MPP, protocol.MAX_TILE_MPP], rtol=1e-6)
+
+
+def test_protocol_mpp_range_matches_slide_reader():
+    assert (protocol.MIN_TILE_MPP, protocol.MAX_TILE_MPP) == (reader.MIN_MPP, reader.MAX_MPP)
+
+
 def test_too_many_tiles_is_413(http, teacher, lung_jpegs):
     inputs = [_image_input(lung_jpegs[index % len(lung_jpegs)]) for index in range(MAX_TILES + 1)]
 
@@ -386,7 +461,9 @@ def test_service_routes(http, lung_jpegs):
 
     assert http.get("/healthz").json() == {"status": "ok"}
     assert http.get("/readyz").json() == {"status": "ready", "model": CountingTeacher.identity}
-    model = http.get("/v1/models").json()["data"][0]
+    models = http.get("/v1/models").json()
+    assert models["service"] == "teacher-gateway"
+    model = models["data"][0]
     assert (model["id"], model["dim"], model["licence"]) == (CountingTeacher.identity, 48, "CC0-1.0")
     assert http.get("/v1/cache/stats").json() == {"entries": {CountingTeacher.identity: 3}, "total": 3}
 

@@ -117,7 +117,44 @@ def test_validation_error_is_invalid_request(client):
     error = error_of(client.post("/items", json={"name": "a", "count": "many"}), 422, "invalid_request")
 
     assert error["message"].startswith("invalid request: count: ")
-    assert (error["limit"], error["value"]) == (None, None)
+    assert (error["limit"], error["value"]) == (None, "many")
+
+
+def test_validation_value_is_shortened(client):
+    error = error_of(client.post("/items", json={"name": "a", "count": "x" * 500}), 422, "invalid_request")
+
+    assert error["value"] == "x" * 100 + "..."
+
+
+def test_validation_value_infinity_is_text(client):
+    response = client.post("/items", content=b'{"name": "a", "count": Infinity}', headers={"content-type": "application/json"})
+
+    error = error_of(response, 422, "invalid_request")
+    assert error["value"] == "inf"
+    assert error["message"].startswith("invalid request: count: ")
+
+
+def test_validation_value_lone_surrogate_escaped(client):
+    # Python's json module decodes "\ud800" to a lone surrogate, which UTF-8 cannot encode.
+    response = client.post("/items", content=b'{"name": "a", "count": "\\ud800"}', headers={"content-type": "application/json"})
+
+    error = error_of(response, 422, "invalid_request")
+    assert error["value"] == "\\ud800"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_json_without_json_content_type(client, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+
+    response = client.post("/items", content=b'{"name": "a", "count": 1}', headers=headers)
+
+    error = error_of(response, 422, "invalid_request")
+    assert "Content-Type: application/json" in error["message"]
+    if content_type:
+        assert repr(content_type) in error["message"]
+    else:
+        assert "without a Content-Type header" in error["message"]
+    assert error["value"] is None
 
 
 def test_missing_field_names_field(client):

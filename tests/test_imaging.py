@@ -9,12 +9,25 @@ import pytest
 from PIL import Image
 
 from shared.errors import ImageError
-from shared.imaging import decode_base64_image, decode_image, encode_base64_png, encode_png, prepare_tile, to_model_input
+from shared.imaging import (
+    MAX_ASPECT_RATIO,
+    MIN_TILE_SIDE,
+    decode_base64_image,
+    decode_image,
+    encode_base64_png,
+    encode_png,
+    prepare_tile,
+    to_model_input,
+)
 
 
 def _png(image: Image.Image) -> bytes:
+    return _encode(image, "PNG")
+
+
+def _encode(image: Image.Image, image_format: str, **options) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format=image_format, **options)
     return buffer.getvalue()
 
 
@@ -39,6 +52,86 @@ def test_non_rgb_image_names_mode(mode):
 def test_bytes_not_an_image():
     with pytest.raises(ImageError, match="cannot decode 11 bytes"):
         decode_image(b"not a tile!")
+
+
+def test_not_an_image_message_hides_object_repr():
+    with pytest.raises(ImageError) as error:
+        decode_image(b"not a tile!", name="input[2].image")
+
+    assert error.value.message.startswith("input[2].image: cannot decode 11 bytes")
+    assert "BytesIO" not in error.value.message
+    assert " at 0x" not in error.value.message
+
+
+@pytest.mark.parametrize("image_format", ["TIFF", "WEBP", "BMP", "GIF"])
+def test_other_formats_rejected_naming_format(image_format):
+    data = _encode(Image.new("RGB", (224, 224), (200, 120, 160)), image_format)
+
+    with pytest.raises(ImageError) as error:
+        decode_image(data, name="input[0].image")
+
+    assert f"image format is {image_format!r}, expected PNG or JPEG" in error.value.message
+    assert error.value.message.startswith("input[0].image: ")
+    assert error.value.value == image_format
+    assert error.value.limit == ["PNG", "JPEG"]
+
+
+def test_jpeg_and_mpo_accepted():
+    colour = (200, 120, 160)
+    jpeg = _encode(Image.new("RGB", (64, 64), colour), "JPEG", quality=100)
+    # Pillow writes MPO, a JPEG with a multi-picture segment, only for more than one frame.
+    mpo = _encode(Image.new("RGB", (64, 64), colour), "MPO", save_all=True, append_images=[Image.new("RGB", (64, 64))])
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+
+    for data in (jpeg, mpo):
+        tile = decode_image(data)
+        assert tile.shape == (64, 64, 3)
+        assert np.abs(tile.astype(int) - colour).max() <= 2
+
+
+@pytest.mark.parametrize("size", [(10_000, 1), (1, 10_000), (900, 224), (129, 32)])
+def test_strip_rejected_by_decode_and_prepare(size):
+    width, height = size
+    data = _png(Image.new("RGB", size))
+    array = np.zeros((height, width, 3), dtype=np.uint8)
+
+    with pytest.raises(ImageError) as decoded:
+        decode_image(data, name="input[0].image")
+    with pytest.raises(ImageError) as prepared:
+        prepare_tile(array, name="input[0].image")
+
+    assert decoded.value.message == prepared.value.message
+    assert f"input[0].image is {width} x {height} px with aspect ratio" in decoded.value.message
+    assert f"the maximum is {MAX_ASPECT_RATIO:g}" in decoded.value.message
+    assert decoded.value.limit == MAX_ASPECT_RATIO
+    assert decoded.value.value == round(max(size) / min(size), 3)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (31, 31), (40, 31)])
+def test_tiny_tile_rejected_by_decode_and_prepare(size):
+    width, height = size
+    data = _png(Image.new("RGB", size))
+    array = np.zeros((height, width, 3), dtype=np.uint8)
+
+    with pytest.raises(ImageError) as decoded:
+        decode_image(data, name="input[0].image")
+    with pytest.raises(ImageError) as prepared:
+        prepare_tile(array, name="input[0].image")
+
+    assert decoded.value.message == prepared.value.message
+    assert f"input[0].image is {width} x {height} px" in decoded.value.message
+    assert f"minimum of {MIN_TILE_SIDE} px" in decoded.value.message
+    assert decoded.value.limit == MIN_TILE_SIDE
+    assert decoded.value.value == min(size)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (128, 32), (32, 128)])
+def test_tile_size_limits_are_inclusive(size):
+    width, height = size
+    tile = decode_image(_png(Image.new("RGB", size)))
+
+    assert tile.shape == (height, width, 3)
+    assert prepare_tile(tile).shape == (224, 224, 3)
 
 
 def test_invalid_base64():

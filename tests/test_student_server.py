@@ -22,6 +22,7 @@ from PIL import Image
 from servers import run_app
 from shared.checkpoint import load_student, save_student
 from shared.errors import ConfigError, ImageError
+from shared.imaging import MAX_ASPECT_RATIO, MIN_TILE_SIDE
 from shared.imaging import decode_image, encode_base64_png
 from shared.models.inference import embed_tiles
 from shared.models.student import UNITE_STUDENT_KWARGS, build_unite_student
@@ -29,6 +30,7 @@ from shared.slides.reader import open_slide
 from shared.slides.tiling import iter_tiles, tile_slide
 from student_server.app import SLIDE_EMBED_PATH, create_app
 from student_server.settings import StudentSettings, get_settings
+from unite_cli.pipeline import teach_slides
 
 MAX_TILES = 8
 SLIDE_TIMEOUT_S = 300
@@ -204,6 +206,51 @@ def test_embeddings_non_rgb_image_422(client, shared_data, mode):
     assert error["value"] == mode
 
 
+@pytest.mark.parametrize("size", [(10_000, 1), (2_000, 20)])
+def test_embeddings_strip_image_422(client, size):
+    # Resized to 224 px on its shorter side, a 10,000 x 1 strip would take 1.5 GB.
+    strip = png_base64(Image.new("RGB", size))
+
+    response = client.post("/v1/embeddings", json={"input": [{"image": strip}]})
+
+    error = assert_error_shape(response, 422, "invalid_image")
+    assert f"input[0].image is {size[0]} x {size[1]} px with aspect ratio" in error["message"]
+    assert error["limit"] == MAX_ASPECT_RATIO
+    assert error["value"] == max(size) / min(size)
+
+
+def test_embeddings_tiny_tile_422(client):
+    response = client.post("/v1/embeddings", json={"input": [{"image": png_base64(Image.new("RGB", (1, 1)))}]})
+
+    error = assert_error_shape(response, 422, "invalid_image")
+    assert f"input[0].image is 1 x 1 px, so its shorter side of 1 px is under the minimum of {MIN_TILE_SIDE} px" in error["message"]
+    assert error["limit"] == MIN_TILE_SIDE
+    assert error["value"] == 1
+
+
+@pytest.mark.parametrize("image_format", ["TIFF", "WEBP"])
+def test_embeddings_other_format_422(client, image_format):
+    buffer = io.BytesIO()
+    Image.new("RGB", (224, 224), (200, 120, 160)).save(buffer, format=image_format)
+    image = base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    response = client.post("/v1/embeddings", json={"input": [{"image": image}]})
+
+    error = assert_error_shape(response, 422, "invalid_image")
+    assert f"input[0].image: image format is {image_format!r}, expected PNG or JPEG" in error["message"]
+    assert error["value"] == image_format
+
+
+def test_embeddings_nul_slide_id_422(client):
+    tile = encode_base64_png(np.zeros((224, 224, 3), dtype=np.uint8))
+
+    response = client.post("/v1/embeddings", json={"input": [{"image": tile, "slide_id": "a\x00b"}]})
+
+    error = assert_error_shape(response, 422, "invalid_request")
+    assert "input[0].slide_id: slide_id contains the control character U+0000" in error["message"]
+    assert error["value"] == "a\x00b"
+
+
 def test_embeddings_invalid_base64_422(client):
     response = client.post("/v1/embeddings", json={"input": [{"image": "not base64!"}]})
 
@@ -272,7 +319,9 @@ def test_unknown_route_404_json(client):
 
 
 def test_models_lists_student(client, checkpoint):
-    models = client.get("/v1/models").json()["data"]
+    listing = client.get("/v1/models").json()
+    assert listing["service"] == "student-server"
+    models = listing["data"]
 
     assert len(models) == 1
     assert models[0]["dim"] == 384
@@ -289,11 +338,11 @@ def test_readyz_ready_with_checkpoint(client):
     assert response.json()["status"] == "ready"
 
 
-def test_readyz_503_without_checkpoint(tmp_path):
+def test_readyz_503_without_checkpoint(tmp_path, caplog):
     missing = tmp_path / "no-student-here"
     app = create_app(StudentSettings(checkpoint_dir=missing, upload_dir=tmp_path / "uploads", reload_interval_s=0))
 
-    with run_app(app) as base_url, httpx.Client(base_url=base_url) as client:
+    with caplog.at_level(logging.WARNING, logger="student_server"), run_app(app) as base_url, httpx.Client(base_url=base_url) as client:
         health = client.get("/healthz")
         ready = client.get("/readyz")
         embeddings = client.post("/v1/embeddings", json={"input": [{"image": encode_base64_png(np.zeros((224, 224, 3), np.uint8))}]})
@@ -301,13 +350,61 @@ def test_readyz_503_without_checkpoint(tmp_path):
 
         assert health.status_code == 200
         error = assert_error_shape(ready, 503, "not_ready")
-        assert f"no student checkpoint at {missing}" in error["message"]
+        assert error["message"].startswith("the student server is not ready: no student checkpoint is loaded: ")
+        assert "no model.safetensors" in error["message"]
         assert "unite distill" in error["message"]
+        assert "UNITE_STUDENT_CHECKPOINT_DIR" in error["message"]
+        assert str(tmp_path) not in ready.text
+        assert f"no student checkpoint at {missing}" in caplog.text
         assert_error_shape(embeddings, 503, "not_ready")
+        assert str(tmp_path) not in embeddings.text
         assert models["data"] == []
 
         save_test_student(missing)
         assert client.get("/readyz").status_code == 200
+
+
+def test_readyz_503_damaged_checkpoint_hides_path(checkpoint, tmp_path, caplog):
+    damaged = tmp_path / "damaged-student"
+    damaged.mkdir()
+    (damaged / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes())
+    (damaged / "config.json").write_text("{not json", encoding="utf-8")
+    app = create_app(StudentSettings(checkpoint_dir=damaged, upload_dir=tmp_path / "uploads"))
+
+    with caplog.at_level(logging.WARNING, logger="student_server"), run_app(app) as base_url, httpx.Client(base_url=base_url) as client:
+        ready = client.get("/readyz")
+
+    error = assert_error_shape(ready, 503, "not_ready")
+    assert "cannot be loaded" in error["message"]
+    assert "UNITE_STUDENT_CHECKPOINT_DIR" in error["message"]
+    assert "unite distill" in error["message"]
+    assert error["message"].endswith("`unite distill`.")
+    assert ".." not in error["message"]
+    assert str(tmp_path) not in ready.text
+    assert "config.json" not in ready.text
+    assert str(damaged / "config.json") in caplog.text
+
+
+# unite teach against the student server
+
+
+def test_teach_rejects_student_server(server, shared_data, tmp_path):
+    client, _ = server
+    base_url = str(client.base_url).rstrip("/")
+
+    with pytest.raises(ConfigError) as error:
+        teach_slides(
+            [shared_data / "slides" / "CMU-1-Small-Region.svs"],
+            gateway_url=base_url,
+            cache_dir=tmp_path / "cache",
+            shard_dir=tmp_path / "shards",
+        )
+
+    assert f"--gateway {base_url} is not a UNITE teacher gateway" in error.value.message
+    assert "names the service 'student-server', expected 'teacher-gateway'" in error.value.message
+    assert "unite serve-gateway" in error.value.message
+    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "shards").exists()
 
 
 # POST /v1/slides/embed

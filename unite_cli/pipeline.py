@@ -10,6 +10,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from shared.cache import EmbeddingCache
+from shared.errors import ConfigError
+from shared.protocol import GATEWAY_SERVICE
 from shared.slides.reader import open_slide
 from shared.slides.tiling import TiledSlide, iter_tiles, tile_slide, write_patch_file
 from teacher_gateway.client import GatewayClient
@@ -50,6 +52,25 @@ class TeachResult:
         )
 
 
+def check_is_gateway(client: GatewayClient) -> None:
+    """Raise :class:`ConfigError` unless ``GET /v1/models`` at ``client.base_url`` names the teacher-gateway service.
+
+    The student server speaks the same embeddings protocol, so without this check ``unite teach`` would
+    send every tile to it and fail only at the export, because the student fills no cache.
+    """
+    service = client.service()
+    if service == GATEWAY_SERVICE:
+        return
+    found = f"names the service {service!r}" if service is not None else "names no service"
+    raise ConfigError(
+        f"--gateway {client.base_url} is not a UNITE teacher gateway: its GET /v1/models response {found}, "
+        f"expected {GATEWAY_SERVICE!r}. Point --gateway at the URL of `unite serve-gateway` "
+        "(by default http://127.0.0.1:8100), not at the student server.",
+        limit=GATEWAY_SERVICE,
+        value=service,
+    )
+
+
 def teach_slides(
     slides: list[Path],
     *,
@@ -66,10 +87,12 @@ def teach_slides(
     Tiles travel with their pseudonymous slide id, level-0 coordinates and resolution, never the file
     name, so the cache and the shards can be split by slide. The shards are exported from the
     gateway's cache folder, which this process opens read-mostly beside the running gateway.
+    Raises :class:`ConfigError` before any slide is tiled when ``gateway_url`` is not a teacher gateway.
     """
     started = time.perf_counter()
     result = TeachResult()
     with GatewayClient(gateway_url) as client:
+        check_is_gateway(client)
         model = client.model_info()
         result.teacher = model["identity"]
 
