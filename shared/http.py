@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.errors import InvalidRequestError, NotReadyError, RequestTooLargeError, UniteError
+from shared.errors import InvalidRequestError, ModelNotFoundError, NotReadyError, RequestTooLargeError, UniteError
 
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -72,6 +72,30 @@ def install_error_handling(
         logger=logger,
         streamed_paths=streamed_paths,
     )
+
+
+def check_embedding_request(
+    *, model: str | None, tile_count: int, served_names: list[str], max_tiles: int, max_tiles_setting: str, service: str
+) -> None:
+    """Check an embeddings request's ``model`` against the served names and its tile count against the limit.
+
+    Raises :class:`ModelNotFoundError` (404) or :class:`RequestTooLargeError` (413) naming the value and
+    the limit, so both services reject the same requests with the same errors.
+    """
+    if model is not None and model not in served_names:
+        raise ModelNotFoundError(
+            f"model {model!r} is not served here; this {service} serves {served_names}. "
+            "Omit 'model' or use one of these names.",
+            limit=served_names,
+            value=model,
+        )
+    if tile_count > max_tiles:
+        raise RequestTooLargeError(
+            f"request has {tile_count} tiles, the limit is {max_tiles} per request (setting {max_tiles_setting}). "
+            "Split the tiles into smaller batches.",
+            limit=max_tiles,
+            value=tile_count,
+        )
 
 
 def request_id_of(request: Request) -> str:

@@ -31,8 +31,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from shared.checkpoint import LoadedStudent
-from shared.errors import ModelNotFoundError, NotReadyError, RequestTooLargeError
-from shared.http import install_error_handling
+from shared.errors import NotReadyError
+from shared.http import check_embedding_request, install_error_handling
 from shared.imaging import decode_base64_image, prepare_tile
 from shared.protocol import STUDENT_SERVICE, EmbeddingRequest, EmbeddingResponse, ErrorResponse
 from student_server.model import StudentModel
@@ -125,20 +125,14 @@ def _add_routes(app: FastAPI) -> None:
     def create_embeddings(body: EmbeddingRequest, student: StudentDep, model: ModelDep, settings: SettingsDep) -> JSONResponse:
         """Embed base64 PNG or JPEG RGB tiles with the student, resizing and centre-cropping tiles that are not 224 x 224."""
         served_names = [student.name, student.config["architecture"]]
-        if body.model is not None and body.model not in served_names:
-            raise ModelNotFoundError(
-                f"model {body.model!r} is not served here. This server serves {served_names}. "
-                "Omit 'model' or use one of these names.",
-                limit=served_names,
-                value=body.model,
-            )
-        if len(body.input) > settings.max_tiles_per_request:
-            raise RequestTooLargeError(
-                f"request has {len(body.input)} tiles, the limit is {settings.max_tiles_per_request} per request "
-                "(setting UNITE_STUDENT_MAX_TILES_PER_REQUEST). Split the tiles into smaller batches.",
-                limit=settings.max_tiles_per_request,
-                value=len(body.input),
-            )
+        check_embedding_request(
+            model=body.model,
+            tile_count=len(body.input),
+            served_names=served_names,
+            max_tiles=settings.max_tiles_per_request,
+            max_tiles_setting="UNITE_STUDENT_MAX_TILES_PER_REQUEST",
+            service="student server",
+        )
 
         prepared = []
         for index, item in enumerate(body.input):

@@ -18,8 +18,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from shared.cache import EmbeddingCache
-from shared.errors import ModelNotFoundError, NotReadyError, RequestTooLargeError, TeacherError
-from shared.http import install_error_handling
+from shared.errors import NotReadyError, TeacherError
+from shared.http import check_embedding_request, install_error_handling
 from shared.protocol import GATEWAY_SERVICE, EmbeddingRequest, EmbeddingResponse, ErrorResponse
 from teacher_gateway.service import EmbeddingService
 from teacher_gateway.settings import GatewaySettings, get_settings
@@ -100,20 +100,14 @@ def _add_routes(app: FastAPI) -> None:
     def create_embeddings(body: EmbeddingRequest, request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
         """Embed base64 PNG or JPEG tiles, taking cached embeddings first and sending only misses to the teacher."""
         model_names = request.app.state.model_names
-        if body.model is not None and body.model not in model_names:
-            raise ModelNotFoundError(
-                f"model {body.model!r} is not served here; this gateway serves {model_names}. "
-                "Omit 'model' or use one of these names.",
-                limit=model_names,
-                value=body.model,
-            )
-        if len(body.input) > settings.max_tiles_per_request:
-            raise RequestTooLargeError(
-                f"request has {len(body.input)} tiles, the limit is {settings.max_tiles_per_request} per request. "
-                "Split the tiles into smaller batches.",
-                limit=settings.max_tiles_per_request,
-                value=len(body.input),
-            )
+        check_embedding_request(
+            model=body.model,
+            tile_count=len(body.input),
+            served_names=model_names,
+            max_tiles=settings.max_tiles_per_request,
+            max_tiles_setting="UNITE_GATEWAY_MAX_TILES_PER_REQUEST",
+            service="gateway",
+        )
 
         embeddings, usage = service.embed(body.input)
         # Built by hand rather than through the pydantic model: validating 256 x 1536 floats again
