@@ -6,14 +6,18 @@ resume, and exports the student with :func:`shared.checkpoint.save_student`. Out
 
     out_dir/
         logs/version_N/metrics.csv   per-step train loss, per-epoch validation loss, learning rate
-        lightning/last.ckpt          full training state (student, projector, optimiser, schedule)
+        lightning/last.ckpt          full training state (student, projector, optimiser, schedule),
+                                     replaced at every epoch end, so it is the newest state any run saved
         student/                     the exported checkpoint: model.safetensors, config.json, README.md
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,9 @@ from typing import Any
 import lightning
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import AcceleratorRegistry
+from lightning.pytorch.callbacks import Callback, Checkpoint, LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
@@ -38,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 STUDENT_SUBDIR = "student"
 LIGHTNING_SUBDIR = "lightning"
+LAST_CHECKPOINT = "last.ckpt"
 LOGS_SUBDIR = "logs"
 GRADIENT_CLIP_NORM = 1.0
 PRECISIONS = ("bf16-mixed", "16-mixed", "32-true", "bf16-true")
@@ -51,6 +58,7 @@ class DistillConfig:
     Lightning checkpoint to continue from, or "last" for ``out_dir/lightning/last.ckpt``. The split is
     recomputed from the same shards and seed, so it matches the interrupted run's.
     ``checkpoint_every_n_steps`` also saves ``last.ckpt`` within epochs (None: at each epoch's end only).
+    ``accelerator`` is a Lightning accelerator name: "auto", "cpu", "gpu" or another registered one.
 
     NOTE: the learning-rate schedule is rebuilt from the resumed run's ``epochs`` and ``max_steps``, so
     resuming with a longer plan than the first run continues on the longer cosine, not the original one.
@@ -95,6 +103,13 @@ class DistillConfig:
                 value=self.precision,
                 limit=list(PRECISIONS),
             )
+        accelerators = ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
+        if self.accelerator not in accelerators:
+            raise ConfigError(
+                f"distill: accelerator is {self.accelerator!r}, expected one of {accelerators}. Use --accelerator cpu or auto.",
+                value=self.accelerator,
+                limit=accelerators,
+            )
         # warmup_fraction and val_fraction are checked where they are used, by DistillModule and split_by_slide.
 
 
@@ -133,12 +148,86 @@ class LossHistory(Callback):
             self.val.append(float(value))
 
 
+class LastCheckpoint(Checkpoint):
+    """Writes the full training state to ``last.ckpt`` at every epoch end and every ``every_n_steps`` optimiser steps.
+
+    Lightning 2.6's ``ModelCheckpoint(save_top_k=0, save_last=True)`` writes ``last.ckpt`` only when training
+    ends, and a second run into the same folder writes ``last-v1.ckpt`` beside the older ``last.ckpt``. This
+    callback always replaces ``last.ckpt``, so ``resume_from="last"`` takes the newest state. Each save
+    goes to ``.last.ckpt.partial`` in the same folder first, which ``os.replace`` then moves over
+    ``last.ckpt``, so a kill during a save leaves the previous checkpoint whole.
+    """
+
+    def __init__(self, folder: Path, every_n_steps: int | None = None) -> None:
+        self.path = Path(folder) / LAST_CHECKPOINT
+        self.every_n_steps = every_n_steps
+        self._saved_step: int | None = None
+
+    def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.every_n_steps is None or trainer.global_step % self.every_n_steps != 0:
+            return
+        # The epoch-end save follows the last batch and also records the finished validation.
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        # Lightning 2.6 also calls on_train_epoch_end when max_steps stops a run mid-epoch, so this saves
+        # only where a Lightning version skips that call.
+        if self._saved_step != trainer.global_step:
+            self._save(trainer)
+
+    def _save(self, trainer: lightning.Trainer) -> None:
+        if trainer.sanity_checking:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        trainer.save_checkpoint(partial, weights_only=False)
+        with open(partial, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(partial, self.path)
+        self._saved_step = trainer.global_step
+        logger.debug("saved %s at epoch %d, global step %d", self.path, trainer.current_epoch, trainer.global_step)
+
+
+class StderrProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar, drawn on stderr beside the logs, so stdout carries only a command's result.
+
+    Lightning 2.6 creates each bar with ``file=sys.stdout``, read when the bar is created, so creating it
+    under ``redirect_stdout(sys.stderr)`` sends it to stderr.
+    """
+
+    def init_sanity_tqdm(self):
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_sanity_tqdm()
+
+    def init_train_tqdm(self):
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_train_tqdm()
+
+    def init_validation_tqdm(self):
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_validation_tqdm()
+
+    def init_predict_tqdm(self):
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_predict_tqdm()
+
+    def init_test_tqdm(self):
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_test_tqdm()
+
+
 def distill(config: DistillConfig, *, progress: bool = True, command: str | None = None) -> DistillResult:
     """Train the UNITE student on the shards in ``config.shard_dir`` and export it to ``out_dir/student``.
 
-    ``progress`` shows Lightning's progress bar. ``command`` is the command line that started the run,
-    recorded in the model card.
+    ``progress`` shows Lightning's progress bar on stderr. ``command`` is the command line that started
+    the run, recorded in the model card.
     """
+    _check_accelerator_available(config.accelerator)
     resume = _resolve_resume(config)
     lightning.seed_everything(config.seed, workers=True, verbose=False)
     shards = list_shards(config.shard_dir)
@@ -323,37 +412,53 @@ def _validation_loader(shards: list[ShardInfo], split: Split, batch_size: int, c
 
 
 def _trainer(config: DistillConfig, history: LossHistory, *, progress: bool) -> lightning.Trainer:
-    checkpoint = ModelCheckpoint(
-        dirpath=config.out_dir / LIGHTNING_SUBDIR,
-        save_top_k=0,
-        save_last=True,
-        every_n_train_steps=config.checkpoint_every_n_steps,
-    )
-    return lightning.Trainer(
-        accelerator=config.accelerator,
-        devices=1,
-        precision=config.precision,
-        max_epochs=config.epochs,
-        max_steps=config.max_steps if config.max_steps is not None else -1,
-        gradient_clip_val=GRADIENT_CLIP_NORM,
-        logger=CSVLogger(config.out_dir, name=LOGS_SUBDIR),
-        callbacks=[history, checkpoint, LearningRateMonitor(logging_interval="step")],
-        enable_checkpointing=True,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        num_sanity_val_steps=0,
-    )
+    checkpoint = LastCheckpoint(config.out_dir / LIGHTNING_SUBDIR, every_n_steps=config.checkpoint_every_n_steps)
+    callbacks: list[Callback] = [history, checkpoint, LearningRateMonitor(logging_interval="step")]
+    if progress:
+        callbacks.append(StderrProgressBar())
+    try:
+        return lightning.Trainer(
+            accelerator=config.accelerator,
+            devices=1,
+            precision=config.precision,
+            max_epochs=config.epochs,
+            max_steps=config.max_steps if config.max_steps is not None else -1,
+            gradient_clip_val=GRADIENT_CLIP_NORM,
+            logger=CSVLogger(config.out_dir, name=LOGS_SUBDIR),
+            callbacks=callbacks,
+            enable_checkpointing=True,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            log_every_n_steps=1,
+            num_sanity_val_steps=0,
+        )
+    except MisconfigurationException as error:
+        raise ConfigError(
+            f"distill: Lightning cannot run accelerator {config.accelerator!r} with precision {config.precision!r}: {error} "
+            "Use --accelerator cpu or auto, or a precision that the accelerator supports.",
+            value={"accelerator": config.accelerator, "precision": config.precision},
+        ) from error
+
+
+def _check_accelerator_available(accelerator: str) -> None:
+    # Checked before any shard is read; Lightning would only fail when the Trainer is built.
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"distill: accelerator is {accelerator!r}, but no GPU is visible to torch (torch.cuda.is_available() is False). "
+            "Use --accelerator cpu or auto, or run on a machine with a CUDA GPU.",
+            value=accelerator,
+        )
 
 
 def _resolve_resume(config: DistillConfig) -> str | None:
     if config.resume_from is None:
         return None
-    path = config.out_dir / LIGHTNING_SUBDIR / "last.ckpt" if str(config.resume_from) == "last" else Path(config.resume_from)
+    last = config.out_dir / LIGHTNING_SUBDIR / LAST_CHECKPOINT
+    path = last if str(config.resume_from) == "last" else Path(config.resume_from)
     if not path.is_file():
         raise ConfigError(
             f"distill: checkpoint to resume from {path} not found. "
-            f"Pass a .ckpt file, or 'last' after a run that wrote {config.out_dir / LIGHTNING_SUBDIR / 'last.ckpt'}.",
+            f"Pass a .ckpt file, or 'last' after a run that wrote {last}.",
             value=str(path),
         )
     logger.info("resuming from %s", path)

@@ -95,10 +95,12 @@ def save_student(
 ) -> Path:
     """Export ``model`` into ``folder`` as weights, config and model card, replacing an older export.
 
-    The three files are written into a temporary sibling folder first. An existing ``folder`` is then
-    renamed aside, the new folder renamed into place, and the old one deleted, so a reader never sees a
-    half-written export. A crash between the two renames leaves the old export under a
-    ``.<name>.old-*`` sibling. Returns the folder.
+    The three files are written into a temporary sibling folder ``.<name>.partial-<8 hex digits>`` first.
+    An existing ``folder`` is then renamed aside, the new folder renamed into place, and the old one
+    deleted, so a reader never sees a half-written export. A crash between the two renames leaves the
+    old export under a ``.<name>.old-*`` sibling. Temporary folders that a killed export left behind are
+    deleted at the start of the next export to the same folder, so two exports to one folder must not
+    run at the same time. Returns the folder.
     """
     if architecture not in STUDENT_ARCHITECTURES:
         raise ModelError(
@@ -110,6 +112,7 @@ def save_student(
         )
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(folder)
     staging = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
@@ -227,6 +230,20 @@ def _write_export(
         raise ModelError(f"cannot write {CHECKPOINT_CONFIG}: a value is not JSON-serialisable ({error}).") from error
     (target / CHECKPOINT_CONFIG).write_text(text + "\n", encoding="utf-8")
     (target / CHECKPOINT_CARD).write_text(_model_card(json.loads(text)), encoding="utf-8")
+
+
+def _remove_stale_staging(folder: Path) -> None:
+    # Only siblings named exactly like save_student's temporary folders, ".<name>.partial-<8 hex digits>".
+    pattern = re.compile(rf"\.{re.escape(folder.name)}\.partial-[0-9a-f]{{8}}")
+    for path in folder.parent.iterdir():
+        if not pattern.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            shutil.rmtree(path)
+        except OSError as error:
+            logger.warning("cannot remove %s, left by an interrupted export of %s: %s", path, folder, error)
+            continue
+        logger.info("removed %s, left by an interrupted export of %s", path, folder)
 
 
 def _replace_folder(staging: Path, folder: Path) -> None:

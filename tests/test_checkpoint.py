@@ -154,6 +154,32 @@ def test_save_replaces_older_export(student, exported, tmp_path):
     assert sorted(path.name for path in folder.iterdir()) == sorted([CHECKPOINT_CARD, CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS])
 
 
+def test_save_removes_partial_folders_of_killed_export(student, tmp_path):
+    # A kill -9 during an export leaves its temporary folder, with whatever it had written, beside the target.
+    stale = tmp_path / ".student.partial-0123abcd"
+    stale.mkdir()
+    (stale / CHECKPOINT_WEIGHTS).write_bytes(b"half-written weights")
+    # Names that only look like a temporary folder of this export are kept.
+    lookalikes = [
+        ".student.partial-0123abc",
+        ".student.partial-0123abcde",
+        ".student.partial-0123ABCD",
+        ".students.partial-0123abcd",
+        "student.partial-0123abcd",
+        ".student.old-0123abcd",
+    ]
+    for name in lookalikes:
+        (tmp_path / name).mkdir()
+    (tmp_path / ".student.partial-89abcdef").write_text("a file, not a temporary folder")
+    lookalikes.append(".student.partial-89abcdef")
+
+    _export(student, tmp_path / "student")
+
+    assert not stale.exists(), "the temporary folder of the killed export was not removed"
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["student", *lookalikes])
+    assert load_student(tmp_path / "student").sha256 == file_sha256(tmp_path / "student" / CHECKPOINT_WEIGHTS)
+
+
 def test_load_missing_folder(tmp_path):
     missing = tmp_path / "nowhere"
 

@@ -11,6 +11,10 @@ import csv
 import json
 import logging
 import math
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +30,7 @@ from distiller.data import ShardDataset
 from distiller.loss import UNITE_TEMPERATURE, UniteDistillationLoss, symmetric_info_nce
 from distiller.module import DistillModule, warmup_cosine_factor
 from distiller.split import BLOCK_PATCHES, split_by_slide
-from distiller.train import DistillConfig, LossHistory, _clamp_batch_size, distill
+from distiller.train import LAST_CHECKPOINT, LIGHTNING_SUBDIR, DistillConfig, LossHistory, _clamp_batch_size, distill
 from shared.checkpoint import CHECKPOINT_CARD, load_student
 from shared.errors import ConfigError
 from shared.imaging import to_model_input
@@ -377,3 +381,83 @@ def test_distill_rejects_missing_resume_checkpoint(shared_data, tmp_path):
 
     with pytest.raises(ConfigError, match="last.ckpt"):
         distill(config, progress=False)
+
+
+def _wait_for_replaced_file(path: Path, old_inode: int, process: subprocess.Popen, timeout: float) -> bool:
+    """Poll until ``path`` is a new file (another inode) or ``process`` exits; return whether it was replaced."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_ino != old_inode:
+            return True
+        if process.poll() is not None:
+            return path.exists() and path.stat().st_ino != old_inode
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_last_epoch(shared_data, tmp_path):
+    """A run killed with SIGKILL after epoch 1 of 2 leaves last.ckpt at that epoch, and resume finishes the run.
+
+    4 slides of 3 tiles: 1 slide validates, 9 tiles train, so batch 4 gives 2 steps per epoch. The folder
+    starts with a stale last.ckpt from an older run, which the new run must replace, not version aside.
+    """
+    _write_shards(tmp_path / "shards", _lung_tiles(shared_data, 12), slides_per_shard=2, tiles_per_slide=3)
+    out_dir = tmp_path / "run"
+    last = out_dir / LIGHTNING_SUBDIR / LAST_CHECKPOINT
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"stale checkpoint of an older run")
+    stale_inode = last.stat().st_ino
+
+    command = [sys.executable, "-m", "unite_cli.main", "distill", "--shards", str(tmp_path / "shards"), "--out", str(out_dir)]
+    command += ["--epochs", "2", "--batch-size", "4"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        replaced = _wait_for_replaced_file(last, stale_inode, process, timeout=600)
+        still_running = process.poll() is None
+        process.send_signal(signal.SIGKILL)
+        output = process.communicate(timeout=60)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert replaced, f"last.ckpt was never replaced; the run printed:\n{output[-3000:]}"
+    assert still_running, f"the run finished before last.ckpt was replaced, so no checkpoint is written per epoch:\n{output[-3000:]}"
+    assert not list(last.parent.glob("last-v*.ckpt")), f"versioned copies beside last.ckpt: {os.listdir(last.parent)}"
+
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 2, f"last.ckpt at global step {saved['global_step']}, expected 2 (end of epoch 1)"
+    assert saved["epoch"] == 0
+
+    resumed = distill(
+        DistillConfig(shard_dir=tmp_path / "shards", out_dir=out_dir, batch_size=4, epochs=2, resume_from="last"),
+        progress=False,
+    )
+
+    assert resumed.steps == 4, f"resumed run ended at global step {resumed.steps}, expected 2 + 2"
+    assert len(resumed.history) == 2, f"resumed run trained {len(resumed.history)} steps, expected only epoch 2's 2"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+
+
+def test_distill_progress_bar_on_stderr(shared_data, tmp_path, capsys):
+    _write_shards(tmp_path / "shards", _lung_tiles(shared_data, 4), slides_per_shard=2, tiles_per_slide=2)
+    config = DistillConfig(shard_dir=tmp_path / "shards", out_dir=tmp_path / "run", batch_size=2, max_steps=1, val_fraction=0.0)
+
+    distill(config, progress=True)
+
+    captured = capsys.readouterr()
+    assert "Epoch 0" in captured.err, f"no progress bar on stderr: {captured.err[-2000:]!r}"
+    assert captured.out == "", f"stdout should stay empty, got {captured.out[-2000:]!r}"
+
+
+def test_distill_gpu_without_gpu_is_config_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible, so accelerator 'gpu' is valid here")
+    config = DistillConfig(shard_dir=tmp_path, out_dir=tmp_path / "run", accelerator="gpu")
+
+    with pytest.raises(ConfigError, match=r"no GPU is visible.*--accelerator cpu or auto"):
+        distill(config, progress=False)
+
+
+def test_config_rejects_unknown_accelerator(tmp_path):
+    with pytest.raises(ConfigError, match="accelerator is 'tpux'"):
+        DistillConfig(shard_dir=tmp_path, out_dir=tmp_path, accelerator="tpux")

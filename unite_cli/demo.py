@@ -64,7 +64,8 @@ def run_demo(*, slide: Path | None, mpp: float | None, out_dir: Path, epochs: in
     with _timed(timings, "distill"):
         trained = distill(
             DistillConfig(shard_dir=shard_dir, out_dir=distill_dir, epochs=epochs, batch_size=batch_size),
-            progress=sys.stdout.isatty(),
+            # The bar is drawn on stderr, so stdout carries only the summary below.
+            progress=sys.stderr.isatty(),
             command=f"unite demo --epochs {epochs} --batch-size {batch_size}",
         )
 

@@ -2,17 +2,22 @@
 
 Every option has help text with its unit and default; no path is ever edited into source. Heavy
 imports (torch, Lightning, the services) happen inside each command, so ``unite --help`` is fast.
+User errors (invalid options or settings, unusable folders) end the command with one log line and
+exit status 2; the command's result goes to stdout, logs and progress bars to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
-from shared.errors import UniteError
+from pydantic import ValidationError
+
+from shared.errors import ConfigError, UniteError
 
 logger = logging.getLogger("unite")
 
@@ -88,20 +93,102 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Command-line options of the serve commands, by the settings field they set.
+_SETTINGS_OPTIONS = {
+    "serve-gateway": {"host": "--host", "port": "--port", "cache_dir": "--cache-dir", "teacher": "--teacher"},
+    "serve-student": {"host": "--host", "port": "--port", "checkpoint_dir": "--checkpoint"},
+}
+
+
 def _overrides(**values) -> dict:
     return {name: value for name, value in values.items() if value is not None}
+
+
+def _check_output_folder(path: Path, option: str) -> None:
+    """Raise :class:`ConfigError` unless ``path`` is a writable folder or can be created as one.
+
+    ``option`` names where the path came from, for example ``--out``. Commands call this before any
+    work, so a file in the way fails at once instead of after tiling, teaching or training.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{option} {path} is a folder this user cannot write to. Pass a writable folder.", value=str(path))
+        return
+    if path.exists() or path.is_symlink():
+        raise ConfigError(
+            f"{option} {path} is a file, expected a folder. Pass a folder path (a missing folder is created), or move the file away.",
+            value=str(path),
+        )
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(
+            f"{option} {path} cannot be created because {ancestor} is a file, not a folder. Pass a path under a folder.",
+            value=str(path),
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{option} {path} cannot be created because this user cannot write to {ancestor}. Pass a writable folder.",
+            value=str(path),
+        )
+
+
+def _check_input_folder(path: Path, option: str) -> None:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{option} {path} not found. Pass an existing folder.", value=str(path))
+    if not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file, expected a folder. Pass the folder that contains it.", value=str(path))
+
+
+def _settings_error(error: ValidationError, args: argparse.Namespace) -> ConfigError | None:
+    """Convert a ValidationError of a service's settings class into a ConfigError, or return None for other models.
+
+    Each invalid value is named by its field, its environment variable and, for the serve commands, its
+    command-line option, with the value received and the expectation pydantic states.
+    """
+    from student_server.settings import StudentSettings
+    from teacher_gateway.settings import GatewaySettings
+
+    services = {GatewaySettings.__name__: (GatewaySettings, "gateway"), StudentSettings.__name__: (StudentSettings, "student server")}
+    if error.title not in services:
+        return None
+    settings_class, service = services[error.title]
+    prefix = settings_class.model_config.get("env_prefix", "")
+    options = _SETTINGS_OPTIONS.get(args.command, {})
+
+    problems = []
+    values = {}
+    for item in error.errors():
+        field = "_".join(str(part) for part in item["loc"])
+        variable = f"{prefix}{field.upper()}"
+        option = options.get(field)
+        values[field] = item.get("input")
+        if option is not None and getattr(args, option.lstrip("-").replace("-", "_"), None) is not None:
+            source, fix = f"option {option}", f"Pass a valid {option}."
+        elif option is not None:
+            source, fix = f"environment variable {variable}", f"Fix or unset {variable}, or pass {option}."
+        else:
+            source, fix = f"environment variable {variable}", f"Fix or unset {variable}."
+        problems.append(f"{field} is {item.get('input')!r} (from {source}): {item['msg']}. {fix}")
+    return ConfigError(f"unite {args.command}: invalid {service} setting: " + " ".join(problems), value=values)
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "fetch-sample":
         from shared.sample_data import default_data_dir, fetch_cmu1
 
-        print(fetch_cmu1(args.data_dir or default_data_dir()))
+        data_dir = args.data_dir or default_data_dir()
+        _check_output_folder(data_dir, "--data-dir" if args.data_dir else "the sample data folder (UNITE_DATA_DIR)")
+        print(fetch_cmu1(data_dir))
         return 0
 
     if args.command == "tile":
         from unite_cli.pipeline import tile_to_patch_files
 
+        _check_output_folder(args.out, "--out")
         for path in tile_to_patch_files(args.slides, args.out, mpp=args.mpp, patch_size=args.patch_size, target_mpp=args.target_mpp):
             print(path)
         return 0
@@ -109,6 +196,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "teach":
         from unite_cli.pipeline import teach_slides
 
+        # Checked before any tile is sent, because the shards are written only after every tile has gone through the gateway.
+        _check_output_folder(args.shards, "--shards")
+        _check_output_folder(args.cache_dir, "--cache-dir")
         result = teach_slides(
             args.slides,
             gateway_url=args.gateway,
@@ -125,6 +215,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "distill":
         from distiller.train import DistillConfig, distill
 
+        _check_input_folder(args.shards, "--shards")
+        _check_output_folder(args.out, "--out")
         config = DistillConfig(
             shard_dir=args.shards,
             out_dir=args.out,
@@ -139,18 +231,28 @@ def _run(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             resume_from=args.resume,
         )
-        result = distill(config, progress=sys.stdout.isatty(), command=" ".join(["unite", *sys.argv[1:]]))
+        # The progress bar and the logs go to stderr, so the result line below is all that stdout carries.
+        result = distill(config, progress=sys.stderr.isatty(), command=" ".join(["unite", *sys.argv[1:]]))
         print(f"first loss {result.first_loss:.4f}, last loss {result.last_loss:.4f}; student exported to {result.checkpoint_dir}")
         return 0
 
     if args.command == "serve-gateway":
         import uvicorn
 
+        from shared.cache import EmbeddingCache
         from teacher_gateway.app import create_app
         from teacher_gateway.settings import GatewaySettings
+        from teacher_gateway.teachers.registry import build_teacher
 
         settings = GatewaySettings(**_overrides(host=args.host, port=args.port, cache_dir=args.cache_dir, teacher=args.teacher))
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+        # uvicorn reports an error in the app's startup as a traceback and exit status 3, so the teacher and
+        # the cache, which the startup would open, are built and checked here first.
+        _check_output_folder(settings.cache_dir, "--cache-dir (or UNITE_GATEWAY_CACHE_DIR)")
+        teacher = build_teacher(settings.teacher)
+        EmbeddingCache(settings.cache_dir).close()
+        # NOTE: given a teacher, create_app lists the teacher's ``name`` attribute as the short model name in
+        # place of settings.teacher. Both are "reference" for the reference teacher, the only registered one.
+        uvicorn.run(create_app(settings, teacher=teacher), host=settings.host, port=settings.port)
         return 0
 
     if args.command == "serve-student":
@@ -160,12 +262,14 @@ def _run(args: argparse.Namespace) -> int:
         from student_server.settings import StudentSettings
 
         settings = StudentSettings(**_overrides(host=args.host, port=args.port, checkpoint_dir=args.checkpoint))
+        _check_output_folder(settings.upload_dir, "UNITE_STUDENT_UPLOAD_DIR")
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
         return 0
 
     if args.command == "demo":
         from unite_cli.demo import run_demo
 
+        _check_output_folder(args.out, "--out")
         run_demo(slide=args.slide, mpp=args.mpp, out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size)
         return 0
 
@@ -186,7 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).propagate = False
     try:
-        return _run(args)
+        try:
+            return _run(args)
+        except ValidationError as error:
+            # The serve commands and the demo build the services' settings, which also read UNITE_* environment variables.
+            converted = _settings_error(error, args)
+            if converted is None:
+                raise
+            raise converted from error
     except UniteError as error:
         logger.error("%s", error.message)
         return 2
