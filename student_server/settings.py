@@ -6,10 +6,10 @@ import functools
 import tempfile
 from pathlib import Path
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.errors import ConfigError
+from shared.settings import load_settings
 
 ENV_PREFIX = "UNITE_STUDENT_"
 GIB = 1 << 30
@@ -71,10 +71,4 @@ def get_settings() -> StudentSettings:
 
     Raises :class:`ConfigError` naming the environment variable of each invalid value.
     """
-    try:
-        return StudentSettings()
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{ENV_PREFIX}{'_'.join(str(part) for part in item['loc']).upper()}: {item['msg']}" for item in error.errors()
-        )
-        raise ConfigError(f"invalid student server settings: {problems}. Fix or unset these environment variables.") from error
+    return load_settings(StudentSettings, env_prefix=ENV_PREFIX, service="student server")

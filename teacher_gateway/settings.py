@@ -5,10 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.errors import ConfigError
+from shared.settings import load_settings
 
 ENV_PREFIX = "UNITE_GATEWAY_"
 
@@ -44,10 +44,4 @@ def get_settings() -> GatewaySettings:
 
     Raises :class:`ConfigError` naming the environment variable of each invalid value.
     """
-    try:
-        return GatewaySettings()
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{ENV_PREFIX}{'_'.join(str(part) for part in item['loc']).upper()}: {item['msg']}" for item in error.errors()
-        )
-        raise ConfigError(f"invalid gateway settings: {problems}. Fix or unset these environment variables.") from error
+    return load_settings(GatewaySettings, env_prefix=ENV_PREFIX, service="gateway")
