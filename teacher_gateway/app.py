@@ -67,7 +67,7 @@ def create_app(settings: GatewaySettings | None = None, *, teacher: Teacher | No
         max_request_bytes_setting="UNITE_GATEWAY_MAX_REQUEST_BYTES",
         internal_error_message="internal error in the gateway (request id {request_id}); the gateway log has the cause.",
         logger=logger,
-        # Teacher errors (502) describe the teacher's output and "not ready" (503) tells the client to
+        # Teacher errors (502) describe the teacher's output and "not ready" (503) asks the client to
         # retry, so both go out whole; other server-side errors may name paths and are replaced.
         public_errors=(TeacherError, NotReadyError),
     )
