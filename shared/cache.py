@@ -14,6 +14,8 @@ SQLite settings and why:
   means asking the teacher again for those tiles. ``FULL`` would add an fsync per commit for that case.
 - ``busy_timeout``: a writer that finds the database locked by another process waits up to
   :data:`BUSY_TIMEOUT_S` seconds instead of failing at once.
+- ``embeddings.sqlite3.lock``: an exclusive file lock (``fcntl.flock``, so POSIX only) held while a
+  process switches the database to WAL and creates its tables, steps where SQLite skips the busy handler.
 
 Each thread gets its own connection (FastAPI runs synchronous handlers in a thread pool), and every
 write is one ``BEGIN IMMEDIATE`` transaction, so a crash loses at most the batch being written.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import fcntl
 import sqlite3
 import threading
 import time
@@ -96,17 +99,29 @@ class EmbeddingCache:
                 f"embedding cache folder {self.root} cannot be created ({error}). "
                 "Point the cache folder setting at a writable local directory."
             ) from error
-        with self._sqlite_errors("create the cache tables"):
-            connection = self._connection()
-            connection.executescript(_SCHEMA)
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version != SCHEMA_VERSION:
-                raise CacheError(
-                    f"embedding cache {self.path} has schema version {version}, expected {SCHEMA_VERSION}. "
-                    "Use a UNITE version that wrote it, or point the cache folder setting at a new directory."
-                )
+        # Switching a new database to WAL and creating its tables can fail at once with "database is
+        # locked" when several processes open it together, because SQLite skips the busy handler where
+        # waiting could deadlock. An exclusive file lock makes these first steps run one process at a time.
+        with (self.root / (DATABASE_NAME + ".lock")).open("a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            with self._sqlite_errors("create the cache tables"):
+                connection = self._connection()
+                # WAL mode is stored in the database file, so connections opened later use it too.
+                mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    raise CacheError(
+                        f"embedding cache {self.path}: SQLite kept journal mode {mode!r}, expected 'wal'. "
+                        "Put the cache folder on a local file system that supports WAL (not NFS)."
+                    )
+                connection.executescript(_SCHEMA)
+                version = connection.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0:
+                    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                elif version != SCHEMA_VERSION:
+                    raise CacheError(
+                        f"embedding cache {self.path} has schema version {version}, expected {SCHEMA_VERSION}. "
+                        "Use a UNITE version that wrote it, or point the cache folder setting at a new directory."
+                    )
         logger.info("opened embedding cache %s", self.path)
 
     @staticmethod
@@ -254,13 +269,6 @@ class EmbeddingCache:
             self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
         connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            connection.close()
-            raise CacheError(
-                f"embedding cache {self.path}: SQLite kept journal mode {mode!r}, expected 'wal'. "
-                "Put the cache folder on a local file system that supports WAL (not NFS)."
-            )
         connection.execute("PRAGMA synchronous = NORMAL")
         with self._connections_lock:
             if self._closed:

@@ -6,6 +6,7 @@ import io
 import multiprocessing
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -259,3 +260,32 @@ def test_two_processes_lose_nothing(tmp_path):
         assert cache.count(TEACHER) == 2 * batches * batch_size + batches
         expected_keys = [_entry(seed).key for seed in range(batch_size)] + [_entry(100_000 + batches * batch_size - 1).key, _entry(1_000_000).key]
         assert set(cache.get_many(expected_keys)) == set(expected_keys)
+
+
+def _open_and_count(root: str, start_event, results) -> None:
+    start_event.wait(timeout=30)
+    try:
+        with EmbeddingCache(Path(root)) as cache:
+            cache.count()
+        results.put("ok")
+    except CacheError as error:
+        results.put(str(error))
+
+
+def test_processes_open_new_cache_together(tmp_path):
+    # Without the lock around the first steps, about two rounds in five failed here with "database is
+    # locked", because SQLite returns at once instead of waiting while a new database turns to WAL.
+    context = multiprocessing.get_context("spawn")
+    for round_index in range(5):
+        root = tmp_path / f"round-{round_index}"
+        start_event, results = context.Event(), context.Queue()
+        workers = [context.Process(target=_open_and_count, args=(str(root), start_event, results)) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        time.sleep(0.5)
+        start_event.set()
+        outcomes = [results.get(timeout=60) for _ in workers]
+        for worker in workers:
+            worker.join(timeout=60)
+
+        assert outcomes == ["ok"] * 4, outcomes
