@@ -8,7 +8,7 @@ Every error the project raises derives from :class:`UniteError`, and errors from
     ├── SlideError             a slide cannot be opened, has no usable resolution, or has no tissue
     ├── ImageError             an uploaded or cached tile image cannot be used
     ├── CacheError             the embedding cache or a training shard is missing or damaged
-    ├── TeacherError           the teacher failed or returned an invalid answer
+    ├── TeacherError           the teacher failed or returned an invalid response
     ├── ModelError             a model or checkpoint cannot be built or loaded
     ├── InvalidRequestError    an HTTP request is malformed or is missing a field (422)
     ├── RequestTooLargeError   an HTTP request has more tiles or bytes than the service accepts (413)

@@ -23,7 +23,7 @@ from shared.errors import ConfigError, SlideError
 logger = logging.getLogger(__name__)
 
 # Plausible resolutions of a brightfield scan. Outside this range the metadata is wrong, for example in
-# a TIFF whose resolution tags say 10 pixels per centimeter (1000 µm/px).
+# a TIFF whose resolution tags state 10 pixels per centimeter (1000 µm/px).
 MIN_MPP = 0.05
 MAX_MPP = 20.0
 
