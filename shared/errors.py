@@ -47,8 +47,35 @@ class ConfigError(UniteError):
 
 
 class SlideError(UniteError):
+    """A slide cannot be used. ``reason`` is a short code that jobs record per slide, one of :data:`SLIDE_REASONS`."""
+
     code = "invalid_slide"
     status_code = 422
+
+    def __init__(self, message: str, *, reason: str = "invalid_slide", limit: Any = None, value: Any = None) -> None:
+        super().__init__(message, limit=limit, value=value)
+        if reason not in SLIDE_REASONS:
+            raise ValueError(f"unknown slide error reason {reason!r}; expected one of {sorted(SLIDE_REASONS)}")
+        self.reason = reason
+
+    def to_dict(self) -> dict[str, Any]:
+        body = super().to_dict()
+        body["error"]["reason"] = self.reason
+        return body
+
+
+# Why a slide was refused, as recorded in a job's state file and returned by the services.
+SLIDE_REASONS = {
+    "invalid_slide": "any other problem with the slide",
+    "not_found": "the path does not exist or is not a file",
+    "unreadable": "no reader recognises the file format",
+    "damaged": "a reader recognised the file but failed to read it (truncated or corrupt)",
+    "no_resolution": "no resolution in the metadata and no override",
+    "implausible_resolution": "the metadata states a resolution outside the plausible range",
+    "not_brightfield": "a fluorescence (dark-field) slide, refused unless the user opts in",
+    "no_tissue": "tissue detection found no tissue",
+    "no_patches": "no patch of the requested size has enough tissue",
+}
 
 
 class ImageError(UniteError):

@@ -1,0 +1,195 @@
+"""Opening slides and resolving their resolution, on real slides through openslide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+from PIL import Image
+from slide_data import BRACS, CMU1, NDPI, TCGA
+
+from shared.errors import ConfigError, SlideError
+from shared.slides import (
+    magnification_for_mpp,
+    open_slide,
+    tile_slide,
+)
+from shared.slides.reader import compute_slide_id, resolve_mpp
+
+
+def test_cmu1_info_from_metadata(slides_dir: Path) -> None:
+    with open_slide(slides_dir / CMU1) as slide:
+        info = slide.info
+
+    assert info.mpp == pytest.approx(0.499, abs=1e-6)
+    assert info.mpp_source == "metadata"
+    assert info.level0_magnification == 20
+    assert (info.level0_width, info.level0_height) == (2220, 2967)
+    assert info.level_count == 1
+    assert info.level_downsamples == (1.0,)
+    assert info.vendor == "aperio"
+    assert info.name == "CMU-1-Small-Region"
+    assert info.path == slides_dir / CMU1
+
+
+def test_slide_id_ignores_file_name(slides_dir: Path, tmp_path: Path) -> None:
+    renamed = tmp_path / "patient-1234.svs"
+    renamed.symlink_to(slides_dir / CMU1)
+
+    with open_slide(slides_dir / CMU1) as original, open_slide(renamed) as linked:
+        original_id, linked_id = original.info.slide_id, linked.info.slide_id
+
+    assert len(original_id) == 16
+    assert int(original_id, 16) >= 0
+    assert linked_id == original_id
+    assert "CMU" not in original_id
+    assert compute_slide_id(slides_dir / TCGA) != original_id
+
+
+def test_override_wins_over_metadata(slides_dir: Path) -> None:
+    with open_slide(slides_dir / CMU1, mpp=0.25) as slide:
+        info = slide.info
+
+    assert info.mpp == 0.25
+    assert info.mpp_source == "override"
+    assert info.level0_magnification == 40
+
+
+def test_glass_and_outside_read_white(slides_dir: Path) -> None:
+    with open_slide(slides_dir / CMU1) as slide:
+        glass = slide.read_region_level0(0, 0, 224, 224)
+        outside = slide.read_region_level0(slide.info.level0_width + 100, 0, 224, 112)
+
+    assert glass.shape == (224, 224, 3)
+    assert glass.mean() > 220
+    assert outside.shape == (112, 112, 3)
+    assert (outside == 255).all()
+
+
+def test_thumbnail_keeps_aspect_ratio(slides_dir: Path) -> None:
+    with open_slide(slides_dir / CMU1) as slide:
+        thumbnail = slide.thumbnail(512)
+
+    assert thumbnail.shape == (512, round(2220 * 512 / 2967), 3)
+    assert thumbnail.dtype == np.uint8
+
+
+def test_ndpi_40x_reads_from_level_1(slides_dir: Path) -> None:
+    with open_slide(slides_dir / NDPI) as slide:
+        info = slide.info
+        tiled = tile_slide(slides_dir / NDPI)
+        grid = tiled.grid
+        x, y = (int(value) for value in grid.coords[len(grid) // 2])
+        level = slide.best_level_for_downsample(grid.patch_size_level0 / grid.patch_size)
+        tile = slide.read_region_level0(x, y, grid.patch_size_level0, grid.patch_size)
+
+    with openslide.OpenSlide(str(slides_dir / NDPI)) as handle:
+        from_level_1 = handle.read_region((x, y), 1, (246, 246)).convert("RGB")
+        from_level_0 = handle.read_region((x, y), 0, (491, 491)).convert("RGB")
+    expected = np.asarray(from_level_1.resize((224, 224), Image.Resampling.LANCZOS))
+    from_full_resolution = np.asarray(from_level_0.resize((224, 224), Image.Resampling.LANCZOS))
+
+    assert info.mpp == pytest.approx(0.22818, abs=1e-4)
+    assert info.level0_magnification == 40
+    assert info.level_count == 7
+    assert grid.patch_size_level0 == round(224 * 0.5 / info.mpp) == 491
+    assert len(grid) > 0
+    assert level == 1
+    assert tile.shape == (224, 224, 3)
+    assert (tile == expected).all()
+    assert not (tile == from_full_resolution).all()
+
+
+def test_tcga_without_resolution_names_override(slides_dir: Path) -> None:
+    with pytest.raises(SlideError) as raised:
+        open_slide(slides_dir / TCGA)
+
+    message = str(raised.value)
+    assert TCGA in message
+    assert "no resolution" in message
+    assert "mpp=" in message
+    assert "--mpp" in message
+
+
+def test_bracs_absurd_resolution_rejected(slides_dir: Path) -> None:
+    with pytest.raises(SlideError) as raised:
+        open_slide(slides_dir / BRACS)
+
+    message = str(raised.value)
+    assert BRACS in message
+    assert "1000" in message
+    assert "mpp=" in message
+    assert raised.value.value == 1000
+
+
+def test_missing_slide_raises(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.svs"
+
+    with pytest.raises(SlideError) as raised:
+        open_slide(missing)
+
+    assert str(raised.value).startswith(f"slide not found: {missing}")
+
+
+@pytest.mark.parametrize(
+    ("file_name", "content"),
+    [
+        ("random.svs", np.random.default_rng(0).bytes(4096)),
+        ("notes.tif", b"this is a text file, not a slide\n"),
+    ],
+    ids=["random-bytes", "text-file"],
+)
+def test_non_slide_file_raises(tmp_path: Path, file_name: str, content: bytes) -> None:
+    path = tmp_path / file_name
+    path.write_bytes(content)
+
+    with pytest.raises(SlideError) as raised:
+        open_slide(path)
+
+    message = str(raised.value)
+    assert str(path) in message
+    assert "not a slide openslide can read" in message
+    assert "Aperio (.svs" in message
+    assert isinstance(raised.value.__cause__, openslide.OpenSlideError)
+
+
+def test_directory_is_not_a_slide(tmp_path: Path) -> None:
+    with pytest.raises(SlideError, match="is not a file"):
+        open_slide(tmp_path)
+
+
+@pytest.mark.parametrize("mpp", [0.0, -0.5, 1000.0, float("nan")])
+def test_implausible_override_raises(slides_dir: Path, mpp: float) -> None:
+    with pytest.raises(ConfigError, match="mpp override"):
+        open_slide(slides_dir / CMU1, mpp=mpp)
+
+
+def test_closed_slide_raises(slides_dir: Path) -> None:
+    slide = open_slide(slides_dir / CMU1)
+    slide.close()
+
+    with pytest.raises(SlideError, match="is closed"):
+        slide.read_region_level0(0, 0, 224, 224)
+
+
+@pytest.mark.parametrize(
+    ("mpp", "magnification"),
+    [(0.12, 80), (0.17, 60), (0.228, 40), (0.25, 40), (0.499, 20), (0.5, 20), (1.0, 10), (2.0, 5), (4.0, 2)],
+)
+def test_magnification_buckets(mpp: float, magnification: int) -> None:
+    assert magnification_for_mpp(mpp) == magnification
+
+
+@pytest.mark.parametrize(
+    ("unit", "resolution", "expected"),
+    [("centimeter", "20000", 0.5), ("inch", "101600", 0.25)],
+)
+def test_resolution_from_tiff_tags(unit: str, resolution: str, expected: float) -> None:
+    properties = {"tiff.XResolution": resolution, "tiff.ResolutionUnit": unit}
+
+    mpp, source = resolve_mpp(properties, path=Path("scan.tif"))
+
+    assert mpp == pytest.approx(expected)
+    assert source == "tiff-resolution"
