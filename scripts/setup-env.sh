@@ -13,13 +13,17 @@ root=${UNITE_VENV_ROOT:-$HOME/.cache/unite/venvs}
 key=$( { cat "$repo/requirements.txt"; "$python" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-16)
 venv="$root/$key"
 
+mkdir -p "$root"
+# One creator at a time: a second run (another clone, a test run started meanwhile) waits here
+# instead of deleting a venv that is still being installed.
+exec 9>"$root/$key.lock"
+flock 9
 if [[ ! -f "$venv/.complete" ]]; then
   echo "Creating the environment in $venv (the first time takes a few minutes: torch is large)." >&2
   rm -rf "$venv"
-  mkdir -p "$root"
   "$python" -m venv "$venv"
   log="$root/$key.install.log"
-  if ! { "$venv/bin/python" -m pip install --upgrade pip && "$venv/bin/python" -m pip install -r "$repo/requirements.txt"; } >"$log" 2>&1; then
+  if ! { "$venv/bin/python" -m pip install --upgrade pip setuptools wheel && "$venv/bin/python" -m pip install -r "$repo/requirements.txt"; } >"$log" 2>&1; then
     tail -n 30 "$log" >&2
     echo "Installing the requirements failed; the full log is $log." >&2
     exit 1

@@ -18,6 +18,6 @@ def load_settings(settings_class: type[SettingsT], *, env_prefix: str, service: 
         return settings_class()
     except ValidationError as error:
         problems = "; ".join(
-            f"{env_prefix}{'_'.join(str(part) for part in item['loc']).upper()}: {item['msg']}" for item in error.errors()
+            f"{env_prefix}{'__'.join(str(part) for part in item['loc']).upper()}: {item['msg']}" for item in error.errors()
         )
         raise ConfigError(f"invalid {service} settings: {problems}. Fix or unset these environment variables.") from error

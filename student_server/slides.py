@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.errors import UniteError
+from shared.errors import SlideError, UniteError
 from shared.slides.reader import MAX_MPP, MIN_MPP, MPP_OVERRIDE_HINT, compute_slide_id, open_slide
 from shared.slides.tiling import iter_tiles, tile_slide
 from student_server.errors import TooManyPatchesError
@@ -51,7 +51,7 @@ class SlideEmbedResponse(BaseModel):
     num_patches: int
     embedding_dim: int
     mpp: float = Field(description="Level-0 resolution used, in µm per pixel.")
-    mpp_source: str = Field(description="Where the resolution came from: 'override', 'metadata' or 'tiff-resolution'.")
+    mpp_source: str = Field(description="Where the resolution came from: 'override', 'metadata', 'tiff-resolution' or 'objective-power'.")
     level0_width: int
     level0_height: int
     target_mpp: float
@@ -145,4 +145,6 @@ def _without_path(error: UniteError, path: Path) -> UniteError:
         if isinstance(value, str):
             value = value.replace(old, new)
     message = message.replace(f"slide {name}", name)
+    if isinstance(error, SlideError):
+        return SlideError(message, reason=error.reason, limit=error.limit, value=value)
     return type(error)(message, limit=error.limit, value=value)

@@ -46,14 +46,15 @@ def write_tiff_slide(
     compression: str | None = "jpeg",
     description: str | None = None,
     ome: bool = False,
+    resolution_tags: bool = True,
 ) -> Path:
     """Write ``image`` as a TIFF slide and return its path.
 
     ``tile=None`` writes strips instead of tiles. ``levels`` > 1 adds reduced levels, each half the
     size of the one before, as further pages (generic and Aperio layout) or SubIFDs (OME-TIFF).
-    ``mpp`` goes into the TIFF resolution tags in pixels per centimeter, and into OME-XML as
-    PhysicalSizeX/Y when ``ome`` is true; ``None`` writes no resolution. ``description`` becomes
-    the first page's ImageDescription, for instance an Aperio header.
+    ``mpp`` goes into the TIFF resolution tags in pixels per centimeter unless ``resolution_tags`` is
+    false. It also goes into OME-XML as PhysicalSizeX/Y when ``ome`` is true. ``None`` writes no resolution.
+    ``description`` becomes the first page's ImageDescription, for instance an Aperio header.
     """
     path = Path(path)
     options: dict = {"photometric": "rgb", "compression": compression}
@@ -62,7 +63,7 @@ def write_tiff_slide(
     else:
         options["rowsperstrip"] = 64
     resolution = {}
-    if mpp is not None:
+    if mpp is not None and resolution_tags:
         pixels_per_cm = 10_000.0 / mpp
         resolution = {"resolution": (pixels_per_cm, pixels_per_cm), "resolutionunit": "CENTIMETER"}
 

@@ -1,22 +1,20 @@
-"""Opening slides and resolving their resolution, on real slides through openslide."""
+"""Opening the real slides: their metadata, resolution, regions, thumbnails, associated images and errors."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import openslide
 import pytest
+import tiffslide
 from PIL import Image
 from slide_data import BRACS, CMU1, NDPI, TCGA
 
 from shared.errors import ConfigError, SlideError
-from shared.slides import (
-    magnification_for_mpp,
-    open_slide,
-    tile_slide,
-)
-from shared.slides.reader import compute_slide_id, resolve_mpp
+from shared.slides import magnification_for_mpp, open_slide
+from shared.slides.reader import compute_slide_id
 
 
 def test_cmu1_info_from_metadata(slides_dir: Path) -> None:
@@ -32,6 +30,8 @@ def test_cmu1_info_from_metadata(slides_dir: Path) -> None:
     assert info.vendor == "aperio"
     assert info.name == "CMU-1-Small-Region"
     assert info.path == slides_dir / CMU1
+    assert info.reader == "openslide"
+    assert info.associated_names == ("label", "macro", "thumbnail")
 
 
 def test_slide_id_ignores_file_name(slides_dir: Path, tmp_path: Path) -> None:
@@ -79,11 +79,10 @@ def test_thumbnail_keeps_aspect_ratio(slides_dir: Path) -> None:
 def test_ndpi_40x_reads_from_level_1(slides_dir: Path) -> None:
     with open_slide(slides_dir / NDPI) as slide:
         info = slide.info
-        tiled = tile_slide(slides_dir / NDPI)
-        grid = tiled.grid
-        x, y = (int(value) for value in grid.coords[len(grid) // 2])
-        level = slide.best_level_for_downsample(grid.patch_size_level0 / grid.patch_size)
-        tile = slide.read_region_level0(x, y, grid.patch_size_level0, grid.patch_size)
+        size_level0 = round(224 * 0.5 / info.mpp)
+        x, y = info.level0_width // 2, info.level0_height // 2
+        level = slide.best_level_for_downsample(size_level0 / 224)
+        tile = slide.read_region_level0(x, y, size_level0, 224)
 
     with openslide.OpenSlide(str(slides_dir / NDPI)) as handle:
         from_level_1 = handle.read_region((x, y), 1, (246, 246)).convert("RGB")
@@ -92,10 +91,13 @@ def test_ndpi_40x_reads_from_level_1(slides_dir: Path) -> None:
     from_full_resolution = np.asarray(from_level_0.resize((224, 224), Image.Resampling.LANCZOS))
 
     assert info.mpp == pytest.approx(0.22818, abs=1e-4)
+    assert info.mpp_source == "tiff-resolution"
     assert info.level0_magnification == 40
     assert info.level_count == 7
-    assert grid.patch_size_level0 == round(224 * 0.5 / info.mpp) == 491
-    assert len(grid) > 0
+    assert info.reader == "openslide"
+    assert info.vendor == "hamamatsu"
+    assert info.associated_names == ("macro",)
+    assert size_level0 == 491
     assert level == 1
     assert tile.shape == (224, 224, 3)
     assert (tile == expected).all()
@@ -107,10 +109,12 @@ def test_tcga_without_resolution_names_override(slides_dir: Path) -> None:
         open_slide(slides_dir / TCGA)
 
     message = str(raised.value)
+    assert raised.value.reason == "no_resolution"
     assert TCGA in message
     assert "no resolution" in message
     assert "mpp=" in message
-    assert "--mpp" in message
+    assert "--mpp " in message
+    assert "--mpp-csv" in message
 
 
 def test_bracs_absurd_resolution_rejected(slides_dir: Path) -> None:
@@ -118,9 +122,11 @@ def test_bracs_absurd_resolution_rejected(slides_dir: Path) -> None:
         open_slide(slides_dir / BRACS)
 
     message = str(raised.value)
+    assert raised.value.reason == "implausible_resolution"
     assert BRACS in message
-    assert "1000" in message
+    assert "1000 µm/px in tiff.XResolution" in message
     assert "mpp=" in message
+    assert "--mpp-csv" in message
     assert raised.value.value == 1000
 
 
@@ -131,6 +137,7 @@ def test_missing_slide_raises(tmp_path: Path) -> None:
         open_slide(missing)
 
     assert str(raised.value).startswith(f"slide not found: {missing}")
+    assert raised.value.reason == "not_found"
 
 
 @pytest.mark.parametrize(
@@ -141,7 +148,7 @@ def test_missing_slide_raises(tmp_path: Path) -> None:
     ],
     ids=["random-bytes", "text-file"],
 )
-def test_non_slide_file_raises(tmp_path: Path, file_name: str, content: bytes) -> None:
+def test_non_slide_file_lists_readers(tmp_path: Path, file_name: str, content: bytes) -> None:
     path = tmp_path / file_name
     path.write_bytes(content)
 
@@ -149,15 +156,21 @@ def test_non_slide_file_raises(tmp_path: Path, file_name: str, content: bytes) -
         open_slide(path)
 
     message = str(raised.value)
-    assert str(path) in message
-    assert "not a slide openslide can read" in message
+    assert raised.value.reason == "unreadable"
+    assert message.startswith(f"slide {path} is not in a format any reader recognises")
+    assert f"openslide {openslide.__library_version__} rejected it (Unsupported or missing image file)" in message
+    assert f"tiffslide {tiffslide.__version__} rejected it (not a TIFF file" in message
+    assert "Pillow" in message
+    assert "cannot identify image file" in message
     assert "Aperio (.svs" in message
-    assert isinstance(raised.value.__cause__, openslide.OpenSlideError)
+    assert "Convert the file to a pyramidal TIFF" in message
 
 
 def test_directory_is_not_a_slide(tmp_path: Path) -> None:
-    with pytest.raises(SlideError, match="is not a file"):
+    with pytest.raises(SlideError, match="is not a file") as raised:
         open_slide(tmp_path)
+
+    assert raised.value.reason == "not_found"
 
 
 @pytest.mark.parametrize("mpp", [0.0, -0.5, 1000.0, float("nan")])
@@ -182,14 +195,43 @@ def test_magnification_buckets(mpp: float, magnification: int) -> None:
     assert magnification_for_mpp(mpp) == magnification
 
 
-@pytest.mark.parametrize(
-    ("unit", "resolution", "expected"),
-    [("centimeter", "20000", 0.5), ("inch", "101600", 0.25)],
-)
-def test_resolution_from_tiff_tags(unit: str, resolution: str, expected: float) -> None:
-    properties = {"tiff.XResolution": resolution, "tiff.ResolutionUnit": unit}
+def test_associated_images_not_read_on_open(slides_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[str] = []
+    read_associated_image = openslide.lowlevel.read_associated_image
 
-    mpp, source = resolve_mpp(properties, path=Path("scan.tif"))
+    def counting_read(osr, name: str):
+        reads.append(name)
+        return read_associated_image(osr, name)
 
-    assert mpp == pytest.approx(expected)
-    assert source == "tiff-resolution"
+    monkeypatch.setattr(openslide.lowlevel, "read_associated_image", counting_read)
+
+    with open_slide(slides_dir / CMU1) as slide:
+        names = slide.info.associated_names
+        slide.read_region_level0(0, 0, 224, 224)
+        slide.thumbnail(256)
+
+    assert names == ("label", "macro", "thumbnail")
+    assert reads == []
+
+
+def test_read_associated_on_request(slides_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with open_slide(slides_dir / CMU1) as slide, caplog.at_level(logging.INFO, logger="shared.slides.reader"):
+        macro = slide.read_associated("macro")
+        slide_id = slide.info.slide_id
+
+    with openslide.OpenSlide(str(slides_dir / CMU1)) as handle:
+        expected = np.asarray(handle.associated_images["macro"].convert("RGB"))
+
+    assert macro.shape == (431, 1280, 3)
+    assert macro.dtype == np.uint8
+    assert (macro == expected).all()
+    assert f"slide {slide_id}: read the associated image 'macro' on request" in caplog.messages
+
+
+def test_read_associated_unknown_name(slides_dir: Path) -> None:
+    with open_slide(slides_dir / CMU1) as slide, pytest.raises(ConfigError) as raised:
+        slide.read_associated("overview")
+
+    message = str(raised.value)
+    assert f"slide {slides_dir / CMU1} has no associated image 'overview'" in message
+    assert "['label', 'macro', 'thumbnail']" in message

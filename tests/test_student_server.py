@@ -65,7 +65,9 @@ def assert_error_shape(response: httpx.Response, status: int, code: str) -> dict
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]
-    assert set(error) == {"code", "message", "limit", "value"}
+    # Slide errors also carry the reason code that jobs record.
+    expected_fields = {"code", "message", "limit", "value"} | ({"reason"} if code == "invalid_slide" else set())
+    assert set(error) == expected_fields
     assert error["code"] == code
     return error
 

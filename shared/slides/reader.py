@@ -1,16 +1,17 @@
-"""Open whole-slide images with openslide and read RGB regions in level-0 coordinates.
+"""Open whole-slide images and read RGB regions in level-0 coordinates.
 
-The resolution (µm per pixel) comes from the user's override when one is given, else from
-``openslide.mpp-x``, else from the TIFF resolution tags. A slide without a plausible resolution raises
-:class:`SlideError` instead of being tiled at a guessed scale. Associated images (label, macro) are
-never read, because they can show patient identifiers.
+The file is opened by the first of openslide, tiffslide and Pillow that recognises it
+(:mod:`shared.slides.readers`). The resolution (µm per pixel) comes from the user's override, else
+from the metadata, the TIFF resolution tags or the objective power (:mod:`shared.slides.resolution`).
+A slide without a plausible resolution raises :class:`SlideError` instead of being tiled at a
+guessed scale. Associated images (label, macro) are listed by name but read only by
+:meth:`Slide.read_associated`, because they can show patient identifiers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +20,28 @@ import openslide
 from PIL import Image
 
 from shared.errors import ConfigError, SlideError
+from shared.slides.readers import (
+    DAMAGED_HINT,
+    SlideHandle,
+    composite_on_white,
+    open_handle,
+    read_rgb,
+)
+from shared.slides.resolution import MAX_MPP, MIN_MPP, MPP_OVERRIDE_HINT, resolve_mpp
 
 logger = logging.getLogger(__name__)
 
-# Plausible resolutions of a brightfield scan. Outside this range the metadata is wrong, for example in
-# a TIFF whose resolution tags state 10 pixels per centimeter (1000 µm/px).
-MIN_MPP = 0.05
-MAX_MPP = 20.0
+__all__ = [
+    "MAX_MPP",
+    "MIN_MPP",
+    "MPP_OVERRIDE_HINT",
+    "Slide",
+    "SlideInfo",
+    "compute_slide_id",
+    "magnification_for_mpp",
+    "open_slide",
+    "resolve_mpp",
+]
 
 # TRIDENT's objective-power buckets: a slide whose mpp is below the bound gets that magnification.
 MAGNIFICATION_BUCKETS = ((0.16, 80), (0.2, 60), (0.3, 40), (0.6, 20), (1.2, 10), (2.4, 5))
@@ -39,17 +55,15 @@ LEVEL_DOWNSAMPLE_TOLERANCE = 1.005
 THUMBNAIL_BLOCK = 1024
 
 SLIDE_ID_CHUNK = 1 << 20  # bytes hashed from each end of the file
-RESOLUTION_UNIT_TO_UM = {"centimeter": 10_000.0, "inch": 25_400.0}
-OPENSLIDE_FORMATS = (
-    "Aperio (.svs, .tif), DICOM (.dcm), Hamamatsu (.ndpi, .vms, .vmu), Leica (.scn), MIRAX (.mrxs), "
-    "Philips (.tiff), Sakura (.svslide), Trestle (.tif), Ventana (.bif, .tif) and generic tiled TIFF (.tif)"
-)  # the formats that openslide 4.0.0 lists in its README
-MPP_OVERRIDE_HINT = "mpp=<µm per pixel> in Python or --mpp <µm per pixel> on the command line"
 
 
 @dataclass(frozen=True)
 class SlideInfo:
-    """Metadata of an opened slide. ``slide_id`` is pseudonymous, so it is safe to send to a remote teacher."""
+    """Metadata of an opened slide. ``slide_id`` is pseudonymous, so it is safe to send to a remote teacher.
+
+    ``reader`` is "openslide", "tiffslide" or "pillow". ``associated_names`` lists the associated images
+    (label, macro, thumbnail) by name only: none is read until :meth:`Slide.read_associated` is called.
+    """
 
     path: Path
     name: str
@@ -62,6 +76,8 @@ class SlideInfo:
     level_count: int
     level_downsamples: tuple[float, ...]
     vendor: str | None
+    reader: str = "openslide"
+    associated_names: tuple[str, ...] = ()
 
 
 def magnification_for_mpp(mpp: float) -> int:
@@ -93,13 +109,13 @@ def compute_slide_id(path: Path) -> str:
 
 
 class Slide:
-    """An open slide: an ``openslide.OpenSlide`` handle and its :class:`SlideInfo`.
+    """An open slide: a reader's handle and its :class:`SlideInfo`.
 
     Use it as a context manager or call :meth:`close`. Build it with :func:`open_slide`.
     """
 
-    def __init__(self, handle: openslide.OpenSlide, info: SlideInfo) -> None:
-        self._handle: openslide.OpenSlide | None = handle
+    def __init__(self, handle: SlideHandle, info: SlideInfo) -> None:
+        self._handle: SlideHandle | None = handle
         self.info = info
 
     def __enter__(self) -> Slide:
@@ -110,10 +126,10 @@ class Slide:
 
     def __repr__(self) -> str:
         state = "closed" if self._handle is None else "open"
-        return f"Slide(slide_id={self.info.slide_id!r}, mpp={self.info.mpp:.4f}, {state})"
+        return f"Slide(slide_id={self.info.slide_id!r}, mpp={self.info.mpp:.4f}, reader={self.info.reader}, {state})"
 
     def close(self) -> None:
-        """Close the openslide handle. Later reads raise :class:`SlideError`."""
+        """Close the reader's handle. Later reads raise :class:`SlideError`."""
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -191,20 +207,42 @@ class Slide:
             max(1, round(height_level0 / level_downsample)),
         )
         try:
-            region = handle.read_region((int(x), int(y)), level, level_size)
-        except openslide.OpenSlideError as error:
+            rgb = read_rgb(handle, (int(x), int(y)), level, level_size)
+        except SlideError as error:
             raise SlideError(
-                f"slide {self.info.path}: openslide failed to read {level_size[0]}x{level_size[1]} px at "
-                f"level {level} from level-0 ({x}, {y}): {error}. The file may be truncated or damaged, "
-                "so check that it opens in another viewer or copy it again.",
-            ) from error
+                f"slide {self.info.path}: {error}. {DAMAGED_HINT}", reason="damaged", value=error.value
+            ) from error.__cause__
 
-        rgb = _composite_on_white(region)
         if rgb.size != out_size:
             rgb = rgb.resize(out_size, Image.Resampling.LANCZOS)
         return rgb
 
-    def _require_open(self) -> openslide.OpenSlide:
+    def read_associated(self, name: str) -> np.ndarray:
+        """Read the associated image ``name`` (see ``info.associated_names``) as an (H, W, 3) uint8 RGB array.
+
+        Label and macro images can show patient identifiers, so each read is logged.
+        """
+        if name not in self.info.associated_names:
+            raise ConfigError(
+                f"slide {self.info.path} has no associated image {name!r}; it has {list(self.info.associated_names)}. "
+                "Pass one of those names.",
+                value=name,
+                limit=list(self.info.associated_names),
+            )
+        handle = self._require_open()
+        try:
+            image = handle.associated_images[name]
+            rgba = np.asarray(image.convert("RGBA"), dtype=np.uint8)
+        except (openslide.OpenSlideError, OSError, ValueError, KeyError) as error:
+            raise SlideError(
+                f"slide {self.info.path}: reading the associated image {name!r} failed: {error}. {DAMAGED_HINT}",
+                reason="damaged",
+                value=name,
+            ) from error
+        logger.info("slide %s: read the associated image %r on request", self.info.slide_id, name)
+        return np.asarray(composite_on_white(rgba))
+
+    def _require_open(self) -> SlideHandle:
         if self._handle is None:
             raise SlideError(
                 f"slide {self.info.slide_id} is closed. Read regions inside the `with open_slide(...)` "
@@ -213,70 +251,52 @@ class Slide:
         return self._handle
 
 
-def _composite_on_white(region: Image.Image) -> Image.Image:
-    """Composite openslide's RGBA region on white and return it as RGB.
-
-    openslide-python returns straight (not premultiplied) alpha, and alpha 0 marks pixels outside
-    the scanned area.
-    """
-    rgba = np.asarray(region, dtype=np.uint8)
-    alpha = rgba[..., 3:4]
-    if alpha.min() == 255:
-        return Image.fromarray(np.ascontiguousarray(rgba[..., :3]), mode="RGB")
-    rgb = rgba[..., :3].astype(np.uint16)
-    alpha = alpha.astype(np.uint16)
-    composited = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
-    return Image.fromarray(composited.astype(np.uint8), mode="RGB")
-
-
 def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
-    """Open a slide with openslide and resolve its resolution.
+    """Open a slide with the first reader that recognises it and resolve its resolution.
 
     ``mpp`` (µm per level-0 pixel) overrides the metadata, because it is the user's fix for a slide
     whose metadata is missing or wrong.
 
-    Raises :class:`SlideError` when the file is missing, cannot be read by openslide, or has no
-    plausible resolution and no override. Raises :class:`ConfigError` for an implausible override.
+    Raises :class:`SlideError` when the file is missing (reason ``not_found``), no reader recognises
+    it (``unreadable``), it is truncated or corrupt (``damaged``), or it has no plausible resolution
+    and no override (``no_resolution``, ``implausible_resolution``). Raises :class:`ConfigError` for an
+    implausible override.
     """
     path = Path(path)
     if not path.exists():
-        raise SlideError(f"slide not found: {path}. Check the path and that the file is readable.", value=str(path))
+        raise SlideError(
+            f"slide not found: {path}. Check the path and that the file is readable.",
+            reason="not_found",
+            value=str(path),
+        )
     if not path.is_file():
-        raise SlideError(f"slide {path} is not a file. Pass the path of the slide file itself.", value=str(path))
-
-    try:
-        handle = openslide.OpenSlide(str(path))
-    except openslide.OpenSlideUnsupportedFormatError as error:
         raise SlideError(
-            f"slide {path} is not a slide openslide can read. openslide {openslide.__library_version__} "
-            f"reads {OPENSLIDE_FORMATS}. Convert the file to a pyramidal TIFF or pass a supported slide.",
+            f"slide {path} is not a file. Pass the path of the slide file itself.",
+            reason="not_found",
             value=str(path),
-        ) from error
-    except (openslide.OpenSlideError, OSError) as error:
-        raise SlideError(
-            f"slide {path}: openslide failed to open it ({error}). The file may be truncated or damaged, "
-            "so check that it opens in another viewer or copy it again.",
-            value=str(path),
-        ) from error
+        )
 
+    handle, reader = open_handle(path)
     try:
-        info = _build_info(path, handle, mpp)
+        info = _build_info(path, handle, reader, mpp)
     except BaseException:
         handle.close()
         raise
     logger.debug(
-        "opened slide %s: %dx%d px, %d levels, %.4f µm/px from %s",
-        info.slide_id, info.level0_width, info.level0_height, info.level_count, info.mpp, info.mpp_source,
+        "opened slide %s with %s: %dx%d px, %d levels, %.4f µm/px from %s",
+        info.slide_id, reader, info.level0_width, info.level0_height, info.level_count, info.mpp, info.mpp_source,
     )
     return Slide(handle, info)
 
 
-def _build_info(path: Path, handle: openslide.OpenSlide, mpp_override: float | None) -> SlideInfo:
+def _build_info(path: Path, handle: SlideHandle, reader: str, mpp_override: float | None) -> SlideInfo:
     slide_id = compute_slide_id(path)
-    mpp, mpp_source = resolve_mpp(dict(handle.properties), path=path, override=mpp_override)
+    properties = dict(handle.properties)
+    mpp, mpp_source = resolve_mpp(properties, path=path, override=mpp_override, reader=reader)
     if mpp_source == "override":
         logger.info("slide %s: using the mpp override %.4f µm/px", slide_id, mpp)
     width, height = handle.dimensions
+    vendor = properties.get(openslide.PROPERTY_NAME_VENDOR) or properties.get("tiffslide.vendor")
     return SlideInfo(
         path=path,
         name=path.stem,
@@ -288,76 +308,8 @@ def _build_info(path: Path, handle: openslide.OpenSlide, mpp_override: float | N
         level0_magnification=magnification_for_mpp(mpp),
         level_count=int(handle.level_count),
         level_downsamples=tuple(float(downsample) for downsample in handle.level_downsamples),
-        vendor=handle.properties.get(openslide.PROPERTY_NAME_VENDOR),
+        vendor=str(vendor) if vendor else None,
+        reader=reader,
+        # Iterating the mapping lists names only; indexing it would read the image.
+        associated_names=tuple(handle.associated_images),
     )
-
-
-def resolve_mpp(properties: dict[str, str], *, path: Path, override: float | None = None) -> tuple[float, str]:
-    """Return the slide's resolution in µm/px and its source: ``"override"``, ``"metadata"`` or ``"tiff-resolution"``.
-
-    ``properties`` are openslide's slide properties. ``path`` only names the slide in errors.
-    """
-    if override is not None:
-        if not (math.isfinite(override) and MIN_MPP <= override <= MAX_MPP):
-            raise ConfigError(
-                f"slide {path}: the mpp override {override} µm/px is outside the plausible range "
-                f"{MIN_MPP}-{MAX_MPP} µm/px. Pass the scan's resolution, for example 0.25 for 40x or 0.5 for 20x.",
-                value=override,
-                limit=[MIN_MPP, MAX_MPP],
-            )
-        return float(override), "override"
-
-    found = _mpp_from_openslide(properties) or _mpp_from_tiff_resolution(properties)
-    if found is None:
-        raise SlideError(
-            f"slide {path} has no resolution in its metadata (no openslide.mpp-x and no tiff.XResolution "
-            f"with a centimeter or inch unit). Pass the scan's resolution with {MPP_OVERRIDE_HINT}, "
-            "for example 0.25 for a 40x scan or 0.5 for 20x.",
-            value=None,
-        )
-
-    value, key, source = found
-    if not (MIN_MPP <= value <= MAX_MPP):
-        raise SlideError(
-            f"slide {path} reports a resolution of {value:g} µm/px in {key}, outside the plausible range "
-            f"{MIN_MPP}-{MAX_MPP} µm/px, so its metadata is wrong. Pass the scan's true resolution with "
-            f"{MPP_OVERRIDE_HINT}.",
-            value=value,
-            limit=[MIN_MPP, MAX_MPP],
-        )
-    return value, source
-
-
-def _parse_positive_float(properties: dict[str, str], key: str) -> float | None:
-    text = properties.get(key)
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        logger.warning("ignoring slide property %s=%r: not a number", key, text)
-        return None
-    if not math.isfinite(value) or value <= 0:
-        logger.warning("ignoring slide property %s=%r: not a positive number", key, text)
-        return None
-    return value
-
-
-def _mpp_from_openslide(properties: dict[str, str]) -> tuple[float, str, str] | None:
-    mpp_x = _parse_positive_float(properties, openslide.PROPERTY_NAME_MPP_X)
-    if mpp_x is None:
-        return None
-    mpp_y = _parse_positive_float(properties, openslide.PROPERTY_NAME_MPP_Y)
-    if mpp_y is not None and abs(mpp_y - mpp_x) > 0.05 * mpp_x:
-        # NOTE: patches are square in level-0 pixels, so non-square pixels make them rectangles in µm.
-        logger.warning("pixels are not square (mpp-x %.4f, mpp-y %.4f µm), so mpp-x is used", mpp_x, mpp_y)
-    return mpp_x, openslide.PROPERTY_NAME_MPP_X, "metadata"
-
-
-def _mpp_from_tiff_resolution(properties: dict[str, str]) -> tuple[float, str, str] | None:
-    resolution = _parse_positive_float(properties, "tiff.XResolution")
-    unit = properties.get("tiff.ResolutionUnit", "").lower()
-    if resolution is None or unit not in RESOLUTION_UNIT_TO_UM:
-        return None
-    return RESOLUTION_UNIT_TO_UM[unit] / resolution, "tiff.XResolution", "tiff-resolution"
-

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import numpy as np
 from shared.errors import ConfigError, SlideError
 from shared.features import patch_attrs, write_patch_coords
 from shared.slides.grid import PatchGrid, grid_over_tissue
+from shared.slides.quality import BLUR_THRESHOLD, sharpness
 from shared.slides.reader import Slide, SlideInfo, open_slide
 from shared.slides.tissue import TissueMask, detect_tissue
 
@@ -20,11 +23,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, eq=False)
 class TiledSlide:
-    """A slide's metadata with its tissue mask and the patch grid laid over that tissue."""
+    """A slide's metadata with its tissue mask and the patch grid laid over that tissue.
+
+    ``blurry_dropped`` counts the patches removed from the grid as out of focus (0 unless asked).
+    """
 
     info: SlideInfo
     grid: PatchGrid
     tissue: TissueMask
+    blurry_dropped: int = 0
 
 
 def tile_slide(
@@ -32,72 +39,178 @@ def tile_slide(
     *,
     mpp: float | None = None,
     patch_size: int = 224,
-    target_mpp: float = 0.5,
+    target_mpp: float | None = None,
+    target_magnification: float | None = None,
     overlap: int = 0,
     min_tissue_fraction: float = 0.25,
+    edge: str = "drop",
+    min_area_um2: float = 20_000.0,
+    fill_holes: bool = True,
+    remove_artefacts: bool = True,
+    allow_fluorescence: bool = False,
+    drop_blurry: bool = False,
+    workers: int = 1,
 ) -> TiledSlide:
     """Open a slide, detect its tissue and lay a patch grid over it. The slide is closed on return.
 
-    ``mpp`` overrides the slide's resolution in µm/px. Raises :class:`SlideError` when the slide
-    cannot be opened, has no usable resolution, or has no tissue patch.
+    ``mpp`` overrides the slide's resolution in µm/px. The grid options are those of
+    :func:`~shared.slides.grid.grid_over_tissue` and the tissue options those of
+    :func:`~shared.slides.tissue.detect_tissue`. ``drop_blurry`` reads every patch, with ``workers``
+    threads, and removes those whose sharpness is below :data:`shared.slides.quality.BLUR_THRESHOLD`.
+    Raises :class:`SlideError` when the slide cannot be opened, has no usable resolution, no tissue,
+    or no patch with enough tissue (reason ``no_patches``).
     """
     with open_slide(path, mpp=mpp) as slide:
         info = slide.info
-        tissue = detect_tissue(slide)
-    grid = grid_over_tissue(
-        info,
-        tissue,
-        patch_size=patch_size,
-        target_mpp=target_mpp,
-        overlap=overlap,
-        min_tissue_fraction=min_tissue_fraction,
-    )
-    if len(grid) == 0:
-        raise SlideError(
-            f"slide {info.path}: no {patch_size} px patch at {target_mpp} µm/px ({grid.patch_size_level0} px at "
-            f"level 0) has a tissue fraction of at least {min_tissue_fraction}. The slide is "
-            f"{info.level0_width}x{info.level0_height} px at {info.mpp:.4f} µm/px (from {info.mpp_source}). "
-            "Check that resolution, or lower min_tissue_fraction.",
-            value=info.slide_id,
+        tissue = detect_tissue(
+            slide,
+            min_area_um2=min_area_um2,
+            fill_holes=fill_holes,
+            remove_artefacts=remove_artefacts,
+            allow_fluorescence=allow_fluorescence,
         )
+        grid = grid_over_tissue(
+            info,
+            tissue,
+            patch_size=patch_size,
+            target_mpp=target_mpp,
+            target_magnification=target_magnification,
+            overlap=overlap,
+            min_tissue_fraction=min_tissue_fraction,
+            edge=edge,
+        )
+        require_patches(info, grid, min_tissue_fraction)
+        blurry_dropped = 0
+        if drop_blurry:
+            grid, blurry_dropped = drop_blurry_patches(slide, grid, workers=workers)
+
     logger.info(
         "tiled slide %s: %.4f µm/px (%s), %d patches of %d px at %.2f µm/px (%d px at level 0)",
         info.slide_id, info.mpp, info.mpp_source, len(grid), grid.patch_size, grid.target_mpp,
         grid.patch_size_level0,
     )
-    return TiledSlide(info=info, grid=grid, tissue=tissue)
+    return TiledSlide(info=info, grid=grid, tissue=tissue, blurry_dropped=blurry_dropped)
 
 
-def iter_tiles(slide: Slide, grid: PatchGrid, *, batch_size: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def require_patches(info: SlideInfo, grid: PatchGrid, min_tissue_fraction: float) -> None:
+    """Raise :class:`SlideError` with reason ``no_patches`` when the grid is empty."""
+    if len(grid) > 0:
+        return
+    raise SlideError(
+        f"slide {info.path}: no {grid.patch_size} px patch at {grid.target_mpp:g} µm/px ({grid.patch_size_level0} px "
+        f"at level 0, edge {grid.edge!r}) has a tissue fraction of at least {min_tissue_fraction}. The slide is "
+        f"{info.level0_width}x{info.level0_height} px at {info.mpp:.4f} µm/px (from {info.mpp_source}). Check that "
+        "resolution (--mpp), or lower min_tissue_fraction (--min-tissue), or use a smaller patch (--patch-size) "
+        "or edge='pad' (--edge pad) for a slide smaller than one patch.",
+        reason="no_patches",
+        value=str(info.path),
+        limit=min_tissue_fraction,
+    )
+
+
+def drop_blurry_patches(
+    slide: Slide, grid: PatchGrid, *, threshold: float | None = None, workers: int = 1, batch_size: int = 64
+) -> tuple[PatchGrid, int]:
+    """Read every patch and return the grid without the out-of-focus ones, and how many were dropped.
+
+    A patch is out of focus when :func:`shared.slides.quality.sharpness` is below ``threshold``
+    (default :data:`shared.slides.quality.BLUR_THRESHOLD`). Raises :class:`SlideError` with reason
+    ``no_patches`` when every patch is out of focus.
+    """
+    threshold = BLUR_THRESHOLD if threshold is None else threshold
+    keep = np.zeros(len(grid), dtype=bool)
+    start = 0
+    for coords, tiles in iter_tiles(slide, grid, batch_size=batch_size, workers=workers):
+        keep[start : start + len(coords)] = sharpness(tiles) >= threshold
+        start += len(coords)
+
+    dropped = int((~keep).sum())
+    logger.info("slide %s: dropped %d of %d patches as out of focus", slide.info.slide_id, dropped, len(grid))
+    if not keep.any():
+        raise SlideError(
+            f"slide {slide.info.path}: all {len(grid)} tissue patches have a sharpness (variance of the Laplacian) "
+            f"below {threshold:g}, so none is in focus. Check the scan, or tile it without --drop-blurry.",
+            reason="no_patches",
+            value=str(slide.info.path),
+            limit=threshold,
+        )
+    return replace(grid, coords=np.ascontiguousarray(grid.coords[keep])), dropped
+
+
+def iter_tiles(
+    slide: Slide, grid: PatchGrid, *, batch_size: int = 64, workers: int = 1
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield batches of ``(coords, tiles)``: (B, 2) int64 level-0 corners and (B, patch_size, patch_size, 3) uint8 RGB.
 
     Batches follow the grid's row order, and only the last one may be shorter than ``batch_size``.
-    Raises :class:`SlideError` when the grid reaches past this slide, which means it was laid over
-    another slide.
+    With ``workers`` > 1 a pool of that many threads reads the tiles, one batch ahead of the caller,
+    and the output is the same as with one. Threads help because openslide (called through ctypes)
+    and Pillow release the GIL while they decode and resize. Raises :class:`SlideError` when the grid reaches past this slide, which
+    means it was laid over another slide.
     """
     if batch_size <= 0:
         raise ConfigError(f"batch_size={batch_size} must be a positive number of tiles, for example 64.", value=batch_size)
+    if workers <= 0:
+        raise ConfigError(
+            f"workers={workers} must be a positive number of reader threads, for example 1 or 4 (--read-workers).",
+            value=workers,
+        )
     _check_grid_fits(slide.info, grid)
+    batches = [grid.coords[start : start + batch_size].copy() for start in range(0, len(grid.coords), batch_size)]
 
-    for start in range(0, len(grid.coords), batch_size):
-        coords = grid.coords[start : start + batch_size].copy()
-        tiles = np.empty((len(coords), grid.patch_size, grid.patch_size, 3), dtype=np.uint8)
-        for index, (x, y) in enumerate(coords):
-            tiles[index] = slide.read_region_level0(int(x), int(y), grid.patch_size_level0, grid.patch_size)
-        yield coords, tiles
+    if workers == 1:
+        for coords in batches:
+            tiles = np.empty((len(coords), grid.patch_size, grid.patch_size, 3), dtype=np.uint8)
+            for index, (x, y) in enumerate(coords):
+                tiles[index] = slide.read_region_level0(int(x), int(y), grid.patch_size_level0, grid.patch_size)
+            yield coords, tiles
+        return
+
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile-reader")
+    pending: deque[tuple[np.ndarray, list[Future]]] = deque()
+    try:
+        for coords in batches:
+            futures = [
+                executor.submit(slide.read_region_level0, int(x), int(y), grid.patch_size_level0, grid.patch_size)
+                for x, y in coords
+            ]
+            pending.append((coords, futures))
+            if len(pending) > 1:
+                yield _collect_batch(*pending.popleft(), grid.patch_size)
+        while pending:
+            yield _collect_batch(*pending.popleft(), grid.patch_size)
+    finally:
+        # Runs when the caller stops early too, so no thread keeps reading a slide that is about to close.
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def write_patch_file(path: Path, tiled: TiledSlide) -> Path:
-    """Write the TRIDENT patches file of a tiled slide (dataset ``coords`` with its attributes) and return its path."""
-    return write_patch_coords(Path(path), coords=tiled.grid.coords, attrs=patch_attrs(tiled.info, tiled.grid))
+    """Write the TRIDENT patches file of a tiled slide (dataset ``coords`` with its attributes) and return its path.
+
+    Besides TRIDENT's attributes the file records ``target_mpp`` (µm/px) and ``edge`` ("drop" or "pad").
+    """
+    attrs = {**patch_attrs(tiled.info, tiled.grid), "target_mpp": float(tiled.grid.target_mpp), "edge": tiled.grid.edge}
+    return write_patch_coords(Path(path), coords=tiled.grid.coords, attrs=attrs)
+
+
+def _collect_batch(coords: np.ndarray, futures: list[Future], patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    tiles = np.empty((len(coords), patch_size, patch_size, 3), dtype=np.uint8)
+    for index, future in enumerate(futures):
+        tiles[index] = future.result()
+    return coords, tiles
 
 
 def _check_grid_fits(info: SlideInfo, grid: PatchGrid) -> None:
+    """Raise :class:`SlideError` when the grid was laid over a slide of other dimensions.
+
+    Patches of a padded grid may overhang the right and bottom edges but must start inside the slide.
+    """
     if len(grid.coords) == 0:
         return
     max_x = int(grid.coords[:, 0].max()) + grid.patch_size_level0
     max_y = int(grid.coords[:, 1].max()) + grid.patch_size_level0
-    if grid.coords.min() < 0 or max_x > info.level0_width or max_y > info.level0_height:
+    overhang = grid.patch_size_level0 - 1 if grid.edge == "pad" else 0
+    if grid.coords.min() < 0 or max_x > info.level0_width + overhang or max_y > info.level0_height + overhang:
         raise SlideError(
             f"slide {info.slide_id}: the patch grid reaches ({max_x}, {max_y}) px but the slide is "
             f"{info.level0_width}x{info.level0_height} px at level 0. Lay the grid over this slide with "
