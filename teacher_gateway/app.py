@@ -1,55 +1,111 @@
 """The teacher gateway's HTTP API: the embeddings protocol over :class:`EmbeddingService`.
 
-Routes: ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /v1/cache/stats``, ``GET /healthz`` (the process
-is alive) and ``GET /readyz`` (the teacher and the cache are open). Every error, including validation
-errors and unknown routes, has the protocol's one JSON shape ``{"error": {"code", "message", "limit",
-"value"}}``. Unexpected exceptions become a 500 whose message contains only a request id, and the full
-error is logged under that id. :mod:`shared.http` does this for both services.
+Routes: ``POST /v1/embeddings``, ``POST /v1/embeddings/dry-run`` (what a request would cost, without
+calling the teacher), ``GET /v1/models``, ``GET /v1/cache/stats``, ``GET /v1/usage``, ``GET /metrics``
+(Prometheus), ``GET /healthz`` (the process is alive) and ``GET /readyz`` (the teacher and the cache are
+open and the teacher has not drifted). With a keys file, every route but ``/healthz`` and ``/readyz``
+needs an API key, and ``/metrics`` follows the ``metrics`` setting.
+
+Every error, including validation errors and unknown routes, has the protocol's one JSON shape
+``{"error": {"code", "message", "limit", "value"}}``. Unexpected exceptions become a 500 whose message
+contains only a request id, and the full error is logged under that id. :mod:`shared.http` does this
+for both services; the gateway's own refusals (401, 402, 429, 503 drift) add their HTTP headers.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.cache import EmbeddingCache
 from shared.errors import NotReadyError, TeacherError
-from shared.http import check_embedding_request, install_error_handling
-from shared.protocol import GATEWAY_SERVICE, EmbeddingRequest, EmbeddingResponse, ErrorResponse
-from teacher_gateway.service import EmbeddingService
+from shared.http import check_embedding_request, install_error_handling, request_id_of
+from shared.protocol import (
+    GATEWAY_SERVICE,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorResponse,
+)
+from teacher_gateway.auth import KeyStore
+from teacher_gateway.canary import CanaryMonitor
+from teacher_gateway.errors import GatewayLimitError, TeacherDriftError
+from teacher_gateway.metrics import (
+    CONTENT_TYPE,
+    GatewayMetrics,
+    gauge,
+    teacher_stats_metrics,
+)
+from teacher_gateway.service import ANONYMOUS_CALLER, EmbeddingService
 from teacher_gateway.settings import GatewaySettings, get_settings
 from teacher_gateway.teachers.base import Teacher
-from teacher_gateway.teachers.registry import build_teacher
+from teacher_gateway.teachers.registry import build_configured_teacher
+from teacher_gateway.usage import COUNTERS, Budget, Caller, UsageLedger, budget_status
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: GatewaySettings | None = None, *, teacher: Teacher | None = None) -> FastAPI:
-    """Build the gateway app; the cache opens and the teacher is built in the app's lifespan.
+def create_app(
+    settings: GatewaySettings | None = None, *, teacher: Teacher | None = None, teacher_name: str | None = None
+) -> FastAPI:
+    """Build the gateway app; the keys, the cache, the ledger and the teacher open in the app's lifespan.
 
-    ``teacher`` serves a ready-made backend in place of the one ``settings.teacher`` names.
+    ``teacher`` serves a ready-made backend in place of the one ``settings.teacher`` names; the caller
+    then owns it and closes it. A teacher built here is closed at shutdown. Requests may name the
+    teacher by its identity, its ``name`` attribute, or ``teacher_name`` (by default ``settings.teacher``
+    when the teacher is built here).
     """
     settings = settings if settings is not None else get_settings()
+    metrics = GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        served = teacher if teacher is not None else build_teacher(settings.teacher)
-        short_name = settings.teacher if teacher is None else getattr(served, "name", None)
+        app.state.keys = KeyStore.load(settings.keys_file) if settings.keys_file is not None else None
+        served = teacher if teacher is not None else build_configured_teacher(settings)
         cache = EmbeddingCache(settings.cache_dir)
-        app.state.service = EmbeddingService(served, cache)
-        app.state.model_names = [name for name in (served.identity, short_name) if name]
+        ledger = UsageLedger(settings.cache_dir)
+        service = EmbeddingService(
+            served, cache, ledger, budget=Budget(tiles=settings.budget_tiles, calls=settings.budget_calls), metrics=metrics
+        )
+        registry_name = teacher_name if teacher is not None else settings.teacher
+        names = (served.identity, getattr(served, "name", None), registry_name)
+        app.state.model_names = list(dict.fromkeys(name for name in names if name))
+        canary = None
+        if settings.canary_tiles > 0:
+            canary = CanaryMonitor(
+                service,
+                tiles=settings.canary_tiles,
+                interval_s=settings.canary_interval_minutes * 60.0,
+                min_cosine=settings.canary_min_cosine,
+            )
+            canary.start()
+        app.state.canary = canary
+        app.state.service = service
         logger.info(
-            "gateway ready: teacher %s (dim %d, licence %s), cache %s", served.identity, served.dim, served.licence, cache.path
+            "gateway ready: teacher %s (dim %d, licence %s), cache %s, budget %s, %s",
+            served.identity,
+            served.dim,
+            served.licence,
+            cache.path,
+            budget_status(service.budget, ledger.spent(served.identity)),
+            f"{len(app.state.keys)} API keys" if app.state.keys is not None else "no API keys",
         )
         try:
             yield
         finally:
             app.state.service = None
+            if canary is not None:
+                canary.stop()
+            if teacher is None and hasattr(served, "close"):
+                served.close()
+            ledger.close()
             cache.close()
             logger.info("gateway stopped: cache %s closed", cache.path)
 
@@ -59,7 +115,10 @@ def create_app(settings: GatewaySettings | None = None, *, teacher: Teacher | No
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = metrics
     app.state.service = None
+    app.state.canary = None
+    app.state.keys = None
     app.state.model_names = []
     install_error_handling(
         app,
@@ -71,6 +130,15 @@ def create_app(settings: GatewaySettings | None = None, *, teacher: Teacher | No
         # retry, so both go out whole; other server-side errors may name paths and are replaced.
         public_errors=(TeacherError, NotReadyError),
     )
+
+    async def handle_limit_error(request: Request, error: GatewayLimitError) -> JSONResponse:
+        metrics.refusals.labels(error.code).inc()
+        logger.warning("request %s rejected with %d %s: %s", request_id_of(request), error.status_code, error.code, error.message)
+        return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers)
+
+    app.add_exception_handler(GatewayLimitError, handle_limit_error)
+    app.add_middleware(_LatencyMiddleware, metrics=metrics)
+    metrics.add_collector(lambda: _scrape_time_metrics(app))
     _add_routes(app)
     return app
 
@@ -87,29 +155,37 @@ def get_gateway_settings(request: Request) -> GatewaySettings:
     return request.app.state.settings
 
 
+def authenticate(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> Caller:
+    """Return the caller of the request's API key, or the anonymous caller when the gateway has no keys file."""
+    keys: KeyStore | None = request.app.state.keys
+    if keys is None:
+        return ANONYMOUS_CALLER
+    return keys.authenticate(authorization=authorization, api_key=x_api_key)
+
+
 ServiceDep = Annotated[EmbeddingService, Depends(get_service)]
 SettingsDep = Annotated[GatewaySettings, Depends(get_gateway_settings)]
+CallerDep = Annotated[Caller, Depends(authenticate)]
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (404, 413, 422, 500, 502, 503)
+    status: {"model": ErrorResponse} for status in (401, 402, 404, 413, 422, 429, 500, 502, 503)
 }
 
 
 def _add_routes(app: FastAPI) -> None:
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERROR_RESPONSES)
-    def create_embeddings(body: EmbeddingRequest, request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
+    def create_embeddings(
+        body: EmbeddingRequest, request: Request, service: ServiceDep, settings: SettingsDep, caller: CallerDep
+    ) -> JSONResponse:
         """Embed base64 PNG or JPEG tiles, taking cached embeddings first and sending only misses to the teacher."""
-        model_names = request.app.state.model_names
-        check_embedding_request(
-            model=body.model,
-            tile_count=len(body.input),
-            served_names=model_names,
-            max_tiles=settings.max_tiles_per_request,
-            max_tiles_setting="UNITE_GATEWAY_MAX_TILES_PER_REQUEST",
-            service="gateway",
-        )
+        _check_request(body, request, settings)
+        service.admit(caller)
 
-        embeddings, usage = service.embed(body.input)
+        embeddings, usage = service.embed(body.input, caller=caller)
         # Built by hand rather than through the pydantic model: validating 256 x 1536 floats again
         # would only cost time. tolist() gives the exact float32 values as Python floats.
         content = {
@@ -123,29 +199,73 @@ def _add_routes(app: FastAPI) -> None:
         }
         return JSONResponse(content)
 
-    @app.get("/v1/models")
-    def list_models(request: Request, service: ServiceDep) -> dict[str, Any]:
-        """List the served teacher: its identity, embedding dimension and licence."""
-        teacher = service.teacher
-        return {
-            "object": "list",
-            "service": GATEWAY_SERVICE,
-            "data": [
-                {
-                    "id": teacher.identity,
-                    "object": "model",
-                    "names": request.app.state.model_names,
-                    "dim": teacher.dim,
-                    "licence": teacher.licence,
-                }
-            ],
-        }
+    @app.post("/v1/embeddings/dry-run", responses=_ERROR_RESPONSES)
+    def plan_embeddings(
+        body: EmbeddingRequest, request: Request, service: ServiceDep, settings: SettingsDep, caller: CallerDep
+    ) -> dict[str, Any]:
+        """Report what the same body sent to POST /v1/embeddings would cost now: cache hits, tiles to pay for, budget left.
 
-    @app.get("/v1/cache/stats")
-    def cache_stats(service: ServiceDep) -> dict[str, Any]:
+        Nothing is sent to the teacher and nothing is charged; the request counts against the key's
+        requests per minute only.
+        """
+        _check_request(body, request, settings)
+        service.admit(caller, count_request=False)
+        return service.plan(body.input)
+
+    @app.get("/v1/models", responses=_ERROR_RESPONSES)
+    def list_models(request: Request, service: ServiceDep, caller: CallerDep) -> dict[str, Any]:
+        """List the served teacher: its identity, embedding dimension, licence and public settings."""
+        teacher = service.teacher
+        model: dict[str, Any] = {
+            "id": teacher.identity,
+            "object": "model",
+            "names": request.app.state.model_names,
+            "dim": teacher.dim,
+            "licence": teacher.licence,
+        }
+        describe = getattr(teacher, "describe", None)
+        if callable(describe):
+            model["settings"] = describe()
+        return {"object": "list", "service": GATEWAY_SERVICE, "data": [model]}
+
+    @app.get("/v1/cache/stats", responses=_ERROR_RESPONSES)
+    def cache_stats(service: ServiceDep, caller: CallerDep) -> dict[str, Any]:
         """Count the cached embeddings per teacher identity."""
         entries = service.cache.count_by_teacher()
         return {"entries": entries, "total": sum(entries.values())}
+
+    @app.get("/v1/usage", responses=_ERROR_RESPONSES)
+    def usage(request: Request, service: ServiceDep, caller: CallerDep) -> dict[str, Any]:
+        """Return the usage counts per teacher and caller, the served teacher's budget and the last canary check.
+
+        The counts are summed over every gateway process sharing the cache folder, since the ledger was created.
+        """
+        teachers = {}
+        for identity, callers in service.ledger.usage().items():
+            totals = {name: sum(counts[name] for counts in callers.values()) for name in COUNTERS}
+            teachers[identity] = {"totals": totals, "keys": callers}
+        canary = request.app.state.canary
+        return {
+            "teacher": service.teacher.identity,
+            "budget": budget_status(service.budget, service.ledger.spent(service.teacher.identity)),
+            "teacher_blocked": service.teacher_block is not None,
+            "canary": canary.last.as_dict() if canary is not None and canary.last is not None else None,
+            "teachers": teachers,
+        }
+
+    @app.get("/metrics", responses=_ERROR_RESPONSES)
+    def prometheus_metrics(
+        request: Request,
+        settings: SettingsDep,
+        authorization: Annotated[str | None, Header()] = None,
+        x_api_key: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        """Return the Prometheus metrics of this process, in the Prometheus text format."""
+        if settings.metrics == "off":
+            raise HTTPException(404, "metrics are off (UNITE_GATEWAY_METRICS=off); set it to 'key' or 'open' to serve them.")
+        if settings.metrics == "key":
+            authenticate(request, authorization, x_api_key)
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -154,5 +274,68 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/readyz", responses={503: {"model": ErrorResponse}})
     def readyz(service: ServiceDep) -> dict[str, str]:
-        """Report ready once the teacher and the cache are open."""
+        """Report ready once the teacher and the cache are open, and 503 ``teacher_drift`` once the teacher drifted."""
+        block = service.teacher_block
+        if block is not None:
+            raise TeacherDriftError(block.message, limit=block.limit, value=block.value)
         return {"status": "ready", "model": service.teacher.identity}
+
+
+def _check_request(body: EmbeddingRequest, request: Request, settings: GatewaySettings) -> None:
+    check_embedding_request(
+        model=body.model,
+        tile_count=len(body.input),
+        served_names=request.app.state.model_names,
+        max_tiles=settings.max_tiles_per_request,
+        max_tiles_setting="UNITE_GATEWAY_MAX_TILES_PER_REQUEST",
+        service="gateway",
+    )
+
+
+def _scrape_time_metrics(app: FastAPI):
+    """Yield the gauges read at scrape time: budget, tiles in flight and the teacher backend's own counters."""
+    service: EmbeddingService | None = app.state.service
+    if service is None:
+        return
+    identity = service.teacher.identity
+    status = budget_status(service.budget, service.ledger.spent(identity))
+    for unit, values in status.items():
+        labels = {"teacher": identity, "unit": unit}
+        yield gauge("budget_spent", "Budget spent by the served teacher identity, over all processes (label unit).", labels, values["spent"])
+        if values["limit"] is not None:
+            yield gauge("budget_limit", "Budget of the served teacher identity (label unit).", labels, values["limit"])
+            yield gauge("budget_remaining", "Budget left to the served teacher identity (label unit).", labels, values["left"])
+    yield gauge("inflight_tiles", "Tiles this process is embedding now with the teacher.", {"teacher": identity}, service.inflight.claimed)
+    yield gauge("coalesce_waiters", "Requests waiting now for another request's teacher call.", {"teacher": identity}, service.inflight.waiters)
+    stats = getattr(service.teacher, "stats", None)
+    if callable(stats):
+        yield from teacher_stats_metrics(identity, stats())
+
+
+class _LatencyMiddleware:
+    """Observe each HTTP request's duration in ``unite_gateway_request_duration_seconds``, by route template and status."""
+
+    def __init__(self, app: ASGIApp, *, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route = scope.get("route")
+            # The route template, never the raw path, so unknown URLs cannot create unbounded label values.
+            path = getattr(route, "path", "unmatched")
+            self.metrics.request_seconds.labels(path, str(status)).observe(time.perf_counter() - started)

@@ -1,13 +1,16 @@
 """A synchronous client of the embeddings protocol, used by the CLI to fill the cache through a gateway.
 
-It sends tiles as base64 PNG in batches, retries rate limits (429), server errors (5xx) and connection
-failures a few times with exponential back-off, and raises :class:`TeacherError` with the server's
-JSON error message for every other failure.
+It sends tiles as base64 PNG in batches, with the gateway's API key when one is given (or set in
+:data:`API_KEY_ENV`). It retries rate limits and quotas (429), server errors (5xx) and connection failures
+a few times with exponential back-off, waiting at least the server's ``Retry-After``, and raises
+:class:`TeacherError` with the server's JSON error message for every other failure. A 402
+``budget_exhausted`` or a 503 ``teacher_drift`` is not retried, because waiting does not end either.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,15 +21,18 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential,
 )
 
 from shared.errors import ConfigError, TeacherError
 from shared.imaging import encode_base64_png
+from teacher_gateway.teachers.rate_limit import parse_retry_after
 
 logger = logging.getLogger(__name__)
 
 RETRY_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
+# Error codes of a retryable status that no wait resolves: the gateway stopped calling a drifted teacher.
+FINAL_ERROR_CODES = frozenset({"teacher_drift"})
+API_KEY_ENV = "UNITE_API_KEY"
 
 
 class _RetryableResponse(Exception):
@@ -37,12 +43,22 @@ class _RetryableResponse(Exception):
         self.response = response
 
 
+class GatewayResponseError(TeacherError):
+    """An error response of the server; ``server_code`` is the code of its JSON error, such as ``budget_exhausted``."""
+
+    def __init__(self, message: str, *, server_code: str | None, limit: Any = None, value: Any = None) -> None:
+        super().__init__(message, limit=limit, value=value)
+        self.server_code = server_code
+
+
 class GatewayClient:
     """Client of a gateway (or any server of the embeddings protocol) at ``base_url``.
 
     ``timeout`` is in seconds per request, and ``batch_size`` tiles go in one request. A failing request is
     tried at most ``max_attempts`` times. The waits between tries start at ``retry_wait_s`` seconds and
-    double, up to 10 s.
+    double, up to 10 s, or last the server's ``Retry-After`` when that is longer, up to ``max_retry_after_s``.
+    ``api_key`` is sent as ``Authorization: Bearer``; None reads it from the environment variable
+    :data:`API_KEY_ENV`, and sends none when that is unset. The key is never logged.
     """
 
     def __init__(
@@ -54,6 +70,8 @@ class GatewayClient:
         model: str | None = None,
         max_attempts: int = 3,
         retry_wait_s: float = 0.5,
+        max_retry_after_s: float = 120.0,
+        api_key: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"gateway client batch_size is {batch_size}, expected at least 1.", limit=1, value=batch_size)
@@ -64,7 +82,11 @@ class GatewayClient:
         self.model = model
         self.max_attempts = max_attempts
         self.retry_wait_s = retry_wait_s
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self.max_retry_after_s = max_retry_after_s
+        if api_key is None:
+            api_key = os.environ.get(API_KEY_ENV, "").strip() or None
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 
     def embed(
         self,
@@ -90,25 +112,9 @@ class GatewayClient:
         mpp: float | Sequence[float | None] | None = None,
     ) -> tuple[np.ndarray, dict[str, int]]:
         """Embed tiles like :meth:`embed` and also return the server's usage counts, summed over batches."""
-        count = len(tiles)
-        slide_ids = _per_tile("slide_id", slide_id, count)
-        mpps = _per_tile("mpp", mpp, count)
-        all_coords = _per_tile("coords", coords, count, allow_scalar=False)
-
         batches = []
         usage: dict[str, int] = {}
-        for start in range(0, count, self.batch_size):
-            stop = min(start + self.batch_size, count)
-            inputs = []
-            for index in range(start, stop):
-                item: dict[str, Any] = {"image": encode_base64_png(tiles[index])}
-                if slide_ids[index] is not None:
-                    item["slide_id"] = slide_ids[index]
-                if all_coords[index] is not None:
-                    item["coords"] = [int(value) for value in all_coords[index]]
-                if mpps[index] is not None:
-                    item["mpp"] = float(mpps[index])
-                inputs.append(item)
+        for inputs in self._input_batches(tiles, slide_id=slide_id, coords=coords, mpp=mpp):
             embeddings, batch_usage = self._embed_batch(inputs)
             batches.append(embeddings)
             for name, value in batch_usage.items():
@@ -117,6 +123,28 @@ class GatewayClient:
         if not batches:
             return np.zeros((0, 0), dtype=np.float32), usage
         return np.concatenate(batches), usage
+
+    def dry_run(self, tiles: Sequence[np.ndarray]) -> dict[str, Any]:
+        """Return what embedding ``tiles`` would cost now, summed over batches, without the teacher being called.
+
+        Sends each batch to ``POST /v1/embeddings/dry-run``. ``tiles``, ``cache_hits``, ``tiles_to_embed``
+        and ``teacher_calls`` are summed; ``budget`` and ``model`` come from the last batch. A tile that
+        occurs in two batches counts twice, so pass distinct tiles.
+        """
+        summed = ("tiles", "cache_hits", "tiles_to_embed", "teacher_calls")
+        totals: dict[str, Any] = dict.fromkeys(summed, 0)
+        for inputs in self._input_batches(tiles):
+            plan = self._request("POST", "/v1/embeddings/dry-run", json=self._payload(inputs))
+            for name in summed:
+                totals[name] += int(plan.get(name, 0))
+            totals["model"] = plan.get("model")
+            totals["budget"] = plan.get("budget")
+            totals["teacher_blocked"] = plan.get("teacher_blocked", False)
+        return totals
+
+    def usage(self) -> dict[str, Any]:
+        """Return the server's ``GET /v1/usage`` report: counts per teacher and key, budget, canary check."""
+        return self._request("GET", "/v1/usage")
 
     def models(self) -> list[dict[str, Any]]:
         """Return the models the server lists under ``GET /v1/models``."""
@@ -158,11 +186,43 @@ class GatewayClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _embed_batch(self, inputs: list[dict[str, Any]]) -> tuple[np.ndarray, dict[str, Any]]:
+    def _input_batches(
+        self,
+        tiles: Sequence[np.ndarray],
+        *,
+        slide_id: str | Sequence[str | None] | None = None,
+        coords: Sequence[tuple[int, int] | None] | None = None,
+        mpp: float | Sequence[float | None] | None = None,
+    ) -> list[list[dict[str, Any]]]:
+        """Return the protocol inputs of ``tiles`` in batches of ``batch_size``."""
+        count = len(tiles)
+        slide_ids = _per_tile("slide_id", slide_id, count)
+        mpps = _per_tile("mpp", mpp, count)
+        all_coords = _per_tile("coords", coords, count, allow_scalar=False)
+
+        batches = []
+        for start in range(0, count, self.batch_size):
+            inputs = []
+            for index in range(start, min(start + self.batch_size, count)):
+                item: dict[str, Any] = {"image": encode_base64_png(tiles[index])}
+                if slide_ids[index] is not None:
+                    item["slide_id"] = slide_ids[index]
+                if all_coords[index] is not None:
+                    item["coords"] = [int(value) for value in all_coords[index]]
+                if mpps[index] is not None:
+                    item["mpp"] = float(mpps[index])
+                inputs.append(item)
+            batches.append(inputs)
+        return batches
+
+    def _payload(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         payload: dict[str, Any] = {"input": inputs}
         if self.model is not None:
             payload["model"] = self.model
-        body = self._request("POST", "/v1/embeddings", json=payload)
+        return payload
+
+    def _embed_batch(self, inputs: list[dict[str, Any]]) -> tuple[np.ndarray, dict[str, Any]]:
+        body = self._request("POST", "/v1/embeddings", json=self._payload(inputs))
 
         data = body.get("data")
         if not isinstance(data, list) or len(data) != len(inputs):
@@ -196,7 +256,7 @@ class GatewayClient:
         """Send one request with retries and return its JSON body; raise :class:`TeacherError` on failure."""
         retrying = Retrying(
             stop=stop_after_attempt(self.max_attempts),
-            wait=wait_exponential(multiplier=self.retry_wait_s, max=10.0),
+            wait=self._wait,
             retry=retry_if_exception(lambda error: isinstance(error, (httpx.TransportError, _RetryableResponse))),
             before_sleep=self._log_retry,
             reraise=True,
@@ -215,17 +275,29 @@ class GatewayClient:
         if response.is_success:
             return response.json()
         error_body = _error_body(response)
-        raise TeacherError(
+        raise GatewayResponseError(
             f"gateway {url} returned HTTP {response.status_code}: {error_body.get('message', response.text[:500])}",
+            server_code=error_body.get("code"),
             limit=error_body.get("limit"),
             value=error_body.get("value"),
         )
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         response = self._http.request(method, path, **kwargs)
-        if response.status_code in RETRY_STATUS_CODES:
+        if response.status_code in RETRY_STATUS_CODES and _error_body(response).get("code") not in FINAL_ERROR_CODES:
             raise _RetryableResponse(response)
         return response
+
+    def _wait(self, state: RetryCallState) -> float:
+        """Wait the exponential back-off, or the server's Retry-After when longer, capped at ``max_retry_after_s``."""
+        backoff = min(self.retry_wait_s * 2 ** (state.attempt_number - 1), 10.0)
+        error = state.outcome.exception() if state.outcome is not None else None
+        retry_after = None
+        if isinstance(error, _RetryableResponse):
+            retry_after = parse_retry_after(error.response.headers.get("retry-after"))
+        if retry_after is None:
+            return backoff
+        return min(max(backoff, retry_after), self.max_retry_after_s)
 
     def _log_retry(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None

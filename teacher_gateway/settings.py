@@ -4,19 +4,25 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.settings import load_settings
+from teacher_gateway.teachers.remote_config import RemoteTeacherConfig
 
 ENV_PREFIX = "UNITE_GATEWAY_"
 
 
 class GatewaySettings(BaseSettings):
-    """Gateway settings: the cache folder, the served teacher, the listening address and the request limits."""
+    """Gateway settings: the cache folder, the served teacher, the listening address, the request limits,
+    the teacher's budget, API keys, metrics and the canary drift check.
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+    Nested settings use ``__``, for example ``UNITE_GATEWAY_REMOTE__URL``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", env_nested_delimiter="__")
 
     cache_dir: Path = Field(
         default=Path("runs/cache"),
@@ -34,6 +40,84 @@ class GatewaySettings(BaseSettings):
         description=(
             "Maximum size of a request body in bytes. The default fits 256 base64 PNG tiles of 224 px "
             "even when PNG cannot compress them (about 200 KB each)."
+        ),
+    )
+    remote: RemoteTeacherConfig | None = Field(
+        default=None,
+        description="Settings of the remote teacher (teacher 'remote'), nested: UNITE_GATEWAY_REMOTE__URL and so on.",
+    )
+    weights: Path | None = Field(
+        default=None, description="Weights file of a local teacher (uni2-h, timm, onnx): safetensors, .bin/.pth or .onnx."
+    )
+    model_name: str | None = Field(default=None, description="timm model name of the 'timm' teacher, such as vit_small_patch16_224.")
+    model_kwargs: dict[str, Any] | None = Field(
+        default=None, description="Extra keyword arguments of timm.create_model for the 'timm' teacher, as a JSON object."
+    )
+    device: str | None = Field(default=None, description="Device of a local teacher: auto, cpu, cuda or cuda:N (backend default: auto).")
+    batch_size: int | None = Field(
+        default=None, ge=1, description="Tiles per forward pass of a local teacher (backend default: 32)."
+    )
+    precision: str | None = Field(default=None, description="Precision of a torch teacher: bf16 (autocast) or fp32 (backend default: bf16).")
+    input_name: str | None = Field(default=None, description="Input name of the 'onnx' teacher's model, when it has several.")
+    output_name: str | None = Field(default=None, description="Output name of the 'onnx' teacher's model that holds the embedding.")
+    input_size: int | None = Field(default=None, ge=1, description="Side in pixels of the model input of a timm or ONNX teacher.")
+    resize_size: int | None = Field(
+        default=None, ge=1, description="Side in pixels that tiles are resized to before the centre crop, for a timm or ONNX teacher."
+    )
+    interpolation: str | None = Field(default=None, description="Resize interpolation of a timm or ONNX teacher, such as bicubic.")
+    mean: tuple[float, float, float] | None = Field(
+        default=None, description="Per-channel RGB mean of a timm or ONNX teacher's normalisation, in [0, 1], as a JSON list."
+    )
+    std: tuple[float, float, float] | None = Field(
+        default=None, description="Per-channel RGB standard deviation of a timm or ONNX teacher's normalisation, as a JSON list."
+    )
+    licence: str | None = Field(
+        default=None, description="Licence and terms of a timm or ONNX teacher's weights, recorded in shards and model cards."
+    )
+    budget_tiles: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Maximum number of tiles the served teacher identity may ever be sent, counted over every gateway "
+            "process sharing the cache folder and across restarts; unset means no limit."
+        ),
+    )
+    budget_calls: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Maximum number of teacher calls (one per batch of the teacher's maximum batch size) the served teacher "
+            "identity may ever be sent, counted like budget_tiles; unset means no limit."
+        ),
+    )
+    keys_file: Path | None = Field(
+        default=None,
+        description="TOML file of API keys (sha256 digests, names, per-key quotas); unset means no keys are required.",
+    )
+    metrics: Literal["open", "key", "off"] = Field(
+        default="key",
+        description=(
+            "Access to GET /metrics: 'open' to anyone, 'key' with an API key when a keys file is set "
+            "(open otherwise), 'off' to serve no metrics."
+        ),
+    )
+    canary_tiles: int = Field(
+        default=8,
+        ge=0,
+        description="Number of cached tiles the drift check re-embeds at start and on schedule; 0 turns the check off.",
+    )
+    canary_interval_minutes: float = Field(
+        default=60.0,
+        ge=0,
+        description="Minutes between drift checks after the one at start; 0 checks at start only.",
+    )
+    canary_min_cosine: float = Field(
+        default=0.98,
+        ge=-1.0,
+        le=1.0,
+        description=(
+            "Smallest cosine similarity between a canary tile's new and cached embedding before the teacher "
+            "counts as changed and the gateway stops calling it."
         ),
     )
 

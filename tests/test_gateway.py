@@ -169,7 +169,7 @@ def test_embeddings_in_request_order(http, teacher, lung_jpegs, lung_tiles):
     assert response.status_code == 200
     body = response.json()
     assert body["model"] == CountingTeacher.identity
-    assert body["usage"] == {"tiles": 5, "cache_hits": 0, "model_calls": 1, "tiles_sent_to_teacher": 5}
+    assert body["usage"] == {"tiles": 5, "cache_hits": 0, "coalesced": 0, "model_calls": 1, "tiles_sent_to_teacher": 5}
     embeddings = _embeddings(response)
     assert embeddings.shape == (5, 48)
     expected = CountingTeacher.compute(np.stack([prepare_tile(tile) for tile in lung_tiles[:5]]))
@@ -184,7 +184,7 @@ def test_repeat_request_hits_cache(http, teacher, lung_jpegs):
     second = http.post("/v1/embeddings", json=payload)
 
     assert second.status_code == 200
-    assert second.json()["usage"] == {"tiles": 4, "cache_hits": 4, "model_calls": 0, "tiles_sent_to_teacher": 0}
+    assert second.json()["usage"] == {"tiles": 4, "cache_hits": 4, "coalesced": 0, "model_calls": 0, "tiles_sent_to_teacher": 0}
     assert teacher.calls == 1
     assert np.array_equal(_embeddings(second), _embeddings(first))
 
@@ -216,7 +216,7 @@ def test_partial_hits_send_only_misses(http, teacher, lung_jpegs):
 
     response = http.post("/v1/embeddings", json={"input": [_image_input(data) for data in lung_jpegs[:5]]})
 
-    assert response.json()["usage"] == {"tiles": 5, "cache_hits": 2, "model_calls": 1, "tiles_sent_to_teacher": 3}
+    assert response.json()["usage"] == {"tiles": 5, "cache_hits": 2, "coalesced": 0, "model_calls": 1, "tiles_sent_to_teacher": 3}
     assert teacher.batch_sizes == [2, 3]
 
 
@@ -483,7 +483,7 @@ def test_client_round_trip(tmp_path, teacher, lung_tiles):
         model = client.model_info()
 
     assert model == {"identity": CountingTeacher.identity, "dim": 48, "licence": "CC0-1.0", "names": [CountingTeacher.identity, "counting"]}
-    assert usage == {"tiles": 7, "cache_hits": 7, "model_calls": 0, "tiles_sent_to_teacher": 0}
+    assert usage == {"tiles": 7, "cache_hits": 7, "coalesced": 0, "model_calls": 0, "tiles_sent_to_teacher": 0}
     assert embeddings.shape == (7, 48)
     assert np.array_equal(embeddings, CountingTeacher.compute(np.stack([prepare_tile(tile) for tile in lung_tiles[:7]])))
     assert np.array_equal(again, embeddings)

@@ -18,6 +18,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from shared.errors import ConfigError, UniteError
+from unite_cli.serve_gateway import GATEWAY_OPTIONS, add_gateway_arguments
+from unite_cli.tile import add_tile_arguments, run_tile
 
 logger = logging.getLogger("unite")
 
@@ -42,17 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = commands.add_parser("fetch-sample", help="download the CMU-1 sample slide and print its path")
     fetch.add_argument("--data-dir", type=Path, default=None, help="folder for the slide (default: $UNITE_DATA_DIR or ~/.cache/unite/data)")
 
-    tile = commands.add_parser("tile", help="detect tissue and write a TRIDENT-layout patch file per slide")
-    tile.add_argument("slides", nargs="+", type=Path, help="slide files openslide can read")
-    tile.add_argument("--out", type=Path, required=True, help="output folder; patch files go to OUT/patches/NAME_patches.h5")
-    _add_slide_options(tile)
+    tile = commands.add_parser(
+        "tile",
+        help="detect tissue and write a TRIDENT-layout patch file per slide, skipping slides already done",
+        description="Tile slides in resumable jobs: several processes may share one --out folder, because each slide "
+        "is locked while it is tiled. Exit status: 0 when every slide is done or skipped, 1 when any failed, "
+        "2 for invalid options.",
+    )
+    add_tile_arguments(tile)
 
     teach = commands.add_parser("teach", help="embed slides' tiles through the teacher gateway and export training shards")
     teach.add_argument("slides", nargs="+", type=Path, help="slide files openslide can read")
     teach.add_argument("--gateway", required=True, help="base URL of the teacher gateway, for example http://127.0.0.1:8100")
-    teach.add_argument("--cache-dir", type=Path, required=True, help="the gateway's cache folder, read to export the shards")
-    teach.add_argument("--shards", type=Path, required=True, help="output folder for the training shards")
+    teach.add_argument("--cache-dir", type=Path, default=None, help="the gateway's cache folder, read to export the shards (required unless --dry-run)")
+    teach.add_argument("--shards", type=Path, default=None, help="output folder for the training shards (required unless --dry-run)")
     teach.add_argument("--batch-size", type=int, default=64, help="tiles per request to the gateway (default: 64)")
+    teach.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tile the slides and print the tiles to pay for, the cache hits and the budget left; send nothing to the teacher",
+    )
     _add_slide_options(teach)
 
     distill = commands.add_parser("distill", help="train the student from training shards and export it")
@@ -74,10 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     gateway = commands.add_parser("serve-gateway", help="run the teacher gateway HTTP service")
-    gateway.add_argument("--host", default=None, help="address to bind (default: UNITE_GATEWAY_HOST or 127.0.0.1)")
-    gateway.add_argument("--port", type=int, default=None, help="port to bind (default: UNITE_GATEWAY_PORT or 8100)")
-    gateway.add_argument("--cache-dir", type=Path, default=None, help="cache folder (default: UNITE_GATEWAY_CACHE_DIR or ./runs/cache)")
-    gateway.add_argument("--teacher", default=None, help="teacher backend (default: UNITE_GATEWAY_TEACHER or 'reference')")
+    add_gateway_arguments(gateway)
 
     student = commands.add_parser("serve-student", help="run the student embedding HTTP service")
     student.add_argument("--host", default=None, help="address to bind (default: UNITE_STUDENT_HOST or 127.0.0.1)")
@@ -95,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Command-line options of the serve commands, by the settings field they set.
 _SETTINGS_OPTIONS = {
-    "serve-gateway": {"host": "--host", "port": "--port", "cache_dir": "--cache-dir", "teacher": "--teacher"},
+    "serve-gateway": GATEWAY_OPTIONS,
     "serve-student": {"host": "--host", "port": "--port", "checkpoint_dir": "--checkpoint"},
 }
 
@@ -162,7 +170,7 @@ def _settings_error(error: ValidationError, args: argparse.Namespace) -> ConfigE
     problems = []
     values = {}
     for item in error.errors():
-        field = "_".join(str(part) for part in item["loc"])
+        field = "__".join(str(part) for part in item["loc"])
         variable = f"{prefix}{field.upper()}"
         option = options.get(field)
         values[field] = item.get("input")
@@ -186,16 +194,29 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "tile":
-        from unite_cli.pipeline import tile_to_patch_files
-
         _check_output_folder(args.out, "--out")
-        for path in tile_to_patch_files(args.slides, args.out, mpp=args.mpp, patch_size=args.patch_size, target_mpp=args.target_mpp):
-            print(path)
+        return run_tile(args)
+
+    if args.command == "teach" and args.dry_run:
+        from unite_cli.teach_plan import plan_teach
+
+        plan = plan_teach(
+            args.slides,
+            gateway_url=args.gateway,
+            mpp=args.mpp,
+            patch_size=args.patch_size,
+            target_mpp=args.target_mpp,
+            batch_size=args.batch_size,
+        )
+        print(plan.summary())
         return 0
 
     if args.command == "teach":
         from unite_cli.pipeline import teach_slides
 
+        for option, value in (("--cache-dir", args.cache_dir), ("--shards", args.shards)):
+            if value is None:
+                raise ConfigError(f"unite teach: {option} is missing. Pass it, or pass --dry-run to only print the plan.", value=None)
         # Checked before any tile is sent, because the shards are written only after every tile has gone through the gateway.
         _check_output_folder(args.shards, "--shards")
         _check_output_folder(args.cache_dir, "--cache-dir")
@@ -237,23 +258,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "serve-gateway":
-        import uvicorn
+        from unite_cli.serve_gateway import gateway_settings, serve_gateway
 
-        from shared.cache import EmbeddingCache
-        from teacher_gateway.app import create_app
-        from teacher_gateway.settings import GatewaySettings
-        from teacher_gateway.teachers.registry import build_teacher
-
-        settings = GatewaySettings(**_overrides(host=args.host, port=args.port, cache_dir=args.cache_dir, teacher=args.teacher))
-        # uvicorn reports an error in the app's startup as a traceback and exit status 3, so the teacher and
-        # the cache, which the startup would open, are built and checked here first.
+        settings = gateway_settings(args)
         _check_output_folder(settings.cache_dir, "--cache-dir (or UNITE_GATEWAY_CACHE_DIR)")
-        teacher = build_teacher(settings.teacher)
-        EmbeddingCache(settings.cache_dir).close()
-        # NOTE: given a teacher, create_app lists the teacher's ``name`` attribute as the short model name in
-        # place of settings.teacher. Both are "reference" for the reference teacher, the only registered one.
-        uvicorn.run(create_app(settings, teacher=teacher), host=settings.host, port=settings.port)
-        return 0
+        return serve_gateway(settings)
 
     if args.command == "serve-student":
         import uvicorn

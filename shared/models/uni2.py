@@ -12,8 +12,15 @@ import timm
 import torch
 from timm.layers import SwiGLUPacked
 
+from shared.imaging import IMAGENET_MEAN, IMAGENET_STD
+
 UNI2H_PARAMETERS = 681_394_176
 UNI2H_EMBED_DIM = 1536
+# UNI2-h's evaluation transform: resize to 224 px, centre crop 224 px, ImageNet mean and std. Tiles
+# prepared by shared.imaging.prepare_tile are already resized and cropped to 224 px.
+UNI2H_INPUT_SIZE = 224
+UNI2H_MEAN = tuple(float(value) for value in IMAGENET_MEAN)
+UNI2H_STD = tuple(float(value) for value in IMAGENET_STD)
 UNI2H_KWARGS: dict[str, Any] = {
     "img_size": 224,
     "patch_size": 14,
