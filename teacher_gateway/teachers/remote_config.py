@@ -1,8 +1,8 @@
 """Settings of one remote teacher: :class:`RemoteTeacherConfig`, checked when it is built.
 
-The validators reject settings that cannot work (a URL without a host, a rate limit smaller than one full
-batch) or that would leak the API key (credentials in the URL, the key sent over plain http to another
-host), and each message names the setting and how to fix it.
+The validators reject settings that cannot work, such as a URL without a host or a rate limit smaller than
+one full batch. They also reject settings that would leak the API key: credentials in the URL, or the key
+sent over plain http to another host. Each message names the setting and how to fix it.
 """
 
 from __future__ import annotations
