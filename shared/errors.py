@@ -67,7 +67,9 @@ class SlideError(UniteError):
 # Why a slide was refused, as recorded in a job's state file and returned by the services.
 SLIDE_REASONS = {
     "invalid_slide": "any other problem with the slide",
-    "not_found": "the path does not exist or is not a file",
+    "not_found": "the path does not exist or is not a regular file",
+    "permission_denied": "the user running unite may not read the file or reach its folder",
+    "too_large": "the slide declares a size whose thumbnail or chunks would exhaust memory",
     "unreadable": "no reader recognises the file format",
     "damaged": "a reader recognised the file but failed to read it (truncated or corrupt)",
     "no_resolution": "no resolution in the metadata and no override",

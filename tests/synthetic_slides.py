@@ -84,3 +84,47 @@ def write_tiff_slide(
         for level in pyramid[1:]:
             writer.write(level, subfiletype=1, metadata=None, **options)
     return path
+
+
+def overwrite_tags(path: Path, values: dict[str, object], *, page: int = 0) -> Path:
+    """Overwrite tags of one page of a TIFF in place, for example ``{"XResolution": (0, 1)}``.
+
+    A value may be ``(value, dtype)`` to change the tag's type, as an image size above 65535 needs.
+    """
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tags = tif.pages[page].tags
+        for name, value in values.items():
+            if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str):
+                tags[name].overwrite(value[0], dtype=value[1])
+            else:
+                tags[name].overwrite(value)
+    return path
+
+
+def write_declared_size_tiff(path: Path, width: int, height: int, *, tile: int = 1024, mpp: float = 0.5) -> Path:
+    """Write a single-level tiled TIFF that declares ``width`` x ``height`` px but stores one tile.
+
+    Every tile offset points at that one zlib tile (pink tissue on the left half, glass on the right),
+    so the file takes a few tens of kilobytes whatever size it declares, and reads of any region succeed.
+    """
+    path = Path(path)
+    image = np.empty((tile, tile, 3), dtype=np.uint8)
+    image[:] = GLASS
+    image[:, : tile // 2] = STROMA
+    pixels_per_cm = 10_000.0 / mpp
+    tifffile.imwrite(
+        path, image, tile=(tile, tile), compression="zlib", photometric="rgb", metadata=None,
+        resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER",
+    )
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
+    tiles = -(-width // tile) * -(-height // tile)
+    return overwrite_tags(
+        path,
+        {
+            "ImageWidth": (width, "I"),
+            "ImageLength": (height, "I"),
+            "TileOffsets": ([offset] * tiles, "I"),
+            "TileByteCounts": ([count] * tiles, "I"),
+        },
+    )

@@ -10,7 +10,7 @@ from slide_data import TCGA, TCGA_MPP_ESTIMATE
 
 from shared.errors import ConfigError, SlideError
 from shared.slides import open_slide
-from shared.slides.resolution import MppTable, resolve_mpp
+from shared.slides.resolution import MppTable, parse_mpp_cell, resolve_mpp
 
 SLIDE = Path("/archive/case-7/scan.svs")
 
@@ -136,15 +136,96 @@ def test_override_wins_over_everything() -> None:
     assert resolve_mpp(properties, path=SLIDE, override=0.3) == (0.3, "override")
 
 
-def test_unusable_value_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
-    properties = {"openslide.mpp-x": "n/a", "aperio.MPP": "-1", "ventana.ScanRes": "0.465"}
+@pytest.mark.parametrize(
+    ("properties", "stated", "value"),
+    [
+        ({"openslide.mpp-x": "n/a", "ventana.ScanRes": "0.465"}, "'n/a' in openslide.mpp-x, which is not a number", "n/a"),
+        ({"aperio.MPP": "0", "aperio.AppMag": "20"}, "a resolution of 0 µm/px in aperio.MPP", 0.0),
+        ({"aperio.MPP": "-1", "ventana.ScanRes": "0.465"}, "a resolution of -1 µm/px in aperio.MPP", -1.0),
+        ({"aperio.MPP": "nan", "tiff.XResolution": "20000", "tiff.ResolutionUnit": "centimeter"},
+         "a resolution of nan µm/px in aperio.MPP", "nan"),
+        ({"aperio.MPP": "inf"}, "a resolution of inf µm/px in aperio.MPP", "inf"),
+        ({"aperio.MPP": "abc", "aperio.AppMag": "20"}, "'abc' in aperio.MPP, which is not a number", "abc"),
+        ({"tiffslide.mpp-x": float("nan"), "tiffslide.objective-power": 20},
+         "a resolution of nan µm/px in tiffslide.mpp-x", "nan"),
+        ({"hamamatsu.PhysicalWidth": "0", "openslide.level[0].width": "50000"},
+         "a resolution of 0 µm/px in hamamatsu.PhysicalWidth (0 nm over 50000 px)", 0.0),
+        ({"tiff.ImageDescription": ome_description("0")}, "a resolution of 0 µm/px in OME-XML PhysicalSizeX (0 µm)", 0.0),
+        ({"tiff.ImageDescription": ome_description("-1")}, "a resolution of -1 µm/px in OME-XML PhysicalSizeX", -1.0),
+        ({"tiff.ImageDescription": ome_description("NaN")}, "a resolution of nan µm/px in OME-XML PhysicalSizeX", "NaN"),
+        ({"tiff.ImageDescription": ome_description("0.5", "furlong")},
+         "'0.5' in OME-XML PhysicalSizeX, in the unit 'furlong', which is not one of", "0.5"),
+        ({"tiff.XResolution": "0", "tiff.ResolutionUnit": "centimeter", "aperio.AppMag": "20"},
+         "a resolution of inf µm/px in tiff.XResolution (0 pixels per centimeter)", "0"),
+        ({"tiff.XResolution": "1/0", "tiff.ResolutionUnit": "centimeter"},
+         "a resolution of 0 µm/px in tiff.XResolution (1/0 pixels per centimeter)", 0.0),
+        ({"tiff.XResolution": "0/0", "tiff.ResolutionUnit": "inch"},
+         "a resolution of nan µm/px in tiff.XResolution (0/0 pixels per inch)", "0/0"),
+        ({"aperio.AppMag": "0"}, "a resolution of inf µm/px in aperio.AppMag (objective power 0x)", "0"),
+        ({"aperio.AppMag": "-20"}, "a resolution of -0.5 µm/px in aperio.AppMag (objective power -20x)", -0.5),
+        ({"aperio.AppMag": "twenty"}, "'twenty' in aperio.AppMag, which is not a number",
+         "twenty"),
+        ({"tiff.ImageDescription": '<OME><Objective NominalMagnification="0"/></OME>'},
+         "a resolution of inf µm/px in OME-XML NominalMagnification (objective power 0x)", "0"),
+    ],
+    ids=[
+        "openslide-text", "aperio-zero", "aperio-negative", "aperio-nan-before-tags", "aperio-inf", "aperio-text",
+        "tiffslide-nan", "hamamatsu-zero", "ome-zero", "ome-negative", "ome-nan", "ome-unknown-unit",
+        "tiff-zero", "tiff-one-over-zero", "tiff-zero-over-zero", "power-zero", "power-negative", "power-text",
+        "ome-power-zero",
+    ],
+)
+def test_present_unusable_value_is_implausible(properties: dict, stated: str, value: float | str) -> None:
+    with pytest.raises(SlideError) as raised:
+        resolve_mpp(properties, path=SLIDE)
+
+    message = str(raised.value)
+    assert raised.value.reason == "implausible_resolution"
+    assert message.startswith(f"slide {SLIDE} reports {stated}")
+    assert "0.05-20.0 µm/px" in message
+    assert "--mpp-csv" in message
+    assert raised.value.value == value
+
+
+@pytest.mark.parametrize(
+    ("properties", "x_key", "y_key", "mpp_y"),
+    [
+        ({"tiff.XResolution": "20000", "tiff.YResolution": "5000", "tiff.ResolutionUnit": "centimeter",
+          "openslide.mpp-x": "0.5", "openslide.mpp-y": "2"}, "tiff.XResolution", "tiff.YResolution", 2.0),
+        ({"openslide.mpp-x": "0.5", "openslide.mpp-y": "0.25"}, "openslide.mpp-x", "openslide.mpp-y", 0.25),
+        ({"tiffslide.mpp-x": 0.5, "tiffslide.mpp-y": 0.6}, "tiffslide.mpp-x", "tiffslide.mpp-y", 0.6),
+        ({"mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_X": "0.5",
+          "mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_Y": "1.0"},
+         "mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_X", "mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_Y",
+         1.0),
+        ({"philips.DICOM_PIXEL_SPACING": '"0.001" "0.0005"'}, "philips.DICOM_PIXEL_SPACING",
+         "philips.DICOM_PIXEL_SPACING", 1.0),
+        ({"tiff.ImageDescription": OME_XML.replace('PhysicalSizeX="{size}"{unit}', 'PhysicalSizeX="0.5" PhysicalSizeY="0.7"')},
+         "OME-XML PhysicalSizeX", "OME-XML PhysicalSizeY", 0.7),
+    ],
+    ids=["tiff-tags", "openslide", "tiffslide", "mirax", "philips", "ome"],
+)
+def test_non_square_pixels_warn(
+    properties: dict, x_key: str, y_key: str, mpp_y: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="shared.slides.resolution"):
+        mpp, _ = resolve_mpp(properties, path=SLIDE)
+
+    assert mpp == pytest.approx(0.5)
+    assert len(caplog.messages) == 1
+    assert caplog.messages[0].startswith(
+        f"slide {SLIDE} has non-square pixels: 0.5000 µm/px in x ({x_key}) and {mpp_y:.4f} µm/px in y ({y_key})"
+    )
+
+
+def test_nearly_square_pixels_do_not_warn(caplog: pytest.LogCaptureFixture) -> None:
+    properties = {"tiff.XResolution": "20000", "tiff.YResolution": "19500", "tiff.ResolutionUnit": "centimeter"}
 
     with caplog.at_level(logging.WARNING):
         result = resolve_mpp(properties, path=SLIDE)
 
-    assert result == (0.465, "metadata")
-    assert "ignoring slide property openslide.mpp-x='n/a': not a number" in caplog.messages
-    assert "ignoring slide property aperio.MPP='-1': not a positive number" in caplog.messages
+    assert result == (0.5, "tiff-resolution")
+    assert caplog.records == []
 
 
 def test_tiff_unit_none_is_no_resolution() -> None:
@@ -274,8 +355,8 @@ def test_table_reads_trident_wsi_column_and_bom(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("slide,mpp\na.svs,abc\n", "line 2: slide 'a.svs' has mpp 'abc'; expected µm per pixel between 0.05 and 20.0"),
-        ("slide,mpp\na.svs,0.5\nb.svs,1000\n", "line 3: slide 'b.svs' has mpp '1000'"),
+        ("slide,mpp\na.svs,abc\n", "line 2, slide 'a.svs': mpp 'abc' is not a resolution between 0.05 and 20.0"),
+        ("slide,mpp\na.svs,0.5\nb.svs,1000\n", "line 3, slide 'b.svs': mpp '1000' is not a resolution"),
         ("slide,mpp\n,0.5\n", "line 2: the slide cell is empty"),
         ("slide,mpp\na.svs,0.5\na.svs,0.25\n", "slide 'a.svs' has mpp 0.5 on line 2 and 0.25 on line 3"),
         ("name,resolution\na.svs,0.5\n", "has the columns ['name', 'resolution']; expected a slide (or wsi) column"),
@@ -291,6 +372,25 @@ def test_table_malformed_rows_raise(tmp_path: Path, text: str, expected: str) ->
     message = str(raised.value)
     assert message.startswith(f"mpp CSV {csv_path}")
     assert expected in message
+
+
+@pytest.mark.parametrize(("text", "expected"), [("0.25", 0.25), (" 2 ", 2.0), ("", None), ("  ", None)])
+def test_parse_mpp_cell_valid(text: str, expected: float | None) -> None:
+    assert parse_mpp_cell(text, where="mpp CSV list.csv, line 3, slide 'a.svs'") == expected
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "-0.5", "nan", "inf", "1e-9", "1000", "0.5 µm"])
+def test_parse_mpp_cell_invalid_names_where(text: str) -> None:
+    where = "mpp CSV list.csv, line 3, slide 'a.svs'"
+
+    with pytest.raises(ConfigError) as raised:
+        parse_mpp_cell(text, where=where)
+
+    message = str(raised.value)
+    assert message.startswith(f"{where}: mpp {text!r} is not a resolution between 0.05 and 20.0 µm per pixel")
+    assert "leave the cell empty" in message
+    assert raised.value.value == text
+    assert raised.value.limit == [0.05, 20.0]
 
 
 def test_table_missing_file_raises(tmp_path: Path) -> None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +16,7 @@ import pytest
 import tiffslide
 from PIL import Image
 from slide_data import BRACS, CMU1, NDPI, TCGA
+from synthetic_slides import he_like, write_tiff_slide
 
 from shared.errors import ConfigError, SlideError
 from shared.slides import magnification_for_mpp, open_slide
@@ -167,10 +173,83 @@ def test_non_slide_file_lists_readers(tmp_path: Path, file_name: str, content: b
 
 
 def test_directory_is_not_a_slide(tmp_path: Path) -> None:
-    with pytest.raises(SlideError, match="is not a file") as raised:
+    with pytest.raises(SlideError) as raised:
         open_slide(tmp_path)
 
     assert raised.value.reason == "not_found"
+    assert str(raised.value) == f"slide {tmp_path} is a folder, not a file. Pass the path of the slide file itself."
+
+
+def test_symlink_loop_named(tmp_path: Path) -> None:
+    (tmp_path / "a.svs").symlink_to("b.svs")
+    (tmp_path / "b.svs").symlink_to("a.svs")
+
+    with pytest.raises(SlideError) as raised:
+        open_slide(tmp_path / "a.svs")
+
+    assert raised.value.reason == "not_found"
+    assert str(raised.value).startswith(f"slide {tmp_path / 'a.svs'} is a loop of symbolic links")
+
+
+def test_dangling_symlink_named(tmp_path: Path) -> None:
+    link = tmp_path / "moved.svs"
+    link.symlink_to(tmp_path / "archive" / "moved.svs")
+
+    with pytest.raises(SlideError) as raised:
+        open_slide(link)
+
+    assert raised.value.reason == "not_found"
+    assert str(raised.value).startswith(
+        f"slide {link} is a symbolic link to {tmp_path / 'archive' / 'moved.svs'}, which does not exist"
+    )
+
+
+def test_fifo_named_and_not_opened(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.svs"
+    os.mkfifo(fifo)
+
+    # Opening a FIFO without a writer would block, so a pass here also shows it was not opened.
+    with pytest.raises(SlideError) as raised:
+        open_slide(fifo)
+
+    assert raised.value.reason == "not_found"
+    assert str(raised.value) == (
+        f"slide {fifo} is a named pipe (FIFO), not a regular file. Pass the path of the slide file itself."
+    )
+
+
+OPEN_IN_SUBPROCESS = """
+import json, sys
+from shared.errors import SlideError
+from shared.slides import open_slide
+try:
+    open_slide(sys.argv[1], mpp=0.5)
+except SlideError as error:
+    print(json.dumps({"reason": error.reason, "message": str(error)}))
+"""
+
+
+def test_permission_denied_has_own_message(tmp_path: Path) -> None:
+    path = write_tiff_slide(tmp_path / "locked.tif", he_like(300, 400))
+    path.chmod(0)
+    command = [sys.executable, "-c", OPEN_IN_SUBPROCESS, str(path)]
+    if os.geteuid() == 0:
+        # root reads any file, so the check runs without the capabilities that let it.
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv, which is needed to drop the permission override")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    repository = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "PYTHONPATH": str(repository)}
+
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=repository, check=False)
+
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout)
+    assert result["reason"] == "permission_denied"
+    assert result["message"].startswith(f"slide {path} cannot be read: permission denied.")
+    assert "read permission on the file" in result["message"]
+    assert "damaged" not in result["message"]
+    assert "copy it again" not in result["message"]
 
 
 @pytest.mark.parametrize("mpp", [0.0, -0.5, 1000.0, float("nan")])

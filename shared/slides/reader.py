@@ -10,8 +10,12 @@ guessed scale. Associated images (label, macro) are listed by name but read only
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +25,14 @@ from PIL import Image
 
 from shared.errors import ConfigError, SlideError
 from shared.slides.readers import (
+    CONVERT_HINT,
     DAMAGED_HINT,
     SlideHandle,
     composite_on_white,
     open_handle,
     read_rgb,
+    reads_whole_rows,
+    zero_denominator_resolution,
 )
 from shared.slides.resolution import MAX_MPP, MIN_MPP, MPP_OVERRIDE_HINT, resolve_mpp
 
@@ -37,6 +44,7 @@ __all__ = [
     "MPP_OVERRIDE_HINT",
     "Slide",
     "SlideInfo",
+    "check_slide_file",
     "compute_slide_id",
     "magnification_for_mpp",
     "open_slide",
@@ -50,8 +58,15 @@ MAGNIFICATION_BUCKETS = ((0.16, 80), (0.2, 60), (0.3, 40), (0.6, 20), (1.2, 10),
 # requested one by at most this factor, so Aperio's 2.0005 downsample serves a request for 2.0.
 LEVEL_DOWNSAMPLE_TOLERANCE = 1.005
 
-# Thumbnails are assembled from blocks of this many output pixels a side, so memory stays bounded
-# on slides whose coarsest pyramid level is still large.
+# Limits that keep the memory of Slide.thumbnail bounded whatever size a slide declares.
+# The thumbnail itself: 2**26 px is 192 MiB as RGB. Tissue detection at 8 µm/px requests about
+# 6250 x 3125 px on a 200000 x 100000 px slide at 0.25 µm/px.
+MAX_THUMBNAIL_PIXELS = 1 << 26
+# The pyramid level a thumbnail is made from, all of which is decoded: 2**32 px is 65536 x 65536 px.
+MAX_THUMBNAIL_SOURCE_PIXELS = 1 << 32
+# The level pixels of one read while a thumbnail is assembled: 2**24 px is 64 MiB as openslide's RGBA.
+THUMBNAIL_READ_PIXELS = 1 << 24
+# The output pixels of one block a side, at most.
 THUMBNAIL_BLOCK = 1024
 
 SLIDE_ID_CHUNK = 1 << 20  # bytes hashed from each end of the file
@@ -167,7 +182,10 @@ class Slide:
         """Return the whole slide as an (H, W, 3) uint8 RGB array whose longer side is ``max_side`` pixels.
 
         The aspect ratio is kept, so the other side is rounded. A slide smaller than ``max_side`` is
-        returned at level 0 without upscaling.
+        returned at level 0 without upscaling. The thumbnail is assembled from reads of at most
+        :data:`THUMBNAIL_READ_PIXELS` level pixels each. Raises :class:`SlideError` with reason
+        ``invalid_slide`` when the thumbnail would have more than :data:`MAX_THUMBNAIL_PIXELS` pixels or
+        its pyramid level more than :data:`MAX_THUMBNAIL_SOURCE_PIXELS`.
         """
         if max_side <= 0:
             raise ConfigError(
@@ -179,22 +197,66 @@ class Slide:
         out_width = max(1, round(width / downsample))
         out_height = max(1, round(height / downsample))
         level = self.best_level_for_downsample(downsample)
+        self._check_thumbnail_size(level, out_width, out_height)
+        block_width, block_height = self._thumbnail_block(level, downsample, out_width)
 
         canvas = np.empty((out_height, out_width, 3), dtype=np.uint8)
-        for top in range(0, out_height, THUMBNAIL_BLOCK):
-            for left in range(0, out_width, THUMBNAIL_BLOCK):
-                block_width = min(THUMBNAIL_BLOCK, out_width - left)
-                block_height = min(THUMBNAIL_BLOCK, out_height - top)
+        for top in range(0, out_height, block_height):
+            for left in range(0, out_width, block_width):
+                width_out = min(block_width, out_width - left)
+                height_out = min(block_height, out_height - top)
                 block = self._read_rect_level0(
                     round(left * downsample),
                     round(top * downsample),
-                    block_width * downsample,
-                    block_height * downsample,
+                    width_out * downsample,
+                    height_out * downsample,
                     level,
-                    (block_width, block_height),
+                    (width_out, height_out),
                 )
-                canvas[top : top + block_height, left : left + block_width] = np.asarray(block)
+                canvas[top : top + height_out, left : left + width_out] = np.asarray(block)
         return canvas
+
+    def _check_thumbnail_size(self, level: int, out_width: int, out_height: int) -> None:
+        """Raise :class:`SlideError` when a thumbnail would need more memory or decoding than the limits allow."""
+        info = self.info
+        level_width, level_height = (int(side) for side in self._require_open().level_dimensions[level])
+        declared = f"slide {info.path} declares {info.level0_width}x{info.level0_height} px at level 0"
+        if level_width * level_height > MAX_THUMBNAIL_SOURCE_PIXELS:
+            raise SlideError(
+                f"{declared} in {info.level_count} pyramid level(s). A {out_width}x{out_height} px thumbnail is made "
+                f"from level {level} ({level_width}x{level_height} px), which would decode "
+                f"{level_width * level_height / 1e9:.1f} Gpx, more than the limit of "
+                f"{MAX_THUMBNAIL_SOURCE_PIXELS / 1e9:.1f} Gpx. {CONVERT_HINT}",
+                reason="too_large",
+                value=[info.level0_width, info.level0_height],
+                limit=MAX_THUMBNAIL_SOURCE_PIXELS,
+            )
+        if out_width * out_height > MAX_THUMBNAIL_PIXELS:
+            raise SlideError(
+                f"{declared}, so the requested thumbnail would be {out_width}x{out_height} px "
+                f"({out_width * out_height} px), more than the limit of {MAX_THUMBNAIL_PIXELS} px. "
+                "Check that the slide's size and resolution are right, or request a smaller thumbnail "
+                "(for tissue detection, a larger mask_mpp).",
+                reason="too_large",
+                value=[out_width, out_height],
+                limit=MAX_THUMBNAIL_PIXELS,
+            )
+
+    def _thumbnail_block(self, level: int, downsample: float, out_width: int) -> tuple[int, int]:
+        """Return the (width, height) in thumbnail pixels of the blocks a thumbnail is read in.
+
+        Each block covers at most :data:`THUMBNAIL_READ_PIXELS` pixels of ``level``. A level stored in
+        strips is read in bands as wide as the slide, because a read decodes whole strips, so narrower
+        blocks would decode each strip once per block.
+        """
+        level_per_out = downsample / self.info.level_downsamples[level]  # level pixels per thumbnail pixel
+        if reads_whole_rows(self._require_open(), level):
+            rows = math.floor(THUMBNAIL_READ_PIXELS / (out_width * level_per_out * level_per_out))
+            if rows >= 1:
+                return out_width, rows
+        side = math.floor(math.sqrt(THUMBNAIL_READ_PIXELS) / level_per_out)
+        side = max(1, min(THUMBNAIL_BLOCK, side))
+        return side, side
 
     def _read_rect_level0(
         self, x: int, y: int, width_level0: float, height_level0: float, level: int, out_size: tuple[int, int]
@@ -257,24 +319,14 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     ``mpp`` (µm per level-0 pixel) overrides the metadata, because it is the user's fix for a slide
     whose metadata is missing or wrong.
 
-    Raises :class:`SlideError` when the file is missing (reason ``not_found``), no reader recognises
-    it (``unreadable``), it is truncated or corrupt (``damaged``), or it has no plausible resolution
-    and no override (``no_resolution``, ``implausible_resolution``). Raises :class:`ConfigError` for an
-    implausible override.
+    Raises :class:`SlideError` when the file is missing or cannot be read (reason ``not_found``, see
+    :func:`check_slide_file`), no reader recognises it (``unreadable``), it is truncated or corrupt
+    (``damaged``), its tiles or strips are too large to decode in bounded memory (``invalid_slide``), or
+    it has no plausible resolution and no override (``no_resolution``, ``implausible_resolution``).
+    Raises :class:`ConfigError` for an implausible override.
     """
     path = Path(path)
-    if not path.exists():
-        raise SlideError(
-            f"slide not found: {path}. Check the path and that the file is readable.",
-            reason="not_found",
-            value=str(path),
-        )
-    if not path.is_file():
-        raise SlideError(
-            f"slide {path} is not a file. Pass the path of the slide file itself.",
-            reason="not_found",
-            value=str(path),
-        )
+    check_slide_file(path)
 
     handle, reader = open_handle(path)
     try:
@@ -289,9 +341,83 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     return Slide(handle, info)
 
 
+# Kinds of file that are not regular files, named as `ls -l` and stat(2) name them.
+SPECIAL_FILE_KINDS = (
+    (stat.S_ISFIFO, "named pipe (FIFO)"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+def check_slide_file(path: str | Path) -> None:
+    """Raise :class:`SlideError` with reason ``not_found`` unless ``path`` is a regular file this process can read.
+
+    The message names what the path is instead: missing, a dangling symbolic link, a loop of symbolic
+    links, a folder, a named pipe or another special file, or a file without read permission. A named
+    pipe is never opened, because opening it would wait for a writer.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError as error:
+        if path.is_symlink():
+            raise _path_error(
+                path, f"is a symbolic link to {os.readlink(path)}, which does not exist. Fix or remove the link, "
+                "or pass the slide file itself"
+            ) from error
+        raise SlideError(
+            f"slide not found: {path}. Check the path and that the file is readable.",
+            reason="not_found",
+            value=str(path),
+        ) from error
+    except OSError as error:
+        reason = "permission_denied" if error.errno == errno.EACCES else "not_found"
+        raise _path_error(path, _stat_problem(error), reason=reason) from error
+
+    if stat.S_ISDIR(mode):
+        raise _path_error(path, "is a folder, not a file. Pass the path of the slide file itself")
+    for is_kind, kind in SPECIAL_FILE_KINDS:
+        if is_kind(mode):
+            raise _path_error(path, f"is a {kind}, not a regular file. Pass the path of the slide file itself")
+
+    try:
+        with path.open("rb"):
+            pass
+    except PermissionError as error:
+        raise _path_error(
+            path,
+            "cannot be read: permission denied. Give the user that runs unite read permission on the file "
+            "(see `ls -l`), or run unite as a user that has it",
+            reason="permission_denied",
+        ) from error
+    except OSError as error:
+        raise _path_error(path, f"cannot be opened ({error.strerror}). Check the file and the disk it is on") from error
+
+
+def _stat_problem(error: OSError) -> str:
+    if error.errno == errno.ELOOP:
+        return "is a loop of symbolic links that never reaches a file. Fix the links, or pass the slide file itself"
+    if error.errno == errno.EACCES:
+        return (
+            "cannot be reached: permission denied on a folder of its path. Give the user that runs unite "
+            "execute (search) permission on each folder of the path"
+        )
+    if error.errno == errno.ENAMETOOLONG:
+        return "is a path too long for the file system. Pass a shorter path, for example through a symbolic link"
+    return f"cannot be checked ({error.strerror}). Check the path"
+
+
+def _path_error(path: Path, problem: str, *, reason: str = "not_found") -> SlideError:
+    return SlideError(f"slide {path} {problem}.", reason=reason, value=str(path))
+
+
 def _build_info(path: Path, handle: SlideHandle, reader: str, mpp_override: float | None) -> SlideInfo:
     slide_id = compute_slide_id(path)
     properties = dict(handle.properties)
+    if reader != "pillow" and "tiff.XResolution" not in properties:
+        # openslide drops a resolution tag of n/0, which must count as present but implausible.
+        properties.update(zero_denominator_resolution(path))
     mpp, mpp_source = resolve_mpp(properties, path=path, override=mpp_override, reader=reader)
     if mpp_source == "override":
         logger.info("slide %s: using the mpp override %.4f µm/px", slide_id, mpp)

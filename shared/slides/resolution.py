@@ -14,8 +14,9 @@
    ``hamamatsu.SourceLens`` and the like), as ``10 / power`` µm/px, with a logged warning because
    scanners at one power differ by up to about 10 %. Source ``"objective-power"``.
 
-The first value found decides: an implausible one raises instead of falling through to a later step,
-because metadata that is present but wrong must be fixed by the user, not silently replaced.
+The first value found decides. An implausible one raises instead of falling through to a later step,
+because metadata that is present but wrong must be fixed by the user, not silently replaced. That is a
+value outside 0.05-20 µm/px, or one that is 0, negative, NaN, infinite, not a number or in an unknown unit.
 
 :class:`MppTable` reads per-slide overrides from a CSV file.
 """
@@ -64,22 +65,43 @@ def _scaled(factor: float) -> Callable[[str], float]:
     return lambda text: float(text) * factor
 
 
-def _philips_pixel_spacing_x(text: str) -> float:
-    """Return µm/px from ``"<row spacing mm>" "<column spacing mm>"``: x is the column spacing."""
-    values = [float(part.strip('"')) for part in text.split()]
-    return 1000.0 * values[1]
+def _philips_pixel_spacing(index: int) -> Callable[[str], float]:
+    """Return a parser of ``"<row spacing mm>" "<column spacing mm>"``: x is the column spacing (index 1)."""
+
+    def parse(text: str) -> float:
+        values = [float(part.strip('"')) for part in text.split()]
+        return 1000.0 * values[index]
+
+    return parse
+
+
+@dataclass(frozen=True)
+class _VendorKey:
+    """A vendor key that states the x resolution, its conversion to µm, and where the y resolution is."""
+
+    key: str
+    parse: Callable[[str], float]
+    y_key: str | None = None
+    y_parse: Callable[[str], float] = float
 
 
 # Vendor keys that state µm/px, each with the conversion to µm, as openslide 4.0.1 documents them.
 # openslide copies each into openslide.mpp-x when it parses, so these matter when openslide could not
 # parse the value or another reader produced the properties.
-VENDOR_MPP_KEYS: tuple[tuple[str, Callable[[str], float]], ...] = (
-    ("aperio.MPP", float),
-    ("mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_X", float),
-    ("philips.DICOM_PIXEL_SPACING", _philips_pixel_spacing_x),  # millimeters, row then column
-    ("ventana.ScanRes", float),
-    ("sakura.ResolutionMmPerPix", _scaled(1000.0)),
-    ("zeiss.Scaling.Items.X.Value", _scaled(1e6)),  # meters
+VENDOR_MPP_KEYS: tuple[_VendorKey, ...] = (
+    _VendorKey("aperio.MPP", float),
+    _VendorKey(
+        "mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_X",
+        float,
+        "mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_Y",
+    ),
+    # millimeters, row spacing (y) then column spacing (x)
+    _VendorKey(
+        "philips.DICOM_PIXEL_SPACING", _philips_pixel_spacing(1), "philips.DICOM_PIXEL_SPACING", _philips_pixel_spacing(0)
+    ),
+    _VendorKey("ventana.ScanRes", float),
+    _VendorKey("sakura.ResolutionMmPerPix", _scaled(1000.0)),
+    _VendorKey("zeiss.Scaling.Items.X.Value", _scaled(1e6), "zeiss.Scaling.Items.Y.Value", _scaled(1e6)),  # meters
 )
 
 # Keys that state the objective power, in the order tried.
@@ -96,14 +118,36 @@ OBJECTIVE_POWER_KEYS = (
     "argos.ObjectiveMagnification",
 )
 
+# x and y resolutions that differ by more than this fraction of x are logged as non-square pixels.
+SQUARE_PIXEL_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class _Value:
+    """A property as found: its text, and its number, which is NaN when the text is not a number."""
+
+    text: str
+    number: float
+    is_number: bool
+
+
 @dataclass(frozen=True)
 class _Found:
-    """A resolution found in the properties: µm/px, the key it came from, and the source step."""
+    """A resolution found in the properties: µm/px, the key it came from, the source step and the text found.
+
+    ``mpp`` may be implausible (0, negative, NaN, infinite): :func:`resolve_mpp` rejects it then.
+    ``problem`` explains why a value that is not a number cannot be used, and is empty for a number.
+    ``mpp_y`` is the y resolution where the source states one.
+    """
 
     mpp: float
     key: str
     source: str
     detail: str = ""
+    text: str = ""
+    problem: str = ""
+    mpp_y: float | None = None
+    y_key: str = ""
 
 
 def resolve_mpp(
@@ -114,7 +158,8 @@ def resolve_mpp(
     ``properties`` are the slide properties of openslide or tiffslide (values may be strings or
     numbers). ``path`` names the slide in errors and warnings. ``reader`` ("pillow" for plain images)
     only changes the advice in the error. Raises :class:`ConfigError` for an implausible override,
-    and :class:`SlideError` with reason ``no_resolution`` or ``implausible_resolution``.
+    and :class:`SlideError` with reason ``no_resolution`` or ``implausible_resolution``. Pixels whose
+    x and y resolutions differ by more than 5 % are logged as a warning, and the x resolution is used.
     """
     if override is not None:
         return _checked_override(override, path), "override"
@@ -126,17 +171,10 @@ def resolve_mpp(
     )
     if found is None:
         raise _no_resolution_error(path, reader)
+    if not (math.isfinite(found.mpp) and MIN_MPP <= found.mpp <= MAX_MPP):
+        raise _implausible_error(path, found)
 
-    if not (MIN_MPP <= found.mpp <= MAX_MPP):
-        raise SlideError(
-            f"slide {path} reports a resolution of {found.mpp:g} µm/px in {found.key}{found.detail}, outside the "
-            f"plausible range {MIN_MPP}-{MAX_MPP} µm/px, so its metadata is wrong. Pass the scan's true "
-            f"resolution with {MPP_OVERRIDE_HINT}.",
-            reason="implausible_resolution",
-            value=found.mpp,
-            limit=[MIN_MPP, MAX_MPP],
-        )
-
+    _warn_if_not_square(path, found)
     if found.source == "objective-power":
         logger.warning(
             "slide %s has no µm/px in its metadata, so its resolution is estimated as %.4f µm/px from the "
@@ -144,6 +182,26 @@ def resolve_mpp(
             path, found.mpp, found.key, MICRONS_AT_1X, MPP_OVERRIDE_HINT,
         )
     return found.mpp, found.source
+
+
+def _implausible_error(path: str | Path, found: _Found) -> SlideError:
+    if found.problem:
+        stated = (
+            f"{found.text!r} in {found.key}{found.detail}, {found.problem}, so its metadata is wrong. Expected a "
+            f"resolution in the plausible range {MIN_MPP}-{MAX_MPP} µm/px"
+        )
+    else:
+        stated = (
+            f"a resolution of {found.mpp:g} µm/px in {found.key}{found.detail}, outside the plausible range "
+            f"{MIN_MPP}-{MAX_MPP} µm/px, so its metadata is wrong"
+        )
+    return SlideError(
+        f"slide {path} reports {stated}. Pass the scan's true resolution with {MPP_OVERRIDE_HINT}.",
+        reason="implausible_resolution",
+        # NaN and infinity are not valid JSON, so the state record gets the text found instead.
+        value=found.mpp if math.isfinite(found.mpp) else found.text,
+        limit=[MIN_MPP, MAX_MPP],
+    )
 
 
 def _checked_override(override: float, path: str | Path) -> float:
@@ -174,27 +232,62 @@ def _no_resolution_error(path: str | Path, reader: str | None) -> SlideError:
     )
 
 
-def _parse_positive(properties: Mapping[str, Any], key: str, parse: Callable[[str], float] = float) -> float | None:
-    """Return the positive finite number in ``properties[key]``, or None when it is absent or unusable."""
+def _read_property(properties: Mapping[str, Any], key: str, parse: Callable[[str], float] = float) -> _Value | None:
+    """Return ``properties[key]`` parsed, or None when it is absent or empty.
+
+    A value that is present counts, even 0, negative, NaN or text: the caller rejects it rather than
+    falling through to a later source.
+    """
     raw = properties.get(key)
-    if raw is None or raw == "":
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    if not text:
         return None
     try:
-        value = parse(str(raw).strip())
-    except (ValueError, IndexError):
-        logger.warning("ignoring slide property %s=%r: not a number", key, raw)
-        return None
-    if not math.isfinite(value) or value <= 0:
-        logger.warning("ignoring slide property %s=%r: not a positive number", key, raw)
-        return None
-    return value
+        return _Value(text, float(parse(text)), is_number=True)
+    except (ValueError, IndexError, ZeroDivisionError):
+        return _Value(text, math.nan, is_number=False)
 
 
-def _warn_if_not_square(properties: Mapping[str, Any], key_y: str, mpp_x: float) -> None:
-    mpp_y = _parse_positive(properties, key_y)
-    if mpp_y is not None and abs(mpp_y - mpp_x) > 0.05 * mpp_x:
+def _divide(numerator: float, denominator: float) -> float:
+    """Divide, with x / 0 as infinity, so that a zero in the metadata becomes an implausible resolution."""
+    return math.inf if denominator == 0 else numerator / denominator
+
+
+def _found(
+    value: _Value, key: str, source: str, *, mpp: float | None = None, detail: str = "",
+    y: _Value | None = None, y_key: str = "", mpp_y: float | None = None,
+) -> _Found:
+    """Build a :class:`_Found` from a property. ``mpp`` and ``mpp_y`` replace the values' numbers when given."""
+    if mpp is None:
+        mpp = value.number
+    if mpp_y is None and y is not None and y.is_number:
+        mpp_y = y.number
+    return _Found(
+        mpp=mpp,
+        key=key,
+        source=source,
+        detail=detail,
+        text=value.text,
+        problem="" if value.is_number else "which is not a number",
+        mpp_y=mpp_y,
+        y_key=y_key,
+    )
+
+
+def _warn_if_not_square(path: str | Path, found: _Found) -> None:
+    mpp_y = found.mpp_y
+    if mpp_y is None or not (math.isfinite(mpp_y) and mpp_y > 0):
+        return
+    if abs(mpp_y - found.mpp) > SQUARE_PIXEL_TOLERANCE * found.mpp:
         # NOTE: patches are square in level-0 pixels, so non-square pixels make them rectangles in µm.
-        logger.warning("pixels are not square (x %.4f, y %.4f µm), so the x resolution is used", mpp_x, mpp_y)
+        logger.warning(
+            "slide %s has non-square pixels: %.4f µm/px in x (%s) and %.4f µm/px in y (%s). Patches are square "
+            "in level-0 pixels, so each covers a rectangle %.2f times as tall as it is wide, and the x resolution "
+            "sets the patch size. Resample the slide to square pixels if patches must be square in µm.",
+            path, found.mpp, found.key, mpp_y, found.y_key, mpp_y / found.mpp,
+        )
 
 
 def _mpp_from_metadata(properties: Mapping[str, Any]) -> _Found | None:
@@ -203,35 +296,49 @@ def _mpp_from_metadata(properties: Mapping[str, Any]) -> _Found | None:
     from_tags = _mpp_from_tiff_resolution(properties)
 
     def library_mpp(key: str) -> _Found | None:
-        mpp = _parse_positive(properties, key)
-        if mpp is None or (from_tags is not None and math.isclose(mpp, from_tags.mpp, rel_tol=1e-6)):
+        value = _read_property(properties, key)
+        if value is None or (from_tags is not None and math.isclose(value.number, from_tags.mpp, rel_tol=1e-6)):
             return None
-        _warn_if_not_square(properties, key.replace("mpp-x", "mpp-y"), mpp)
-        return _Found(mpp, key, "metadata")
+        y_key = key.replace("mpp-x", "mpp-y")
+        return _found(value, key, "metadata", y=_read_property(properties, y_key), y_key=y_key)
 
     found = library_mpp("openslide.mpp-x")
     if found is not None:
         return found
 
-    for key, parse in VENDOR_MPP_KEYS:
-        mpp = _parse_positive(properties, key, parse)
-        if mpp is not None:
-            return _Found(mpp, key, "metadata")
+    for vendor in VENDOR_MPP_KEYS:
+        value = _read_property(properties, vendor.key, vendor.parse)
+        if value is not None:
+            y = _read_property(properties, vendor.y_key, vendor.y_parse) if vendor.y_key else None
+            return _found(value, vendor.key, "metadata", y=y, y_key=vendor.y_key or "")
 
-    mpp = _mpp_from_hamamatsu_vms(properties)
-    if mpp is not None:
-        return _Found(mpp, "hamamatsu.PhysicalWidth", "metadata")
+    found = _mpp_from_hamamatsu_vms(properties)
+    if found is not None:
+        return found
 
     return library_mpp("tiffslide.mpp-x") or _mpp_from_ome_xml(properties.get("tiff.ImageDescription"))
 
 
-def _mpp_from_hamamatsu_vms(properties: Mapping[str, Any]) -> float | None:
+def _mpp_from_hamamatsu_vms(properties: Mapping[str, Any]) -> _Found | None:
     """Return µm/px of a Hamamatsu VMS or VMU slide: its physical width in nm over its level-0 width in px."""
-    physical_width_nm = _parse_positive(properties, "hamamatsu.PhysicalWidth")
-    width_px = _parse_positive(properties, "openslide.level[0].width")
-    if physical_width_nm is None or width_px is None:
+    physical_width = _read_property(properties, "hamamatsu.PhysicalWidth")
+    width_px = _read_property(properties, "openslide.level[0].width")
+    if physical_width is None or width_px is None or not width_px.is_number:
         return None
-    return physical_width_nm / 1000.0 / width_px
+    physical_height = _read_property(properties, "hamamatsu.PhysicalHeight")
+    height_px = _read_property(properties, "openslide.level[0].height")
+    mpp_y = None
+    if physical_height is not None and height_px is not None:
+        mpp_y = _divide(physical_height.number / 1000.0, height_px.number)
+    return _found(
+        physical_width,
+        "hamamatsu.PhysicalWidth",
+        "metadata",
+        mpp=_divide(physical_width.number / 1000.0, width_px.number),
+        detail=f" ({physical_width.text} nm over {width_px.text} px)",
+        y_key="hamamatsu.PhysicalHeight",
+        mpp_y=mpp_y,
+    )
 
 
 def _mpp_from_ome_xml(description: Any) -> _Found | None:
@@ -245,41 +352,77 @@ def _mpp_from_ome_xml(description: Any) -> _Found | None:
         return None
 
     pixels = next((element for element in root.iter() if element.tag.rsplit("}", 1)[-1] == "Pixels"), None)
-    if pixels is None or pixels.get("PhysicalSizeX") is None:
+    if pixels is None:
         return None
-    unit = pixels.get("PhysicalSizeXUnit", "µm")
-    if unit not in OME_UNIT_TO_UM:
-        logger.warning("ignoring OME PhysicalSizeX: unknown unit %r; expected one of %s", unit, sorted(OME_UNIT_TO_UM))
-        return None
-    size = _parse_positive({"PhysicalSizeX": pixels.get("PhysicalSizeX")}, "PhysicalSizeX")
+    size = _read_property(pixels.attrib, "PhysicalSizeX")
     if size is None:
         return None
-    return _Found(size * OME_UNIT_TO_UM[unit], "OME-XML PhysicalSizeX", "metadata", f" ({size:g} {unit})")
+    unit = pixels.get("PhysicalSizeXUnit", "µm")
+    key = "OME-XML PhysicalSizeX"
+    if unit not in OME_UNIT_TO_UM:
+        return _Found(
+            math.nan, key, "metadata", text=size.text,
+            problem=f"in the unit {unit!r}, which is not one of {sorted(OME_UNIT_TO_UM)}",
+        )
+
+    mpp_y = None
+    size_y = _read_property(pixels.attrib, "PhysicalSizeY")
+    unit_y = pixels.get("PhysicalSizeYUnit", "µm")
+    if size_y is not None and unit_y in OME_UNIT_TO_UM:
+        mpp_y = size_y.number * OME_UNIT_TO_UM[unit_y]
+    return _found(
+        size, key, "metadata", mpp=size.number * OME_UNIT_TO_UM[unit], detail=f" ({size.text} {unit})",
+        y_key="OME-XML PhysicalSizeY", mpp_y=mpp_y,
+    )
+
+
+def _parse_rational(text: str) -> float:
+    """Parse a TIFF RATIONAL as a number or as ``"numerator/denominator"``; n/0 is infinity and 0/0 NaN."""
+    if "/" not in text:
+        return float(text)
+    numerator, denominator = (float(part) for part in text.split("/", 1))
+    if denominator == 0:
+        return math.nan if numerator == 0 else math.copysign(math.inf, numerator)
+    return numerator / denominator
 
 
 def _mpp_from_tiff_resolution(properties: Mapping[str, Any]) -> _Found | None:
-    resolution = _parse_positive(properties, "tiff.XResolution")
     unit = str(properties.get("tiff.ResolutionUnit", "")).lower()
-    if resolution is None or unit not in RESOLUTION_UNIT_TO_UM:
+    if unit not in RESOLUTION_UNIT_TO_UM:
         return None
-    return _Found(
-        RESOLUTION_UNIT_TO_UM[unit] / resolution,
+    resolution = _read_property(properties, "tiff.XResolution", _parse_rational)
+    if resolution is None:
+        return None
+    resolution_y = _read_property(properties, "tiff.YResolution", _parse_rational)
+    mpp_y = None
+    if resolution_y is not None and resolution_y.is_number:
+        mpp_y = _divide(RESOLUTION_UNIT_TO_UM[unit], resolution_y.number)
+    return _found(
+        resolution,
         "tiff.XResolution",
         "tiff-resolution",
-        f" ({resolution:g} pixels per {unit})",
+        mpp=_divide(RESOLUTION_UNIT_TO_UM[unit], resolution.number),
+        detail=f" ({resolution.text} pixels per {unit})",
+        y_key="tiff.YResolution",
+        mpp_y=mpp_y,
     )
 
 
 def _mpp_from_objective_power(properties: Mapping[str, Any]) -> _Found | None:
     for key in OBJECTIVE_POWER_KEYS:
-        power = _parse_positive(properties, key, _parse_power)
+        power = _read_property(properties, key, _parse_power)
         if power is not None:
-            return _Found(MICRONS_AT_1X / power, key, "objective-power", f" (objective power {power:g}x)")
+            return _objective_power_found(power, key)
 
     ome_power = _ome_objective_power(properties.get("tiff.ImageDescription"))
     if ome_power is not None:
-        return _Found(MICRONS_AT_1X / ome_power, "OME-XML NominalMagnification", "objective-power")
+        return _objective_power_found(ome_power, "OME-XML NominalMagnification")
     return None
+
+
+def _objective_power_found(power: _Value, key: str) -> _Found:
+    detail = f" (objective power {power.number:g}x)" if power.is_number else ""
+    return _found(power, key, "objective-power", mpp=_divide(MICRONS_AT_1X, power.number), detail=detail)
 
 
 def _parse_power(text: str) -> float:
@@ -287,13 +430,13 @@ def _parse_power(text: str) -> float:
     return float(re.sub(r"\s*[xX]$", "", text))
 
 
-def _ome_objective_power(description: Any) -> float | None:
+def _ome_objective_power(description: Any) -> _Value | None:
     if not isinstance(description, str) or "NominalMagnification" not in description:
         return None
-    match = re.search(r'NominalMagnification="([^"]+)"', description)
+    match = re.search(r'NominalMagnification="([^"]*)"', description)
     if match is None:
         return None
-    return _parse_positive({"NominalMagnification": match.group(1)}, "NominalMagnification")
+    return _read_property({"NominalMagnification": match.group(1)}, "NominalMagnification")
 
 
 class MppTable:
@@ -363,10 +506,10 @@ class MppTable:
                     "Write the slide's path or file name, or delete the row.",
                     value=dict(record),
                 )
-            if not mpp_text:
+            mpp = parse_mpp_cell(mpp_text, where=f"mpp CSV {path}, line {line}, slide {slide!r}")
+            if mpp is None:
                 continue  # no override: the slide's metadata is used
 
-            mpp = _parse_table_mpp(path, line, slide, mpp_text)
             earlier = first_row_by_slide.get(slide)
             if earlier is not None and earlier[1] != mpp:
                 raise ConfigError(
@@ -417,16 +560,25 @@ def _stem(cell: str) -> str:
     return Path(Path(cell).name).stem
 
 
-def _parse_table_mpp(path: Path, line: int, slide: str, text: str) -> float:
+def parse_mpp_cell(text: str, *, where: str) -> float | None:
+    """Parse a CSV cell that contains a slide's resolution in µm per pixel.
+
+    Returns None for an empty cell, which means "use the slide's metadata". Raises
+    :class:`ConfigError` naming ``where`` (for example "mpp CSV list.csv, line 3, slide 'a.svs'")
+    for a cell that is not a number between :data:`MIN_MPP` and :data:`MAX_MPP`.
+    """
+    text = text.strip()
+    if not text:
+        return None
     try:
         mpp = float(text)
     except ValueError:
         mpp = math.nan
     if not (math.isfinite(mpp) and MIN_MPP <= mpp <= MAX_MPP):
         raise ConfigError(
-            f"mpp CSV {path}, line {line}: slide {slide!r} has mpp {text!r}; expected µm per pixel between "
-            f"{MIN_MPP} and {MAX_MPP}, for example 0.25 for 40x or 0.5 for 20x. Fix the cell or leave it empty "
-            "to use the slide's metadata.",
+            f"{where}: mpp {text!r} is not a resolution between {MIN_MPP} and {MAX_MPP} µm per pixel. Write the "
+            "scan's resolution, for example 0.25 for 40x or 0.5 for 20x, or leave the cell empty to use the "
+            "slide's metadata.",
             value=text,
             limit=[MIN_MPP, MAX_MPP],
         )
