@@ -384,3 +384,66 @@ def test_drop_blurry_all_blurred_fails(tmp_path: Path) -> None:
 
     assert raised.value.reason == "no_patches"
     assert "--drop-blurry" in raised.value.message
+
+
+def test_no_patches_advice_skips_current_options(tmp_path: Path) -> None:
+    path = write_tiff_slide(tmp_path / "small.tif", he_like(400, 400), mpp=0.5)
+
+    # A padded 2048 px patch is mostly outside the 400 px slide, so its tissue fraction is below 0.25.
+    with pytest.raises(SlideError) as padded:
+        tile_slide(path, patch_size=2048, edge="pad")
+    # With edge="drop" no 448 px patch fits inside, whatever the minimum tissue fraction.
+    with pytest.raises(SlideError) as no_minimum:
+        tile_slide(path, patch_size=448, min_tissue_fraction=0.0)
+
+    assert padded.value.reason == no_minimum.value.reason == "no_patches"
+    assert "--edge pad" not in padded.value.message
+    assert "--min-tissue" in padded.value.message
+    assert "--edge pad" in no_minimum.value.message
+    assert "--min-tissue" not in no_minimum.value.message
+
+
+def test_slide_errors_name_path(odd_slide) -> None:
+    path = odd_slide[0]
+    with open_slide(path) as slide:
+        info, tissue = slide.info, _full_mask(slide.info)
+        padded = grid_over_tissue(info, tissue, edge="pad", min_tissue_fraction=0.0)
+        shifted = replace(padded, coords=padded.coords + np.array([[1001, 0]], dtype=np.int64))
+
+        # A 2 px patch with 1 px overlap at 0.05 µm/px steps 0.1 level-0 px on this 0.5 µm/px slide.
+        with pytest.raises(ConfigError) as step_too_small:
+            grid_over_tissue(info, tissue, patch_size=2, overlap=1, target_mpp=0.05)
+        with pytest.raises(SlideError) as grid_elsewhere:
+            next(iter_tiles(slide, shifted))
+
+    assert f"slide {path}:" in step_too_small.value.message
+    assert info.slide_id not in step_too_small.value.message
+    assert f"slide {path}:" in grid_elsewhere.value.message
+    assert info.slide_id not in grid_elsewhere.value.message
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"mpp": "0.5"}, "mpp='0.5' must be a number"),
+        ({"mpp": True}, "mpp=True must be a number"),
+        ({"target_mpp": "0.5"}, "target_mpp='0.5' must be a resolution"),
+        ({"target_mpp": True}, "target_mpp=True must be a resolution"),
+        ({"target_magnification": 1e-6}, "target_magnification=1e-06 must be an objective power from 0.5 to 200"),
+        ({"patch_size": True}, "patch_size=True must be a whole number"),
+        ({"patch_size": 224.7}, "patch_size=224.7 must be a whole number"),
+        ({"patch_size": 4097}, "patch_size=4097 must be a whole number of pixels at the target resolution from 1 to 4096"),
+        ({"overlap": 1.5}, "overlap=1.5 px must be a whole number"),
+        ({"min_tissue_fraction": "0.5"}, "min_tissue_fraction='0.5' must be a number"),
+        ({"min_area_um2": float("inf")}, "min_area_um2=inf must be an area"),
+        ({"workers": 0}, "workers=0 must be a whole number of reader threads"),
+    ],
+    ids=["mpp-text", "mpp-bool", "target-text", "target-bool", "magnification-tiny", "size-bool", "size-float",
+         "size-huge", "overlap-float", "fraction-text", "area-infinite", "workers-zero"],
+)
+def test_tile_slide_checks_options_first(tmp_path: Path, options: dict, message: str) -> None:
+    # The slide does not exist, so a ConfigError shows that the options were checked before it was opened.
+    with pytest.raises(ConfigError) as raised:
+        tile_slide(tmp_path / "no-such-slide.svs", **options)
+
+    assert message in raised.value.message

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 from slide_data import BRACS, BRACS_MPP_ESTIMATE, CMU1, NDPI, TCGA, TCGA_MPP_ESTIMATE
 from synthetic_slides import GLASS, NUCLEUS, STROMA, write_tiff_slide
@@ -375,6 +377,165 @@ def test_synthetic_fluorescence_refused_then_accepted(tmp_path: Path) -> None:
     assert tissue.illumination == "fluorescence"
     assert _covered(tissue.mask, _on_mask(tissue, _shrink(section, 20))) > 0.97
     assert _covered(tissue.mask, _on_mask(tissue, ~_grow(section, 40))) < 0.01
+
+
+def _fluorescence(region: np.ndarray, *, level: int, channels: tuple[int, ...] = (2,), seed: int = 0) -> np.ndarray:
+    """Draw a fluorescence scan: noise at 1-4 grey levels, ``region`` at ``level`` in ``channels``, nuclei at 220."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((SIDE, SIDE, 3), dtype=np.uint8)
+    nuclei = region & (rng.random(region.shape) < 0.01)
+    for channel in channels:
+        signal = rng.integers(1, 5, size=region.shape).astype(np.float64)
+        signal[region] = level + rng.normal(0.0, 3.0, size=int(region.sum()))
+        signal[nuclei] = 220
+        image[..., channel] = np.clip(signal, 0, 255).astype(np.uint8)
+    return image
+
+
+def _write_grey(tmp_path: Path, grey: np.ndarray, name: str) -> Path:
+    """Write a single-channel (min-is-black) tiled TIFF at MPP µm/px, as a grey scanner or converter would."""
+    path = tmp_path / name
+    pixels_per_cm = 10_000.0 / MPP
+    tifffile.imwrite(
+        path, grey, photometric="minisblack", tile=(256, 256), compression="zlib",
+        resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER", metadata=None,
+    )
+    return path
+
+
+def test_dark_blank_slide_has_no_tissue(tmp_path: Path) -> None:
+    path = _write(tmp_path, _fluorescence(np.zeros((SIDE, SIDE), dtype=bool), level=0), "dark_blank.tif")
+
+    with pytest.raises(SlideError) as refused:
+        _detect(path)
+    for remove_artefacts in (True, False):
+        with pytest.raises(SlideError) as raised:
+            tile_slide(path, allow_fluorescence=True, remove_artefacts=remove_artefacts)
+
+        message = str(raised.value)
+        assert raised.value.reason == "no_tissue"
+        assert str(path) in message
+        assert "fluorescence" in message
+        assert "background" in message
+    assert refused.value.reason == "not_brightfield"
+
+
+# Fluorescence slides whose tissue covers 70 % of the field, so that the median pixel is tissue.
+LARGE_FLUORESCENCE = {
+    "dapi": {"level": 120, "channels": (2,)},
+    "two_channels": {"level": 85, "channels": (1, 2)},
+    "grey": {"level": 120, "channels": (0, 1, 2)},
+}
+
+
+@pytest.mark.parametrize("options", LARGE_FLUORESCENCE.values(), ids=LARGE_FLUORESCENCE.keys())
+def test_fluorescence_mostly_tissue_recognised(tmp_path: Path, options: dict) -> None:
+    columns = np.arange(SIDE)[None, :]
+    section = np.broadcast_to(columns >= 460, (SIDE, SIDE)) & ~_disc((1100, 1536), 200)  # dark left 30 %
+    path = _write(tmp_path, _fluorescence(section, **options))
+
+    for remove_artefacts in (True, False):
+        with pytest.raises(SlideError) as raised:
+            _detect(path, remove_artefacts=remove_artefacts)
+        assert raised.value.reason == "not_brightfield"
+        assert "fluorescence" in str(raised.value)
+
+    for remove_artefacts in (True, False):
+        tiled = tile_slide(path, allow_fluorescence=True, remove_artefacts=remove_artefacts)
+        tissue, grid = tiled.tissue, tiled.grid
+        truth = TissueMask(mask=_on_mask(tissue, section), downsample=tissue.downsample)
+
+        assert tissue.illumination == "fluorescence"
+        assert _covered(tissue.mask, _on_mask(tissue, _shrink(section, 20))) > 0.97
+        assert _covered(tissue.mask, _on_mask(tissue, ~_grow(section, 40))) < 0.01
+        assert len(grid) > 0
+        # Smoothing spreads the bright tissue's light about 20 µm into the background, so a patch at
+        # the edge may hold less real tissue than the 25 % minimum, but none lies on background alone.
+        assert truth.fractions(grid.coords, grid.patch_size_level0).min() > 0.05
+
+
+def test_black_filled_brightfield_stays_brightfield(tmp_path: Path) -> None:
+    # A scanner that fills the area outside its scan with black: 55 % of the slide is black, so the
+    # median pixel is dark, but the bright glass shows that light passes through the slide.
+    scanned = _disc((768, 768), 580)
+    section = _disc((768, 768), 300)
+    image = np.zeros((SIDE, SIDE, 3), dtype=np.uint8)
+    image[scanned] = _paint_tissue(_glass(), section)[scanned]
+    assert np.median(image.max(axis=2)) < 60
+
+    tissue = _detect(_write(tmp_path, image))
+
+    assert tissue.illumination == "brightfield"
+    assert _covered(tissue.mask, _on_mask(tissue, _shrink(section, 20))) > 0.97
+    assert _covered(tissue.mask, _on_mask(tissue, ~_grow(section, 40))) < 0.01
+
+
+def _grey_section() -> tuple[np.ndarray, np.ndarray]:
+    """Return a grey slide with a dark-grey ellipse (120) on grey glass (240), and the ellipse."""
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE]
+    section = ((yy - 768) / 500) ** 2 + ((xx - 768) / 620) ** 2 < 1
+    rng = np.random.default_rng(2)
+    grey = np.where(section, 120.0, 240.0) + rng.normal(0.0, 3.0, size=section.shape)
+    return np.clip(grey, 0, 255).astype(np.uint8), section
+
+
+@pytest.mark.parametrize("layout", ["single_channel", "equal_rgb"])
+def test_grey_brightfield_found_by_density(tmp_path: Path, caplog, layout: str) -> None:
+    grey, section = _grey_section()
+    if layout == "single_channel":
+        path = _write_grey(tmp_path, grey, "grey.tif")
+    else:
+        path = _write(tmp_path, np.repeat(grey[..., None], 3, axis=2), "grey_rgb.tif")
+
+    with caplog.at_level(logging.INFO, logger="shared.slides.tissue"):
+        tissue = _detect(path)
+
+    assert tissue.illumination == "brightfield"
+    assert _covered(tissue.mask, _on_mask(tissue, _shrink(section, 20))) > 0.97
+    assert _covered(tissue.mask, _on_mask(tissue, ~_grow(section, 40))) < 0.01
+    assert "grey" in caplog.text
+    assert "optical density" in caplog.text
+
+
+def test_grey_cmu1_matches_colour_mask(tmp_path: Path, cmu1_tiled) -> None:
+    with open_slide(cmu1_tiled.info.path) as slide:
+        info = slide.info
+        rgb = slide.thumbnail(max(info.level0_width, info.level0_height))
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    path = tmp_path / "cmu1_grey.tif"
+    pixels_per_cm = 10_000.0 / info.mpp
+    tifffile.imwrite(
+        path, grey, photometric="minisblack", tile=(256, 256), compression="zlib",
+        resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER", metadata=None,
+    )
+
+    with open_slide(path) as slide:
+        tissue = detect_tissue(slide)
+    colour = cmu1_tiled.tissue.mask
+
+    assert tissue.mask.shape == colour.shape
+    intersection = (tissue.mask & colour).sum()
+    union = (tissue.mask | colour).sum()
+    assert intersection / union > 0.85
+
+
+def test_zero_min_tissue_needs_some_tissue(tmp_path: Path) -> None:
+    section = _disc((768, 768), 300)
+    path = _write(tmp_path, _paint_tissue(_glass(), section))
+    with open_slide(path) as slide:
+        info = slide.info
+        tissue = detect_tissue(slide)
+
+    grid = grid_over_tissue(info, tissue, min_tissue_fraction=0.0, edge="pad")
+    # A mask that is tissue everywhere keeps every grid position, to count those without tissue.
+    everywhere = TissueMask(mask=np.ones_like(tissue.mask), downsample=tissue.downsample)
+    every_patch = grid_over_tissue(info, everywhere, min_tissue_fraction=0.0, edge="pad")
+
+    fractions = tissue.fractions(grid.coords, grid.patch_size_level0)
+    touching = tissue.fractions(every_patch.coords, every_patch.patch_size_level0) > 0
+    assert fractions.min() > 0.0
+    assert len(grid) == touching.sum()
+    assert len(grid) < len(every_patch)
 
 
 def test_invalid_options_raise(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """``unite tile``: tile slides from files, folders, globs or CSV lists in resumable, lockable jobs.
 
 The options are defined here, and the slide modules are imported only when the command runs, so
-``unite --help`` stays fast. The defaults match :class:`shared.slides.tile_job.TileOptions`.
+``unite --help`` stays fast. The defaults match :class:`shared.slides.tile_job.TileOptions`, and the
+limits stated in the help match the checks in ``shared.slides.grid``, ``shared.slides.tiling`` and
+``shared.jobs`` (a test compares them).
 """
 
 from __future__ import annotations
@@ -9,10 +11,20 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import signal
 import sys
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+# Limits stated in the help text. The checks that enforce them are in the modules named above, which
+# this module does not import at start so that ``unite --help`` stays fast.
+MAX_PATCH_SIZE = 4096
+TARGET_MPP_RANGE = (0.05, 20.0)
+TARGET_MAG_RANGE = (0.5, 200.0)
+MAX_MIN_AREA_UM2 = 1e10
+MAX_WORKERS = 256
+MAX_READ_WORKERS = 64
 
 
 def add_tile_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,15 +63,29 @@ def add_tile_arguments(parser: argparse.ArgumentParser) -> None:
         "name use their metadata (default: none)",
     )
 
-    parser.add_argument("--patch-size", type=int, default=224, metavar="PX", help="patch size in pixels at the target resolution (default: 224)")
+    parser.add_argument(
+        "--patch-size",
+        type=int,
+        default=224,
+        metavar="PX",
+        help=f"patch size in pixels at the target resolution, from 1 to {MAX_PATCH_SIZE} (default: 224)",
+    )
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--target-mpp", type=float, default=None, metavar="UM_PER_PX", help="target resolution in µm per pixel (default: 0.5, that is 20x)")
+    target.add_argument(
+        "--target-mpp",
+        type=float,
+        default=None,
+        metavar="UM_PER_PX",
+        help=f"target resolution in µm per pixel, from {TARGET_MPP_RANGE[0]:g} to {TARGET_MPP_RANGE[1]:g} (default: 0.5, "
+        "that is 20x)",
+    )
     target.add_argument(
         "--target-mag",
         type=float,
         default=None,
         metavar="MAG",
-        help="target magnification, converted as 10 / MAG µm per pixel: 20 gives 0.5, 40 gives 0.25 (default: 20)",
+        help=f"target magnification from {TARGET_MAG_RANGE[0]:g} to {TARGET_MAG_RANGE[1]:g}, converted as 10 / MAG µm "
+        "per pixel: 20 gives 0.5, 40 gives 0.25 (default: 20)",
     )
     parser.add_argument(
         "--overlap",
@@ -88,7 +114,8 @@ def add_tile_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=20_000.0,
         metavar="UM2",
-        help="smallest tissue fragment kept, in µm² (default: 20000, a square about 140 µm a side)",
+        help=f"smallest tissue fragment kept, in µm², from 0 to {MAX_MIN_AREA_UM2:g} (default: 20000, a square about "
+        "140 µm a side)",
     )
     parser.add_argument("--no-fill-holes", action="store_true", help="keep holes inside the tissue out of the mask (default: holes are filled)")
     parser.add_argument(
@@ -114,14 +141,15 @@ def add_tile_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="slides tiled at once, each in its own worker process (default: 1, in this process)",
+        help=f"slides tiled at once, each in its own worker process, from 1 to {MAX_WORKERS} (default: 1, in this "
+        "process)",
     )
     parser.add_argument(
         "--read-workers",
         type=int,
         default=1,
         metavar="N",
-        help="threads per slide that read patches for --drop-blurry (default: 1)",
+        help=f"threads per slide that read patches for --drop-blurry, from 1 to {MAX_READ_WORKERS} (default: 1)",
     )
     parser.add_argument(
         "--retry-failed",
@@ -131,16 +159,36 @@ def add_tile_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_tile(args: argparse.Namespace) -> int:
-    """Run ``unite tile`` and return its exit status: 0 when every slide is done or skipped, 1 when any failed.
+    """Run ``unite tile`` and return its exit status.
 
-    Invalid options raise :class:`ConfigError` before any slide is tiled. The summary goes to stdout.
+    The status is 0 when every slide is done or skipped, 1 when any failed, and 128 plus the signal
+    number when SIGINT (130) or SIGTERM (143) stopped the run. Invalid options raise
+    :class:`ConfigError` before any slide is tiled. The summary goes to stdout, also after a signal.
     """
+    try:
+        return _run_tile(args)
+    except KeyboardInterrupt as interruption:
+        from shared.jobs import RunInterrupted
+
+        if not isinstance(interruption, RunInterrupted):
+            logger.error("unite tile: interrupted (SIGINT) before the run started, so no slide was tiled")
+            return 128 + signal.SIGINT
+        summary = interruption.summary
+        logger.error(
+            "unite tile: interrupted (%s) with %d slide(s) not finished; run the same command again to resume",
+            interruption.signal_name, summary.unfinished,
+        )
+        print(summary.format("slide"), flush=True)
+        return interruption.exit_status
+
+
+def _run_tile(args: argparse.Namespace) -> int:
     from shared.errors import ConfigError
     from shared.jobs import run_jobs
     from shared.slides.reader import MAX_MPP, MIN_MPP
     from shared.slides.resolution import MppTable
     from shared.slides.sources import collect_slides
-    from shared.slides.tile_job import TileOptions, slide_jobs, tile_slide_job
+    from shared.slides.tile_job import TileOptions, output_folders, slide_jobs, tile_slide_job
 
     options = TileOptions(
         patch_size=args.patch_size,
@@ -165,7 +213,8 @@ def run_tile(args: argparse.Namespace) -> int:
             limit=[MIN_MPP, MAX_MPP],
         )
 
-    slides = collect_slides(args.sources, recursive=args.recursive)
+    # The outputs of an earlier run into a folder inside a source folder are not slides.
+    slides = collect_slides(args.sources, recursive=args.recursive, exclude=output_folders(args.out))
     mpp_table = MppTable.from_csv(args.mpp_csv) if args.mpp_csv is not None else None
     jobs = slide_jobs(slides, options, mpp=args.mpp, mpp_table=mpp_table)
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from shared.errors import ConfigError
-from shared.slides.reader import SlideInfo, magnification_for_mpp
+from shared.slides.reader import MAX_MPP, MIN_MPP, SlideInfo, magnification_for_mpp
 from shared.slides.tissue import TissueMask
 
 logger = logging.getLogger(__name__)
@@ -24,6 +26,16 @@ logger = logging.getLogger(__name__)
 MAX_SILENT_UPSAMPLING = 1.1
 
 DEFAULT_TARGET_MPP = 0.5  # µm/px, about 20x, the resolution most pathology encoders were trained at
+
+# The target resolution must lie in the range accepted for slides, 0.05-20 µm/px, that is 200x to 0.5x.
+MIN_TARGET_MPP = MIN_MPP
+MAX_TARGET_MPP = MAX_MPP
+MIN_TARGET_MAGNIFICATION = 10.0 / MAX_TARGET_MPP
+MAX_TARGET_MAGNIFICATION = 10.0 / MIN_TARGET_MPP
+
+# The largest patch side in pixels at the target resolution. It is 8 times the 512 px that the largest
+# common encoders take, and one 4096 px RGB patch is 48 MiB.
+MAX_PATCH_SIZE = 4096
 
 # Edge modes for patches at the right and bottom edges: "drop" keeps only patches that lie wholly inside
 # the slide, and "pad" also keeps patches that start inside it and overhang, whose pixels outside are white.
@@ -54,7 +66,9 @@ def resolve_target_mpp(target_mpp: float | None = None, target_magnification: fl
     """Return the target resolution in µm/px from a resolution or a magnification (10 / magnification).
 
     At most one may be given. With neither, the result is :data:`DEFAULT_TARGET_MPP`. Raises
-    :class:`ConfigError` for both at once and for values that are not positive.
+    :class:`ConfigError` for both at once, for a value that is not a number, and for a resolution
+    outside :data:`MIN_TARGET_MPP`-:data:`MAX_TARGET_MPP` µm/px (a magnification outside
+    :data:`MIN_TARGET_MAGNIFICATION`-:data:`MAX_TARGET_MAGNIFICATION`).
     """
     if target_mpp is not None and target_magnification is not None:
         raise ConfigError(
@@ -63,19 +77,23 @@ def resolve_target_mpp(target_mpp: float | None = None, target_magnification: fl
             value=[target_mpp, target_magnification],
         )
     if target_magnification is not None:
-        if not (math.isfinite(target_magnification) and target_magnification > 0):
+        if not (_is_real(target_magnification) and MIN_TARGET_MAGNIFICATION <= target_magnification <= MAX_TARGET_MAGNIFICATION):
             raise ConfigError(
-                f"target_magnification={target_magnification} must be a positive objective power, for example 20 "
-                "for 0.5 µm/px or 40 for 0.25 µm/px (--target-mag).",
+                f"target_magnification={target_magnification!r} must be an objective power from "
+                f"{MIN_TARGET_MAGNIFICATION:g} to {MAX_TARGET_MAGNIFICATION:g}, for example 20 for 0.5 µm/px or 40 "
+                "for 0.25 µm/px (--target-mag).",
                 value=target_magnification,
+                limit=[MIN_TARGET_MAGNIFICATION, MAX_TARGET_MAGNIFICATION],
             )
         return 10.0 / target_magnification
     if target_mpp is None:
         return DEFAULT_TARGET_MPP
-    if not (math.isfinite(target_mpp) and target_mpp > 0):
+    if not (_is_real(target_mpp) and MIN_TARGET_MPP <= target_mpp <= MAX_TARGET_MPP):
         raise ConfigError(
-            f"target_mpp={target_mpp} must be a positive resolution in µm/px, for example 0.5 for 20x (--target-mpp).",
+            f"target_mpp={target_mpp!r} must be a resolution from {MIN_TARGET_MPP:g} to {MAX_TARGET_MPP:g} µm/px, "
+            "for example 0.5 for 20x (--target-mpp).",
             value=target_mpp,
+            limit=[MIN_TARGET_MPP, MAX_TARGET_MPP],
         )
     return float(target_mpp)
 
@@ -98,7 +116,7 @@ def grid_over_tissue(
     ``patch_size - overlap`` target pixels apart. ``edge="drop"`` drops patches that would extend past
     the slide's right or bottom edge, and ``edge="pad"`` keeps those that start inside the slide.
     A patch is kept when its tissue fraction, over the whole patch including any part outside the
-    slide, is at least ``min_tissue_fraction``. The grid may be empty.
+    slide, is at least ``min_tissue_fraction`` and above 0. The grid may be empty.
     """
     target_mpp = resolve_target_mpp(target_mpp, target_magnification)
     validate_grid_options(patch_size=patch_size, overlap=overlap, min_tissue_fraction=min_tissue_fraction, edge=edge)
@@ -108,7 +126,7 @@ def grid_over_tissue(
     stride_level0 = round((patch_size - overlap) * scale)
     if patch_size_level0 < 1 or stride_level0 < 1:
         raise ConfigError(
-            f"slide {info.slide_id}: a {patch_size} px patch at {target_mpp} µm/px with overlap {overlap} gives "
+            f"slide {info.path}: a {patch_size} px patch at {target_mpp} µm/px with overlap {overlap} gives "
             f"a level-0 patch of {patch_size_level0} px and a step of {stride_level0} px on this "
             f"{info.mpp:.4f} µm/px slide, but both must be at least 1 px. Use a larger patch_size or target_mpp.",
             value=[patch_size_level0, stride_level0],
@@ -116,15 +134,17 @@ def grid_over_tissue(
     if scale < 1 / MAX_SILENT_UPSAMPLING:
         logger.warning(
             "slide %s: target %.3f µm/px is finer than the scan's %.3f µm/px, so tiles are upsampled %.1fx",
-            info.slide_id, target_mpp, info.mpp, 1 / scale,
+            info.path, target_mpp, info.mpp, 1 / scale,
         )
 
     candidates = _candidate_corners(info, patch_size_level0, stride_level0, edge)
     fractions = tissue.fractions(candidates, patch_size_level0) * _inside_fractions(info, candidates, patch_size_level0)
-    coords = np.ascontiguousarray(candidates[fractions >= min_tissue_fraction], dtype=np.int64)
+    # A patch needs some tissue even at min_tissue_fraction=0, so no patch lies on background only.
+    keep = (fractions >= min_tissue_fraction) & (fractions > 0)
+    coords = np.ascontiguousarray(candidates[keep], dtype=np.int64)
     logger.debug(
         "slide %s: kept %d of %d grid patches (%d px at level 0, step %d px, edge %s)",
-        info.slide_id, len(coords), len(candidates), patch_size_level0, stride_level0, edge,
+        info.path, len(coords), len(candidates), patch_size_level0, stride_level0, edge,
     )
     return PatchGrid(
         coords=coords,
@@ -162,23 +182,28 @@ def _inside_fractions(info: SlideInfo, coords: np.ndarray, patch_size_level0: in
 
 
 def validate_grid_options(*, patch_size: int, overlap: int, min_tissue_fraction: float, edge: str) -> None:
-    """Raise :class:`ConfigError` naming the option and its valid range when a grid option is invalid."""
-    if patch_size <= 0:
+    """Raise :class:`ConfigError` naming the option and its valid range when a grid option is invalid.
+
+    ``patch_size`` and ``overlap`` must be whole numbers (a bool is not one), and ``min_tissue_fraction`` a number.
+    """
+    if not (_is_integer(patch_size) and 1 <= patch_size <= MAX_PATCH_SIZE):
         raise ConfigError(
-            f"patch_size={patch_size} must be a positive number of pixels at the target resolution, for example 224 "
-            "(--patch-size).",
+            f"patch_size={patch_size!r} must be a whole number of pixels at the target resolution from 1 to "
+            f"{MAX_PATCH_SIZE}, for example 224 (--patch-size).",
             value=patch_size,
+            limit=[1, MAX_PATCH_SIZE],
         )
-    if not 0 <= overlap < patch_size:
+    if not (_is_integer(overlap) and 0 <= overlap < patch_size):
         raise ConfigError(
-            f"overlap={overlap} px must be at least 0 and smaller than patch_size={patch_size} px, because "
-            f"neighbouring patches start patch_size - overlap px apart. Pass an --overlap from 0 to {patch_size - 1}.",
+            f"overlap={overlap!r} px must be a whole number of at least 0 and smaller than patch_size={patch_size} px, "
+            f"because neighbouring patches start patch_size - overlap px apart. Pass an --overlap from 0 to "
+            f"{patch_size - 1}.",
             value=overlap,
             limit=[0, patch_size - 1],
         )
-    if not 0.0 <= min_tissue_fraction <= 1.0:
+    if not (_is_real(min_tissue_fraction) and 0.0 <= min_tissue_fraction <= 1.0):
         raise ConfigError(
-            f"min_tissue_fraction={min_tissue_fraction} must lie between 0 and 1 (--min-tissue).",
+            f"min_tissue_fraction={min_tissue_fraction!r} must be a number from 0 to 1 (--min-tissue).",
             value=min_tissue_fraction,
             limit=[0.0, 1.0],
         )
@@ -189,3 +214,12 @@ def validate_grid_options(*, patch_size: int, overlap: int, min_tissue_fraction:
             value=edge,
             limit=list(EDGE_MODES),
         )
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """Return True for a finite int or float that is not a bool (numpy numbers included)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

@@ -12,7 +12,8 @@ Artefacts are found on the same low-resolution thumbnail as the tissue, in three
   is only found when it covers a sizeable area.
 
 Each kind keeps only connected regions of at least ``min_area_px`` mask pixels, because single dark
-or bluish pixels are nuclei, not marks.
+or bluish pixels are nuclei, not marks. On a grey slide only dark marks are looked for: pen marks
+are found by their hue and folds partly by their saturation, and a grey slide has neither.
 """
 
 from __future__ import annotations
@@ -65,18 +66,25 @@ class Artefacts:
         return self.pen | self.dark | self.fold
 
 
-def find_artefacts(thumbnail: np.ndarray, foreground: np.ndarray, *, pixel_um: float, min_area_px: float) -> Artefacts:
+def find_artefacts(
+    thumbnail: np.ndarray, foreground: np.ndarray, *, pixel_um: float, min_area_px: float, colour: bool = True
+) -> Artefacts:
     """Find pen marks, dark marks and folds among the ``foreground`` pixels of an RGB ``thumbnail``.
 
     ``foreground`` is every pixel that is not glass, ``pixel_um`` the thumbnail's resolution in
     µm/px, and ``min_area_px`` the smallest region, in thumbnail pixels, that counts as an artefact.
+    ``colour=False``, for a grey slide, looks for dark marks only and returns no pen marks or folds.
     """
     hsv = cv2.cvtColor(thumbnail, cv2.COLOR_RGB2HSV)
     hue, saturation, value = hsv[..., 0], hsv[..., 1], hsv[..., 2]
 
+    dark = keep_large_components((value < DARK_MAX_VALUE) & foreground, min_area_px)
+    if not colour:
+        none = np.zeros_like(dark)
+        return Artefacts(pen=none, dark=dark, fold=none.copy())
+
     pen_pixels = (hue >= PEN_HUE_RANGE[0]) & (hue <= PEN_HUE_RANGE[1]) & (saturation >= PEN_MIN_SATURATION)
     pen = keep_large_components(pen_pixels & foreground, min_area_px)
-    dark = keep_large_components((value < DARK_MAX_VALUE) & foreground, min_area_px)
 
     tissue = foreground & ~pen & ~dark
     fold = _find_folds(thumbnail, saturation, tissue, pixel_um=pixel_um, min_area_px=min_area_px)

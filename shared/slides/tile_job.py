@@ -7,28 +7,43 @@ For a slide named NAME (its file name without the extension) the job writes, und
 - ``thumbnails/NAME.jpg``: the thumbnail the tissue was detected on,
 - ``visualization/NAME.jpg``: that thumbnail with the tissue outline and every patch drawn on it.
 
-:func:`shared.jobs.run_jobs` runs it over many slides with resumable state records and locks.
+:func:`shared.jobs.run_jobs` runs it over many slides with resumable state records and locks. An
+output that cannot be written fails the slide with :class:`~shared.jobs.WriteError` (reason
+``write_failed``), which names the file and the cause.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from shared.errors import ConfigError
-from shared.jobs import Job, JobResult
+from shared.errors import CacheError
+from shared.jobs import Job, JobResult, WriteError
 from shared.slides.contours import write_geojson
 from shared.slides.grid import grid_over_tissue, resolve_target_mpp, validate_grid_options
 from shared.slides.overlay import save_overlay, save_thumbnail
 from shared.slides.reader import open_slide
 from shared.slides.resolution import MppTable
 from shared.slides.sources import SlideSource
-from shared.slides.tiling import TiledSlide, drop_blurry_patches, require_patches, write_patch_file
+from shared.slides.tiling import (
+    TiledSlide,
+    drop_blurry_patches,
+    require_patches,
+    validate_min_area_um2,
+    validate_read_workers,
+    write_patch_file,
+)
 from shared.slides.tissue import detect_tissue
 
 logger = logging.getLogger(__name__)
+
+# The folders under the output folder that hold one file per slide, by output kind.
+OUTPUT_FOLDERS = {"patches": "patches", "contours": "contours_geojson", "thumbnail": "thumbnails", "visualization": "visualization"}
+
+_Written = TypeVar("_Written")
 
 
 @dataclass(frozen=True)
@@ -59,21 +74,19 @@ class TileOptions:
         validate_grid_options(
             patch_size=self.patch_size, overlap=self.overlap, min_tissue_fraction=self.min_tissue_fraction, edge=self.edge
         )
-        if not self.min_area_um2 >= 0:
-            raise ConfigError(
-                f"min_area_um2={self.min_area_um2} must be zero or a positive area in µm² (--min-area-um2).",
-                value=self.min_area_um2,
-            )
-        if self.read_workers <= 0:
-            raise ConfigError(
-                f"read_workers={self.read_workers} must be a positive number of threads (--read-workers).",
-                value=self.read_workers,
-            )
+        validate_min_area_um2(self.min_area_um2)
+        validate_read_workers(self.read_workers)
 
     def output_config(self) -> dict[str, Any]:
-        """Return the options that shape the outputs, as recorded in each slide's state."""
+        """Return the options that shape the outputs, as recorded in each slide's state.
+
+        The target is recorded as the resolution it resolves to, so ``--target-mag 20``,
+        ``--target-mpp 0.5`` and the default are the same options.
+        """
         config = asdict(self)
         del config["read_workers"]
+        del config["target_magnification"]
+        config["target_mpp"] = resolve_target_mpp(self.target_mpp, self.target_magnification)
         return config
 
 
@@ -81,11 +94,17 @@ def output_paths(out_dir: Path, name: str) -> dict[str, Path]:
     """Return the path of each output of the slide named ``name``, by kind."""
     out_dir = Path(out_dir)
     return {
-        "patches": out_dir / "patches" / f"{name}_patches.h5",
-        "contours": out_dir / "contours_geojson" / f"{name}.geojson",
-        "thumbnail": out_dir / "thumbnails" / f"{name}.jpg",
-        "visualization": out_dir / "visualization" / f"{name}.jpg",
+        "patches": out_dir / OUTPUT_FOLDERS["patches"] / f"{name}_patches.h5",
+        "contours": out_dir / OUTPUT_FOLDERS["contours"] / f"{name}.geojson",
+        "thumbnail": out_dir / OUTPUT_FOLDERS["thumbnail"] / f"{name}.jpg",
+        "visualization": out_dir / OUTPUT_FOLDERS["visualization"] / f"{name}.jpg",
     }
+
+
+def output_folders(out_dir: Path) -> list[Path]:
+    """Return every folder that a tiling run writes under ``out_dir``: the output folders, ``state`` and ``locks``."""
+    out_dir = Path(out_dir)
+    return [out_dir / folder for folder in (*OUTPUT_FOLDERS.values(), "state", "locks")]
 
 
 def slide_jobs(
@@ -119,7 +138,8 @@ def tile_slide_job(job: Job, out_dir: Path, *, options: TileOptions) -> JobResul
 
     The thumbnail and contours are written as soon as the tissue is found, and the overlay before the
     check for patches, so a slide that fails with ``no_patches`` still shows why. Raises
-    :class:`SlideError` for a slide that cannot be tiled.
+    :class:`SlideError` for a slide that cannot be tiled, and :class:`WriteError` for an output that
+    cannot be written.
     """
     source: SlideSource = job.payload
     paths = output_paths(out_dir, job.name)
@@ -133,8 +153,8 @@ def tile_slide_job(job: Job, out_dir: Path, *, options: TileOptions) -> JobResul
             remove_artefacts=options.remove_artefacts,
             allow_fluorescence=options.allow_fluorescence,
         )
-        save_thumbnail(paths["thumbnail"], tissue)
-        write_geojson(paths["contours"], tissue, name=job.name)
+        _write_output(job.name, paths["thumbnail"], lambda path: save_thumbnail(path, tissue))
+        _write_output(job.name, paths["contours"], lambda path: write_geojson(path, tissue, name=job.name))
 
         grid = grid_over_tissue(
             info,
@@ -150,9 +170,10 @@ def tile_slide_job(job: Job, out_dir: Path, *, options: TileOptions) -> JobResul
         if options.drop_blurry and len(grid) > 0:
             grid, blurry_dropped = drop_blurry_patches(slide, grid, workers=options.read_workers)
 
-    save_overlay(paths["visualization"], tissue, grid)
+    _write_output(job.name, paths["visualization"], lambda path: save_overlay(path, tissue, grid))
     require_patches(info, grid, options.min_tissue_fraction)
-    write_patch_file(paths["patches"], TiledSlide(info=info, grid=grid, tissue=tissue, blurry_dropped=blurry_dropped))
+    tiled = TiledSlide(info=info, grid=grid, tissue=tissue, blurry_dropped=blurry_dropped)
+    _write_output(job.name, paths["patches"], lambda path: write_patch_file(path, tiled))
     logger.info(
         "%s: %d patches of %d px at %.3f µm/px (%d px at level 0) on a %.4f µm/px slide (%s)",
         job.name, len(grid), grid.patch_size, grid.target_mpp, grid.patch_size_level0, info.mpp, info.mpp_source,
@@ -174,3 +195,19 @@ def tile_slide_job(job: Job, out_dir: Path, *, options: TileOptions) -> JobResul
         "blurry_dropped": blurry_dropped,
     }
     return JobResult(outputs=paths, details=details)
+
+
+def _write_output(name: str, path: Path, write: Callable[[Path], _Written]) -> _Written:
+    """Call ``write(path)`` and turn its OSError into a :class:`WriteError` naming the slide, the file and the cause.
+
+    The patch file writer reports an OSError as a :class:`CacheError` chained to it, which is turned
+    into a WriteError too. Its other CacheErrors (invalid coordinates) are bugs and stay as they are.
+    """
+    try:
+        return write(path)
+    except OSError as error:
+        raise WriteError.from_os_error(path, error, subject=f"slide {name}") from error
+    except CacheError as error:
+        if isinstance(error.__cause__, OSError):
+            raise WriteError.from_os_error(path, error.__cause__, subject=f"slide {name}") from error
+        raise

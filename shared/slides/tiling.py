@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -13,12 +15,20 @@ import numpy as np
 
 from shared.errors import ConfigError, SlideError
 from shared.features import patch_attrs, write_patch_coords
-from shared.slides.grid import PatchGrid, grid_over_tissue
+from shared.slides.grid import PatchGrid, grid_over_tissue, resolve_target_mpp, validate_grid_options
 from shared.slides.quality import BLUR_THRESHOLD, sharpness
 from shared.slides.reader import Slide, SlideInfo, open_slide
 from shared.slides.tissue import TissueMask, detect_tissue
 
 logger = logging.getLogger(__name__)
+
+# The maximum of min_area_um2 in µm²: 100 cm², more than the whole of a 75 x 50 mm glass slide.
+MAX_MIN_AREA_UM2 = 1e10
+# The maximum number of threads that read the tiles of one slide. It is far above the cores of one machine
+# and stops a typo from starting hundreds of threads.
+MAX_READ_WORKERS = 64
+# The maximum size in bytes of the tiles in one batch of drop_blurry_patches, whose batches shrink for large patches.
+MAX_BATCH_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,9 +67,17 @@ def tile_slide(
     :func:`~shared.slides.grid.grid_over_tissue` and the tissue options those of
     :func:`~shared.slides.tissue.detect_tissue`. ``drop_blurry`` reads every patch, with ``workers``
     threads, and removes those whose sharpness is below :data:`shared.slides.quality.BLUR_THRESHOLD`.
-    Raises :class:`SlideError` when the slide cannot be opened, has no usable resolution, no tissue,
-    or no patch with enough tissue (reason ``no_patches``).
+    Raises :class:`ConfigError` for an invalid option before the slide is opened, and
+    :class:`SlideError` when the slide cannot be opened, has no usable resolution, no tissue, or no
+    patch with enough tissue (reason ``no_patches``).
     """
+    if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, numbers.Real)):
+        raise ConfigError(f"mpp={mpp!r} must be a number of µm per pixel, for example 0.5, or None to use the metadata (--mpp).", value=repr(mpp))
+    resolve_target_mpp(target_mpp, target_magnification)
+    validate_grid_options(patch_size=patch_size, overlap=overlap, min_tissue_fraction=min_tissue_fraction, edge=edge)
+    validate_min_area_um2(min_area_um2)
+    validate_read_workers(workers, name="workers")
+
     with open_slide(path, mpp=mpp) as slide:
         info = slide.info
         tissue = detect_tissue(
@@ -86,26 +104,66 @@ def tile_slide(
 
     logger.info(
         "tiled slide %s: %.4f µm/px (%s), %d patches of %d px at %.2f µm/px (%d px at level 0)",
-        info.slide_id, info.mpp, info.mpp_source, len(grid), grid.patch_size, grid.target_mpp,
+        info.path, info.mpp, info.mpp_source, len(grid), grid.patch_size, grid.target_mpp,
         grid.patch_size_level0,
     )
     return TiledSlide(info=info, grid=grid, tissue=tissue, blurry_dropped=blurry_dropped)
 
 
+def validate_min_area_um2(min_area_um2: float) -> None:
+    """Raise :class:`ConfigError` unless ``min_area_um2`` is a number from 0 to :data:`MAX_MIN_AREA_UM2`."""
+    valid = isinstance(min_area_um2, numbers.Real) and not isinstance(min_area_um2, bool) and math.isfinite(min_area_um2)
+    if not (valid and 0 <= min_area_um2 <= MAX_MIN_AREA_UM2):
+        raise ConfigError(
+            f"min_area_um2={min_area_um2!r} must be an area in µm² from 0 to {MAX_MIN_AREA_UM2:g}, for example 20000 "
+            "for a square about 140 µm a side (--min-area-um2).",
+            value=repr(min_area_um2),
+            limit=[0, MAX_MIN_AREA_UM2],
+        )
+
+
+def validate_read_workers(workers: int, *, name: str = "read_workers") -> None:
+    """Raise :class:`ConfigError` unless ``workers`` is a whole number of threads from 1 to :data:`MAX_READ_WORKERS`.
+
+    ``name`` is the parameter's name in the caller, for the message.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or not 1 <= workers <= MAX_READ_WORKERS:
+        raise ConfigError(
+            f"{name}={workers!r} must be a whole number of reader threads from 1 to {MAX_READ_WORKERS}, for "
+            "example 1 or 4 (--read-workers).",
+            value=repr(workers),
+            limit=[1, MAX_READ_WORKERS],
+        )
+
+
 def require_patches(info: SlideInfo, grid: PatchGrid, min_tissue_fraction: float) -> None:
-    """Raise :class:`SlideError` with reason ``no_patches`` when the grid is empty."""
+    """Raise :class:`SlideError` with reason ``no_patches`` when the grid is empty.
+
+    The message suggests only the changes that can help: a lower ``min_tissue_fraction`` when it is
+    above 0, and ``edge="pad"`` when the edge mode is "drop" and the slide is smaller than one patch.
+    """
     if len(grid) > 0:
         return
+    fixes = ["check that resolution (--mpp)"]
+    if min_tissue_fraction > 0:
+        fixes.append("lower min_tissue_fraction (--min-tissue)")
+    fixes.append("use a smaller patch (--patch-size)")
+    smaller_than_patch = min(info.level0_width, info.level0_height) < grid.patch_size_level0
+    if grid.edge == "drop" and smaller_than_patch:
+        fixes.append("use edge='pad' (--edge pad), because the slide is smaller than one patch")
     raise SlideError(
         f"slide {info.path}: no {grid.patch_size} px patch at {grid.target_mpp:g} µm/px ({grid.patch_size_level0} px "
         f"at level 0, edge {grid.edge!r}) has a tissue fraction of at least {min_tissue_fraction}. The slide is "
-        f"{info.level0_width}x{info.level0_height} px at {info.mpp:.4f} µm/px (from {info.mpp_source}). Check that "
-        "resolution (--mpp), or lower min_tissue_fraction (--min-tissue), or use a smaller patch (--patch-size) "
-        "or edge='pad' (--edge pad) for a slide smaller than one patch.",
+        f"{info.level0_width}x{info.level0_height} px at {info.mpp:.4f} µm/px (from {info.mpp_source}). "
+        f"{_capitalized(', or '.join(fixes))}.",
         reason="no_patches",
         value=str(info.path),
         limit=min_tissue_fraction,
     )
+
+
+def _capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def drop_blurry_patches(
@@ -118,6 +176,8 @@ def drop_blurry_patches(
     ``no_patches`` when every patch is out of focus.
     """
     threshold = BLUR_THRESHOLD if threshold is None else threshold
+    # Each batch, and with workers > 1 the batch read ahead too, contains at most MAX_BATCH_BYTES of tiles.
+    batch_size = max(1, min(batch_size, MAX_BATCH_BYTES // (grid.patch_size**2 * 3)))
     keep = np.zeros(len(grid), dtype=bool)
     start = 0
     for coords, tiles in iter_tiles(slide, grid, batch_size=batch_size, workers=workers):
@@ -125,7 +185,7 @@ def drop_blurry_patches(
         start += len(coords)
 
     dropped = int((~keep).sum())
-    logger.info("slide %s: dropped %d of %d patches as out of focus", slide.info.slide_id, dropped, len(grid))
+    logger.info("slide %s: dropped %d of %d patches as out of focus", slide.info.path, dropped, len(grid))
     if not keep.any():
         raise SlideError(
             f"slide {slide.info.path}: all {len(grid)} tissue patches have a sharpness (variance of the Laplacian) "
@@ -150,10 +210,10 @@ def iter_tiles(
     """
     if batch_size <= 0:
         raise ConfigError(f"batch_size={batch_size} must be a positive number of tiles, for example 64.", value=batch_size)
-    if workers <= 0:
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers <= 0:
         raise ConfigError(
-            f"workers={workers} must be a positive number of reader threads, for example 1 or 4 (--read-workers).",
-            value=workers,
+            f"workers={workers!r} must be a positive number of reader threads, for example 1 or 4 (--read-workers).",
+            value=repr(workers),
         )
     _check_grid_fits(slide.info, grid)
     batches = [grid.coords[start : start + batch_size].copy() for start in range(0, len(grid.coords), batch_size)]
@@ -212,7 +272,7 @@ def _check_grid_fits(info: SlideInfo, grid: PatchGrid) -> None:
     overhang = grid.patch_size_level0 - 1 if grid.edge == "pad" else 0
     if grid.coords.min() < 0 or max_x > info.level0_width + overhang or max_y > info.level0_height + overhang:
         raise SlideError(
-            f"slide {info.slide_id}: the patch grid reaches ({max_x}, {max_y}) px but the slide is "
+            f"slide {info.path}: the patch grid reaches ({max_x}, {max_y}) px but the slide is "
             f"{info.level0_width}x{info.level0_height} px at level 0. Lay the grid over this slide with "
             "grid_over_tissue or tile_slide.",
             value=[max_x, max_y],
