@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from distiller.augment import Augmentation
 from shared.errors import CacheError, ConfigError
 from shared.imaging import MODEL_INPUT_SIZE, to_model_input
 from shared.shards import ShardInfo
@@ -23,12 +24,14 @@ class ShardDataset(Dataset):
     ``shared.imaging.to_model_input`` as a (3, 224, 224) float32 tensor, and the (D,) float32 teacher
     embedding. HDF5 files are opened on first access in each process and never shared across a fork,
     because an h5py handle inherited by a DataLoader worker is not safe to use.
+
+    ``dataset[item]`` returns the tile as stored. ``dataset[(item, seed)]``, the key that
+    :class:`distiller.loader.EpochSampler` yields, applies ``augmentation`` to the tile with a generator
+    seeded by ``seed``. Only the student's view is augmented: the target stays the teacher's embedding of
+    the original tile.
     """
 
-    # TODO: no augmentation yet. Add only transforms the teacher is measured to be invariant to, since
-    # the teacher embedded the original tile and each augmentation teaches the student an invariance.
-
-    def __init__(self, shards: list[ShardInfo], indices: np.ndarray) -> None:
+    def __init__(self, shards: list[ShardInfo], indices: np.ndarray, *, augmentation: Augmentation | None = None) -> None:
         if not shards:
             raise ConfigError("ShardDataset needs at least one shard; list them with shared.shards.list_shards.")
         for info in shards:
@@ -51,19 +54,23 @@ class ShardDataset(Dataset):
                 limit=total,
             )
         self.indices = indices
+        self.augmentation = augmentation
         self._files: dict[int, h5py.File] = {}
         self._owner_pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        item, seed = key if isinstance(key, tuple) else (key, None)
         row = int(self.indices[item])
         shard = int(np.searchsorted(self.offsets, row, side="right")) - 1
         local = row - int(self.offsets[shard])
         file = self._file(shard)
         tile = file["tiles"][local]
         embedding = file["embeddings"][local]
+        if self.augmentation is not None and seed is not None:
+            tile = self.augmentation(tile, np.random.default_rng(seed))
         image = to_model_input(tile[np.newaxis])[0]
         return torch.from_numpy(image), torch.from_numpy(np.asarray(embedding, dtype=np.float32))
 

@@ -29,7 +29,7 @@ import fcntl
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +60,20 @@ CREATE TABLE IF NOT EXISTS embeddings (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS embeddings_teacher ON embeddings (teacher);
+CREATE TABLE IF NOT EXISTS quarantine (
+    key TEXT NOT NULL,
+    teacher TEXT NOT NULL,
+    embedding BLOB NOT NULL,
+    dim INTEGER NOT NULL,
+    tile_png BLOB NOT NULL,
+    slide_id TEXT,
+    x INTEGER,
+    y INTEGER,
+    mpp REAL,
+    created_at REAL NOT NULL,
+    quarantined_at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 """
 
 _COLUMNS = "key, teacher, embedding, dim, tile_png, slide_id, x, y, mpp"
@@ -201,6 +215,61 @@ class EmbeddingCache:
                 if connection.in_transaction:
                     connection.execute("ROLLBACK")
                 raise
+
+    def quarantine(self, identity: str, since: float, *, reason: str = "teacher drift", keep: Sequence[str] = ()) -> int:
+        """Move the entries of teacher ``identity`` created at or after ``since`` (Unix time) to the quarantine table.
+
+        Entries whose key is in ``keep`` stay, such as the canary tiles that the drift was measured
+        against, so a restarted gateway measures the same drift again. Returns the number moved. Moved entries are no longer cache hits or exported, so the teacher embeds
+        those tiles again under a new identity. They stay in the ``quarantine`` table of the same database,
+        with ``reason``, for inspection. One transaction, so a crash moves all of them or none.
+        """
+        now = time.time()
+        kept = list(keep)
+        # The kept keys are bound as parameters, one placeholder each.
+        condition = "teacher = ? AND created_at >= ?" + (f" AND key NOT IN ({', '.join('?' * len(kept))})" if kept else "")
+        with self._sqlite_errors(f"quarantine the entries of teacher {identity!r}"):
+            connection = self._connection()
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                connection.execute(
+                    f"INSERT INTO quarantine ({_COLUMNS}, created_at, quarantined_at, reason) "
+                    f"SELECT {_COLUMNS}, created_at, ?, ? FROM embeddings WHERE {condition}",
+                    (now, reason, identity, since, *kept),
+                )
+                moved = connection.execute(f"DELETE FROM embeddings WHERE {condition}", (identity, since, *kept)).rowcount
+                connection.execute("COMMIT")
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+        logger.warning(
+            "embedding cache %s: moved %d entries of teacher %s created since %s to the quarantine table (%s)",
+            self.path,
+            moved,
+            identity,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)),
+            reason,
+        )
+        return moved
+
+    def check_writable(self) -> None:
+        """Write and commit one small row, raising :class:`CacheError` when the database cannot be written now.
+
+        The gateway calls it to find out whether a failed write (such as a full disk) has cleared.
+        """
+        with self._sqlite_errors("write a test row"):
+            connection = self._connection()
+            connection.execute("CREATE TABLE IF NOT EXISTS write_check (id INTEGER PRIMARY KEY, checked_at REAL NOT NULL)")
+            connection.execute("INSERT OR REPLACE INTO write_check (id, checked_at) VALUES (1, ?)", (time.time(),))
+
+    def count_quarantined(self, teacher: str | None = None) -> int:
+        """Return the number of quarantined entries, of one teacher or of all."""
+        with self._sqlite_errors("count quarantined entries"):
+            connection = self._connection()
+            if teacher is None:
+                return connection.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0]
+            return connection.execute("SELECT COUNT(*) FROM quarantine WHERE teacher = ?", (teacher,)).fetchone()[0]
 
     def count(self, teacher: str | None = None) -> int:
         """Return the number of cached embeddings, of one teacher or of all."""

@@ -1,16 +1,21 @@
 """The exported student checkpoint: a folder the distiller writes and the student server reads.
 
-The folder contains three files:
+The folder contains three or four files:
 
 - ``model.safetensors``: the student's weights (float32 state dict, no pickled code).
-- ``config.json``: ``format`` "unite-student", ``format_version``, the architecture name and keyword
-  arguments, the embedding dimension, the input size, normalisation mean and std, the target µm/px, the
-  teacher's identity and licence, a training summary, and ``weights_sha256``.
+- ``mimic_projector.safetensors``: only where the loss had one, the ``weight`` and ``bias`` of the
+  nn.Linear that maps the student's embedding into the teacher's space.
+- ``config.json``: ``format`` "unite-student", ``format_version``, the student name, the architecture
+  name and keyword arguments, and ``weights_sha256``. It also records the embedding dimension, the input
+  size, the normalisation mean and std and the target µm/px, and then the teacher's identity and
+  licence, the loss, the projector's dimensions and sha256, the training and data summaries, the
+  validation metrics and the command.
 - ``README.md``: the model card. It names the teacher and its licence first, because a student trained on
   a teacher's outputs may be a derivative work under the teacher's licence.
 
 The sha256 of ``model.safetensors`` is the checkpoint's identity: the server reports it, and
-:func:`load_student` checks it against the value recorded in ``config.json``.
+:func:`load_student` checks it against the value recorded in ``config.json``. Exports written before the
+student name, the loss and the projector were recorded lack those keys and load as before.
 """
 
 from __future__ import annotations
@@ -33,13 +38,22 @@ from safetensors.torch import load_file, save_file
 
 from shared.errors import ModelError
 from shared.imaging import IMAGENET_MEAN, IMAGENET_STD, MODEL_INPUT_SIZE
-from shared.models.student import UNITE_STUDENT_NAME, build_unite_student
+from shared.models.student import (
+    TIMM_ARCHITECTURE,
+    UNITE_STUDENT,
+    UNITE_STUDENT_NAME,
+    build_timm_student,
+    build_unite_student,
+    embedding_dim,
+    student_architecture,
+)
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_CONFIG = "config.json"
 CHECKPOINT_CARD = "README.md"
+MIMIC_PROJECTOR_WEIGHTS = "mimic_projector.safetensors"
 CHECKPOINT_FORMAT = "unite-student"
 CHECKPOINT_FORMAT_VERSION = 1
 # Resolution the student was trained at: 20x, the resolution UNI2-h expects.
@@ -48,6 +62,7 @@ CHECKPOINT_TARGET_MPP = 0.5
 # Builders of the architectures a checkpoint may name; each takes the recorded keyword arguments.
 STUDENT_ARCHITECTURES: dict[str, Callable[..., torch.nn.Module]] = {
     UNITE_STUDENT_NAME: build_unite_student,
+    TIMM_ARCHITECTURE: build_timm_student,
 }
 
 _REQUIRED_CONFIG_KEYS = ("format", "format_version", "architecture", "architecture_kwargs", "embed_dim", "weights_sha256")
@@ -86,22 +101,44 @@ def save_student(
     model: torch.nn.Module,
     folder: Path,
     *,
-    architecture: str,
-    architecture_kwargs: dict[str, Any],
     teacher: str,
     teacher_licence: str,
     training: dict[str, Any],
+    student: str = UNITE_STUDENT,
+    architecture: str | None = None,
+    architecture_kwargs: dict[str, Any] | None = None,
+    loss: dict[str, Any] | None = None,
+    mimic_projector: torch.nn.Linear | None = None,
+    validation_metrics: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
     command: str | None = None,
 ) -> Path:
-    """Export ``model`` into ``folder`` as weights, config and model card, replacing an older export.
+    """Export ``model`` into ``folder`` as weights, projector, config and model card, replacing an older export.
 
-    The three files are written into a temporary sibling folder ``.<name>.partial-<8 hex digits>`` first.
+    ``student`` is the name :func:`shared.models.student.build_student` built the model from; the
+    architecture and its keyword arguments are derived from it unless given. ``loss`` is the loss's
+    record (``DistillLoss.summary()``), ``mimic_projector`` the loss's student-to-teacher projector, or
+    None. ``training``, ``data`` (the data summary) and ``validation_metrics`` are JSON-serialisable
+    records that config.json keeps and the model card shows as tables. ``command`` is the command line
+    that produced the export.
+
+    The files are written into a temporary sibling folder ``.<name>.partial-<8 hex digits>`` first.
     An existing ``folder`` is then renamed aside, the new folder renamed into place, and the old one
     deleted, so a reader never sees a half-written export. A crash between the two renames leaves the
     old export under a ``.<name>.old-*`` sibling. Temporary folders that a killed export left behind are
     deleted at the start of the next export to the same folder, so two exports to one folder must not
     run at the same time. Returns the folder.
     """
+    derived, derived_kwargs = student_architecture(student)
+    architecture = architecture or derived
+    architecture_kwargs = derived_kwargs if architecture_kwargs is None else architecture_kwargs
+    if architecture != derived:
+        raise ModelError(
+            f"cannot export student {student!r} as architecture {architecture!r}: that student is built as {derived!r}. "
+            "Pass the student name the model was built from, and no architecture.",
+            value=architecture,
+            limit=derived,
+        )
     if architecture not in STUDENT_ARCHITECTURES:
         raise ModelError(
             f"cannot export architecture {architecture!r}: it is not one of the known student architectures "
@@ -119,19 +156,33 @@ def save_student(
         _write_export(
             model,
             staging,
-            architecture=architecture,
-            architecture_kwargs=architecture_kwargs,
-            teacher=teacher,
-            teacher_licence=teacher_licence,
-            training=training,
-            command=command,
+            {
+                "student": student,
+                "architecture": architecture,
+                "architecture_kwargs": dict(architecture_kwargs),
+                "teacher": teacher,
+                "teacher_licence": teacher_licence,
+                "loss": loss,
+                "training": training,
+                "data": data,
+                "validation_metrics": validation_metrics,
+                "command": command,
+            },
+            mimic_projector,
         )
         _replace_folder(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
-    logger.info("exported student %s to %s (teacher %s, licence %s)", architecture, folder, teacher, teacher_licence)
+    logger.info(
+        "exported student %s to %s (teacher %s, licence %s, mimic projector %s)",
+        student,
+        folder,
+        teacher,
+        teacher_licence,
+        "none" if mimic_projector is None else f"{mimic_projector.in_features} -> {mimic_projector.out_features}",
+    )
     return folder
 
 
@@ -177,7 +228,7 @@ def load_student(folder: Path, *, device: str = "cpu") -> LoadedStudent:
 
     model.to(device).eval()
     embed_dim = int(config["embed_dim"])
-    name = f"{config['architecture']}@{sha256[:12]}"
+    name = f"{_student_label(config)}@{sha256[:12]}"
     logger.info(
         "loaded student %s from %s on %s: %d tensors, %d-d embeddings, teacher %s (licence %s)",
         name,
@@ -191,37 +242,88 @@ def load_student(folder: Path, *, device: str = "cpu") -> LoadedStudent:
     return LoadedStudent(model=model, config=config, sha256=sha256, folder=folder, embed_dim=embed_dim, name=name)
 
 
-def _write_export(
-    model: torch.nn.Module,
-    target: Path,
-    *,
-    architecture: str,
-    architecture_kwargs: dict[str, Any],
-    teacher: str,
-    teacher_licence: str,
-    training: dict[str, Any],
-    command: str | None,
-) -> None:
-    state = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
+def load_mimic_projector(folder: Path, *, device: str = "cpu") -> torch.nn.Linear | None:
+    """Load the export's student-to-teacher projector in eval mode, or return None when the export has none.
+
+    Exports of the ``unite`` loss, and exports written before projectors were exported, have none.
+    Raises :class:`ModelError` when config.json records a projector whose file is missing, changed or
+    of the wrong shape.
+    """
+    folder = Path(folder)
+    config_path = folder / CHECKPOINT_CONFIG
+    if not config_path.is_file():
+        raise ModelError(
+            f"student checkpoint {folder}: {config_path} not found. Point at a folder exported by `unite distill`.",
+            value=str(config_path),
+        )
+    record = _read_config(config_path).get("mimic_projector")
+    if record is None:
+        return None
+
+    try:
+        # Only a file name is taken from the config, so a changed config cannot point outside the folder.
+        path = folder / Path(record["file"]).name
+        in_features, out_features = int(record["in_features"]), int(record["out_features"])
+        recorded_sha256 = record["sha256"]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelError(
+            f"student checkpoint {folder}: mimic_projector in {CHECKPOINT_CONFIG} is {record!r}, expected an object with "
+            f"file, in_features, out_features and sha256 ({error}). Export the student again.",
+            value=record,
+        ) from error
+    if not path.is_file():
+        raise ModelError(
+            f"student checkpoint {folder}: {CHECKPOINT_CONFIG} records a mimic projector, but {path} not found. Export the student again.",
+            value=str(path),
+        )
+    sha256 = file_sha256(path)
+    if sha256 != recorded_sha256:
+        raise ModelError(
+            f"student checkpoint {folder}: {path.name} has sha256 {sha256}, but {CHECKPOINT_CONFIG} records {recorded_sha256}. "
+            "The projector was changed or damaged after export; export the student again.",
+            value=sha256,
+            limit=recorded_sha256,
+        )
+
+    projector = torch.nn.Linear(in_features, out_features)
+    try:
+        projector.load_state_dict(load_file(path, device="cpu"))
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise ModelError(
+            f"student checkpoint {folder}: {path.name} does not contain the weight and bias of a {in_features} -> {out_features} "
+            f"linear projector ({error}). Export the student again.",
+            value=str(path),
+        ) from error
+    logger.info("loaded mimic projector %d -> %d from %s on %s", in_features, out_features, folder, device)
+    return projector.to(device).eval()
+
+
+def _student_label(config: dict[str, Any]) -> str:
+    # A timm student is named by its timm model name; the architecture "timm" alone would not tell students apart.
+    if config["architecture"] == TIMM_ARCHITECTURE and isinstance(config["architecture_kwargs"], dict):
+        return f"timm:{config['architecture_kwargs'].get('model_name')}"
+    return config["architecture"]
+
+
+def _write_export(model: torch.nn.Module, target: Path, record: dict[str, Any], mimic_projector: torch.nn.Linear | None) -> None:
+    """Write the weights, the projector, config.json (``record`` plus the fixed fields) and the model card into ``target``."""
     weights_path = target / CHECKPOINT_WEIGHTS
-    save_file(state, weights_path, metadata={"format": "pt", "architecture": architecture})
-    # safetensors creates the file owner-only; a server running as another user must be able to read it.
-    weights_path.chmod(0o644)
+    _save_tensors(model.state_dict(), weights_path, architecture=record["architecture"])
+    embed_dim = _embedding_dim(model, record["architecture_kwargs"])
+    projector = None
+    if mimic_projector is not None:
+        projector = _save_projector(mimic_projector, target / MIMIC_PROJECTOR_WEIGHTS, embed_dim=embed_dim)
 
     config = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_FORMAT_VERSION,
-        "architecture": architecture,
-        "architecture_kwargs": dict(architecture_kwargs),
-        "embed_dim": _embedding_dim(model, architecture_kwargs),
+        **record,
+        "embed_dim": embed_dim,
         "input_size": MODEL_INPUT_SIZE,
         "mean": [round(float(value), 6) for value in IMAGENET_MEAN],
         "std": [round(float(value), 6) for value in IMAGENET_STD],
         "target_mpp": CHECKPOINT_TARGET_MPP,
-        "teacher": teacher,
-        "teacher_licence": teacher_licence,
-        "training": training,
-        "command": command,
+        "mimic_projector": projector,
         "weights_sha256": file_sha256(weights_path),
     }
     try:
@@ -230,6 +332,33 @@ def _write_export(
         raise ModelError(f"cannot write {CHECKPOINT_CONFIG}: a value is not JSON-serialisable ({error}).") from error
     (target / CHECKPOINT_CONFIG).write_text(text + "\n", encoding="utf-8")
     (target / CHECKPOINT_CARD).write_text(_model_card(json.loads(text)), encoding="utf-8")
+
+
+def _save_tensors(state: dict[str, torch.Tensor], path: Path, *, architecture: str) -> None:
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+    save_file(tensors, path, metadata={"format": "pt", "architecture": architecture})
+    # safetensors creates the file owner-only; a server running as another user must be able to read it.
+    path.chmod(0o644)
+
+
+def _save_projector(projector: torch.nn.Linear, path: Path, *, embed_dim: int) -> dict[str, Any]:
+    if not isinstance(projector, torch.nn.Linear) or projector.bias is None or projector.in_features != embed_dim:
+        found = type(projector).__name__
+        if isinstance(projector, torch.nn.Linear):
+            found += f" {projector.in_features} -> {projector.out_features}"
+        raise ModelError(
+            f"cannot export mimic_projector {found}: expected an nn.Linear with a bias from the student's {embed_dim}-d "
+            "embedding into the teacher's space. Pass the loss's mimic_projector, or None.",
+            value=found,
+            limit=embed_dim,
+        )
+    _save_tensors(projector.state_dict(), path, architecture="linear")
+    return {
+        "file": path.name,
+        "in_features": projector.in_features,
+        "out_features": projector.out_features,
+        "sha256": file_sha256(path),
+    }
 
 
 def _remove_stale_staging(folder: Path) -> None:
@@ -261,14 +390,16 @@ def _replace_folder(staging: Path, folder: Path) -> None:
 
 
 def _embedding_dim(model: torch.nn.Module, architecture_kwargs: dict[str, Any]) -> int:
-    # timm models expose the pre-logits width as num_features.
-    dim = getattr(model, "num_features", None) or architecture_kwargs.get("embed_dim")
-    if not dim:
-        raise ModelError(
-            f"cannot tell the embedding dimension of {type(model).__name__}: it has no num_features attribute "
-            "and architecture_kwargs has no embed_dim. Pass embed_dim in architecture_kwargs."
-        )
-    return int(dim)
+    try:
+        return embedding_dim(model)
+    except ModelError:
+        dim = architecture_kwargs.get("embed_dim")
+        if not dim:
+            raise ModelError(
+                f"cannot tell the embedding dimension of {type(model).__name__}: it has no num_features attribute "
+                "and architecture_kwargs has no embed_dim. Pass embed_dim in architecture_kwargs."
+            ) from None
+        return int(dim)
 
 
 def _json_default(value: Any) -> Any:
@@ -331,9 +462,10 @@ def _model_card(config: dict[str, Any]) -> str:
     licence = config["teacher_licence"] or "unknown"
     training = dict(config.get("training") or {})
     losses = training.pop("losses", None) or {}
+    student = config.get("student") or config["architecture"]
 
     lines = [
-        f"# UNITE student `{config['architecture']}`",
+        f"# UNITE student `{student}`",
         "",
         f"**Teacher:** `{teacher}`  ",
         f"**Teacher licence:** {licence}",
@@ -354,42 +486,53 @@ def _model_card(config: dict[str, Any]) -> str:
             "",
         ]
 
+    projector = config.get("mimic_projector")
     lines += [
         "## Model",
         "",
-        f"- Architecture: `{config['architecture']}` with arguments `{json.dumps(config['architecture_kwargs'], sort_keys=True)}`",
+        f"- Student: `{student}`, architecture `{config['architecture']}` with arguments "
+        f"`{json.dumps(config['architecture_kwargs'], sort_keys=True)}`",
         f"- Embedding dimension: {config['embed_dim']}",
         f"- Input: {config['input_size']} x {config['input_size']} RGB at {config['target_mpp']} µm/px, "
         f"normalised with mean {config['mean']} and std {config['std']}",
         f"- Weights: `{CHECKPOINT_WEIGHTS}`, sha256 `{config['weights_sha256']}`",
-        "",
-        "## Training data",
+        (
+            f"- Teacher-space projector: `{projector['file']}`, {projector['in_features']} -> {projector['out_features']}, "
+            f"sha256 `{projector['sha256']}`"
+            if projector
+            else "- Teacher-space projector: none"
+        ),
         "",
     ]
-    if training:
-        lines += ["| field | value |", "|---|---|"]
-        lines += [f"| {key} | {_card_value(value)} |" for key, value in training.items()]
-    else:
-        lines.append("No training summary was recorded.")
-    lines += ["", "## Metrics", ""]
-    if losses:
-        lines += ["| loss | value |", "|---|---|"]
-        lines += [f"| {key} | {_card_value(value)} |" for key, value in losses.items()]
-    else:
-        lines.append("No metrics were recorded.")
-    lines += ["", "## Command", ""]
+    lines += _card_table("Loss", "field", config.get("loss"), "No loss was recorded.")
+    lines += _card_table("Training data", "field", config.get("data"), "No data summary was recorded.")
+    lines += _card_table("Training", "field", training, "No training summary was recorded.")
+    lines += _card_table("Validation metrics", "metric", config.get("validation_metrics"), "No validation metrics were recorded.")
+    lines += _card_table("Losses", "loss", losses, "No losses were recorded.")
+    lines += ["## Command", ""]
     lines.append(f"```\n{config['command']}\n```" if config.get("command") else "Not recorded.")
     lines += [
         "",
         "## Loading",
         "",
         "```python",
-        "from shared.checkpoint import load_student",
+        "from shared.checkpoint import load_mimic_projector, load_student",
         "student = load_student(FOLDER)  # FOLDER: the folder that contains this file",
+        "projector = load_mimic_projector(FOLDER)  # None when the export has no teacher-space projector",
         "```",
         "",
     ]
     return "\n".join(lines)
+
+
+def _card_table(title: str, key_header: str, values: dict[str, Any] | None, empty: str) -> list[str]:
+    lines = [f"## {title}", ""]
+    if values:
+        lines += [f"| {key_header} | value |", "|---|---|"]
+        lines += [f"| {key} | {_card_value(value)} |" for key, value in values.items()]
+    else:
+        lines.append(empty)
+    return lines + [""]
 
 
 def _card_value(value: Any) -> str:

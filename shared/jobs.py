@@ -201,6 +201,16 @@ class JobOutcome:
     earlier: bool = False
 
 
+def format_count(count: int, noun: str, plural: str | None = None) -> str:
+    """Return ``count`` with ``noun``, or with its plural unless the count is 1: "1 slide", "2 slides".
+
+    ``plural`` defaults to ``noun`` with an "s" appended. Pass it for other nouns, such as "patches".
+    """
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {plural or noun + 's'}"
+
+
 @dataclass
 class JobSummary:
     """The outcomes of a run, by item name. ``unfinished`` counts the items an interrupted run did not finish."""
@@ -237,7 +247,7 @@ class JobSummary:
     def format(self, noun: str = "slide") -> str:
         """Describe the run in a few lines: the counts, then one line per failed item with its reason and message."""
         lines = [
-            f"{self.total} {noun}(s): {len(self.done)} done, {len(self.skipped)} skipped (done earlier), "
+            f"{format_count(self.total, noun)}: {len(self.done)} done, {len(self.skipped)} skipped (done earlier), "
             f"{len(self.failed)} failed, {len(self.locked)} locked by another process"
         ]
         if self.failed:
@@ -250,7 +260,7 @@ class JobSummary:
             lines.append(f"{noun.capitalize()}s that failed in an earlier run with the same options were not retried. "
                          "Pass --retry-failed to try them again.")
         if self.unfinished:
-            lines.append(f"interrupted: {self.unfinished} {noun}(s) not finished. Run the same command again to resume.")
+            lines.append(f"interrupted: {format_count(self.unfinished, noun)} not finished. Run the same command again to resume.")
         return "\n".join(lines)
 
 
@@ -423,7 +433,9 @@ def run_jobs(
 
     run_id = uuid.uuid4().hex
     summary = JobSummary()
-    logger.info("starting a run over %d %s(s) in %s with %d worker(s)", len(jobs), noun, folder.root, workers)
+    logger.info(
+        "starting a run over %s in %s with %s", format_count(len(jobs), noun), folder.root, format_count(workers, "worker")
+    )
     try:
         with _sigterm_raises(), tqdm(total=len(jobs), desc=f"{noun}s", unit=noun, file=sys.stderr, disable=not progress) as bar:
             if workers == 1:
@@ -760,7 +772,7 @@ def _check_done_jobs_match(folder: JobFolder, jobs: Sequence[Job], noun: str) ->
     if conflicts:
         listed = "; ".join(conflicts[:5]) + (f"; and {len(conflicts) - 5} more" if len(conflicts) > 5 else "")
         raise ConfigError(
-            f"{folder.root} contains {len(conflicts)} {noun}(s) done with other options than this run's: {listed}. "
+            f"{folder.root} contains {format_count(len(conflicts), noun)} done with other options than this run's: {listed}. "
             f"Pass another output folder (--out), run only the {noun}s that need the new options, or delete the "
             f"state records of those to redo in {folder.state_dir}.",
             value=len(conflicts),

@@ -4,6 +4,9 @@ A server may start before ``unite distill`` has exported a checkpoint (docker co
 once). It then stays alive but not ready, and tries to load the checkpoint again on a readiness probe
 or a request, at most once per ``reload_interval_s``, so it becomes ready once the export appears.
 
+An export with a mimic projector also gets teacher-space output: ``embed(tiles, teacher_space=True)``
+returns the projector's output for the student's embeddings, 1536-d for a UNI2-h teacher.
+
 Why no student is loaded is kept twice: ``reason`` names the checkpoint folder and the loader's error
 for the log, and ``public_reason`` names only the setting to change, because it goes to HTTP clients.
 """
@@ -15,8 +18,9 @@ import threading
 import time
 
 import numpy as np
+import torch
 
-from shared.checkpoint import CHECKPOINT_WEIGHTS, LoadedStudent, load_student
+from shared.checkpoint import CHECKPOINT_WEIGHTS, LoadedStudent, load_mimic_projector, load_student
 from shared.errors import ModelError
 from shared.models.inference import embed_tiles
 from student_server.settings import StudentSettings
@@ -34,6 +38,7 @@ class StudentModel:
     def __init__(self, settings: StudentSettings) -> None:
         self.settings = settings
         self.loaded: LoadedStudent | None = None
+        self.mimic_projector: torch.nn.Linear | None = None
         self.reason = "the student checkpoint has not been loaded yet"
         self.public_reason = self.reason
         self._load_lock = threading.Lock()
@@ -50,20 +55,48 @@ class StudentModel:
                 self._try_load()
         return self.loaded
 
-    def embed(self, tiles: np.ndarray) -> np.ndarray:
-        """Embed (N, H, W, 3) uint8 tiles with the loaded student and return (N, D) float32 embeddings."""
+    @property
+    def teacher_dim(self) -> int | None:
+        """Width of the teacher-space output, or None when the loaded export has no mimic projector."""
+        return None if self.mimic_projector is None else self.mimic_projector.out_features
+
+    def embed(self, tiles: np.ndarray, *, teacher_space: bool = False) -> np.ndarray:
+        """Embed (N, H, W, 3) uint8 tiles with the loaded student and return (N, D) float32 embeddings.
+
+        With ``teacher_space``, D is the teacher's dimension: the student's embeddings go through the
+        export's mimic projector, which must exist.
+        """
         student = self.loaded
         if student is None:
             raise ModelError(f"cannot embed: {self.reason}")
+        projector = self.mimic_projector
+        if teacher_space and projector is None:
+            raise ModelError(
+                f"cannot embed in the teacher's space: the student {student.name} was exported without a mimic projector "
+                "(trained with the 'unite' loss, or exported before projectors were). Request the student's own embeddings, "
+                "or export a student trained with a mimic loss.",
+                value=student.name,
+            )
         batch_size = self.settings.batch_size
         if len(tiles) == 0:
-            return np.zeros((0, student.embed_dim), dtype=np.float32)
+            dim = projector.out_features if teacher_space else student.embed_dim
+            return np.zeros((0, dim), dtype=np.float32)
 
         parts = []
         for start in range(0, len(tiles), batch_size):
             with self._inference_lock:
-                parts.append(embed_tiles(student.model, tiles[start : start + batch_size], batch_size=batch_size, device=self.settings.device))
+                batch = tiles[start : start + batch_size]
+                embeddings = embed_tiles(student.model, batch, batch_size=batch_size, device=self.settings.device)
+                if teacher_space:
+                    embeddings = self._project(projector, embeddings)
+            parts.append(embeddings)
         return np.concatenate(parts, axis=0)
+
+    def _project(self, projector: torch.nn.Linear, embeddings: np.ndarray) -> np.ndarray:
+        # In float32: the projector is one small matrix product, and the output is compared with the teacher's.
+        with torch.inference_mode():
+            projected = projector(torch.from_numpy(embeddings).to(self.settings.device))
+        return projected.float().cpu().numpy()
 
     def _try_load(self) -> None:
         self._last_attempt = time.monotonic()
@@ -79,7 +112,9 @@ class StudentModel:
             )
             return
         try:
-            self.loaded = load_student(folder, device=self.settings.device)
+            loaded = load_student(folder, device=self.settings.device)
+            self.mimic_projector = load_mimic_projector(folder, device=self.settings.device)
+            self.loaded = loaded
         except ModelError as error:
             self._set_reason(
                 f"cannot load the student checkpoint at {folder}: {error.message}",
@@ -105,7 +140,13 @@ class StudentModel:
             return
         self.reason = ""
         self.public_reason = ""
-        logger.info("serving student %s (checkpoint sha256 %s) on %s", self.loaded.name, self.loaded.sha256, self.settings.device)
+        logger.info(
+            "serving student %s (checkpoint sha256 %s) on %s, teacher-space output %s",
+            self.loaded.name,
+            self.loaded.sha256,
+            self.settings.device,
+            "none" if self.teacher_dim is None else f"{self.teacher_dim}-d",
+        )
 
     def _set_reason(self, reason: str, *, public_reason: str, level: int = logging.WARNING) -> None:
         # Probes retry every few seconds; log a reason only when it changes.

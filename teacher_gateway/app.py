@@ -3,8 +3,13 @@
 Routes: ``POST /v1/embeddings``, ``POST /v1/embeddings/dry-run`` (what a request would cost, without
 calling the teacher), ``GET /v1/models``, ``GET /v1/cache/stats``, ``GET /v1/usage``, ``GET /metrics``
 (Prometheus), ``GET /healthz`` (the process is alive) and ``GET /readyz`` (the teacher and the cache are
-open and the teacher has not drifted). With a keys file, every route but ``/healthz`` and ``/readyz``
-needs an API key, and ``/metrics`` follows the ``metrics`` setting.
+open, the cache can be written and the teacher has not drifted), and the API docs ``/docs``, ``/redoc``
+and ``/openapi.json``. With a keys file, every route but ``/healthz`` and ``/readyz`` needs an API key;
+``/metrics`` follows the ``metrics`` setting and the docs the ``api_docs`` setting.
+
+``/healthz`` and ``/readyz`` run on the event loop and do no blocking work, so they answer while teacher
+calls are stuck. Embedding requests run in worker threads of their own limiter, so they never take the
+threads of the other routes, and at most ``max_teacher_requests`` of them wait on the teacher at once.
 
 Every error, including validation errors and unknown routes, has the protocol's one JSON shape
 ``{"error": {"code", "message", "limit", "value"}}``. Unexpected exceptions become a 500 whose message
@@ -15,13 +20,16 @@ for both services; the gateway's own refusals (401, 402, 429, 503 drift) add the
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import anyio
 from fastapi import Depends, FastAPI, Header, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -43,27 +51,38 @@ from teacher_gateway.metrics import (
     gauge,
     teacher_stats_metrics,
 )
-from teacher_gateway.service import ANONYMOUS_CALLER, EmbeddingService
+from teacher_gateway.service import ANONYMOUS_CALLER, RETRY_AFTER_S, EmbeddingService
 from teacher_gateway.settings import GatewaySettings, get_settings
 from teacher_gateway.teachers.base import Teacher
 from teacher_gateway.teachers.registry import build_configured_teacher
+from teacher_gateway.unavailable import CacheUnavailableError
 from teacher_gateway.usage import COUNTERS, Budget, Caller, UsageLedger, budget_status
 
 logger = logging.getLogger(__name__)
 
+# Worker threads for embedding requests beyond max_teacher_requests, so that requests served from the
+# cache still get a thread while that many wait on the teacher.
+CACHE_HIT_THREADS = 8
+
 
 def create_app(
-    settings: GatewaySettings | None = None, *, teacher: Teacher | None = None, teacher_name: str | None = None
+    settings: GatewaySettings | None = None,
+    *,
+    teacher: Teacher | None = None,
+    teacher_name: str | None = None,
+    close_teacher: bool | None = None,
 ) -> FastAPI:
     """Build the gateway app; the keys, the cache, the ledger and the teacher open in the app's lifespan.
 
     ``teacher`` serves a ready-made backend in place of the one ``settings.teacher`` names; the caller
-    then owns it and closes it. A teacher built here is closed at shutdown. Requests may name the
+    then owns it and closes it, unless ``close_teacher`` is true. A teacher built here is closed at
+    shutdown. Closing it first, before the cache, cancels teacher calls still in flight. Requests may name the
     teacher by its identity, its ``name`` attribute, or ``teacher_name`` (by default ``settings.teacher``
     when the teacher is built here).
     """
     settings = settings if settings is not None else get_settings()
     metrics = GatewayMetrics()
+    closes_teacher = close_teacher if close_teacher is not None else teacher is None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -72,8 +91,14 @@ def create_app(
         cache = EmbeddingCache(settings.cache_dir)
         ledger = UsageLedger(settings.cache_dir)
         service = EmbeddingService(
-            served, cache, ledger, budget=Budget(tiles=settings.budget_tiles, calls=settings.budget_calls), metrics=metrics
+            served,
+            cache,
+            ledger,
+            budget=Budget(tiles=settings.budget_tiles, calls=settings.budget_calls),
+            metrics=metrics,
+            max_teacher_requests=settings.max_teacher_requests,
         )
+        app.state.embedding_threads = anyio.CapacityLimiter(settings.max_teacher_requests + CACHE_HIT_THREADS)
         registry_name = teacher_name if teacher is not None else settings.teacher
         names = (served.identity, getattr(served, "name", None), registry_name)
         app.state.model_names = list(dict.fromkeys(name for name in names if name))
@@ -101,10 +126,10 @@ def create_app(
             yield
         finally:
             app.state.service = None
+            if closes_teacher and hasattr(served, "close"):
+                served.close()
             if canary is not None:
                 canary.stop()
-            if teacher is None and hasattr(served, "close"):
-                served.close()
             ledger.close()
             cache.close()
             logger.info("gateway stopped: cache %s closed", cache.path)
@@ -113,8 +138,14 @@ def create_app(
         title="UNITE teacher gateway",
         summary="Teacher embeddings of pathology tiles, served from a content-addressed cache first.",
         lifespan=lifespan,
+        # Served by _add_docs_routes instead, behind the api_docs setting.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.settings = settings
+    app.state.embedding_threads = None
+    app.state.storage_check = None
     app.state.metrics = metrics
     app.state.service = None
     app.state.canary = None
@@ -140,10 +171,12 @@ def create_app(
     app.add_middleware(_LatencyMiddleware, metrics=metrics)
     metrics.add_collector(lambda: _scrape_time_metrics(app))
     _add_routes(app)
+    if settings.api_docs != "off":
+        _add_docs_routes(app)
     return app
 
 
-def get_service(request: Request) -> EmbeddingService:
+async def get_service(request: Request) -> EmbeddingService:
     """Return the app's embedding service, or raise :class:`NotReadyError` outside its lifespan."""
     service = request.app.state.service
     if service is None:
@@ -151,15 +184,21 @@ def get_service(request: Request) -> EmbeddingService:
     return service
 
 
-def get_gateway_settings(request: Request) -> GatewaySettings:
+async def get_gateway_settings(request: Request) -> GatewaySettings:
     return request.app.state.settings
 
 
-def authenticate(
+# The dependencies are async, so they run on the event loop (they do no blocking work) and take no worker thread.
+async def authenticate(
     request: Request,
     authorization: Annotated[str | None, Header()] = None,
     x_api_key: Annotated[str | None, Header()] = None,
 ) -> Caller:
+    """Return the caller of the request's API key, or the anonymous caller when the gateway has no keys file."""
+    return caller_of(request, authorization, x_api_key)
+
+
+def caller_of(request: Request, authorization: str | None, x_api_key: str | None) -> Caller:
     """Return the caller of the request's API key, or the anonymous caller when the gateway has no keys file."""
     keys: KeyStore | None = request.app.state.keys
     if keys is None:
@@ -178,14 +217,22 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def _add_routes(app: FastAPI) -> None:
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERROR_RESPONSES)
-    def create_embeddings(
+    async def create_embeddings(
         body: EmbeddingRequest, request: Request, service: ServiceDep, settings: SettingsDep, caller: CallerDep
     ) -> JSONResponse:
         """Embed base64 PNG or JPEG tiles, taking cached embeddings first and sending only misses to the teacher."""
         _check_request(body, request, settings)
-        service.admit(caller)
 
-        embeddings, usage = service.embed(body.input, caller=caller)
+        def admit_and_embed() -> tuple[Any, dict[str, int]]:
+            service.admit(caller)
+            return service.embed(body.input, caller=caller)
+
+        # A limiter of its own, so requests waiting on the teacher never take the threads of other routes.
+        # abandon_on_cancel: a gateway shutting down stops waiting for the thread, and closing the teacher
+        # then ends the thread's teacher call.
+        embeddings, usage = await anyio.to_thread.run_sync(
+            admit_and_embed, limiter=request.app.state.embedding_threads, abandon_on_cancel=True
+        )
         # Built by hand rather than through the pydantic model: validating 256 x 1536 floats again
         # would only cost time. tolist() gives the exact float32 values as Python floats.
         content = {
@@ -264,21 +311,85 @@ def _add_routes(app: FastAPI) -> None:
         if settings.metrics == "off":
             raise HTTPException(404, "metrics are off (UNITE_GATEWAY_METRICS=off); set it to 'key' or 'open' to serve them.")
         if settings.metrics == "key":
-            authenticate(request, authorization, x_api_key)
+            caller_of(request, authorization, x_api_key)
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         """Report that the process is alive."""
         return {"status": "ok"}
 
     @app.get("/readyz", responses={503: {"model": ErrorResponse}})
-    def readyz(service: ServiceDep) -> dict[str, str]:
-        """Report ready once the teacher and the cache are open, and 503 ``teacher_drift`` once the teacher drifted."""
+    async def readyz(request: Request) -> dict[str, str]:
+        """Report ready once the teacher and the cache are open; 503 once the teacher drifted or while the cache cannot be written.
+
+        It needs no API key, so it names no teacher, URL or path; ``GET /v1/usage`` and the log have the details.
+        """
+        service: EmbeddingService | None = request.app.state.service
+        if service is None:
+            raise NotReadyError("the gateway is not ready: its teacher and cache are not open. Retry after startup.")
         block = service.teacher_block
         if block is not None:
-            raise TeacherDriftError(block.message, limit=block.limit, value=block.value)
-        return {"status": "ready", "model": service.teacher.identity}
+            raise TeacherDriftError(
+                "the gateway is not ready: the canary check found that its teacher's embeddings changed, so it no "
+                "longer calls the teacher; cached embeddings are still served. GET /v1/usage (with an API key) and "
+                "the gateway log give the details and the fix.",
+                limit=block.limit,
+                value=block.value,
+            )
+        if service.storage_error is not None:
+            _start_storage_check(request.app, service)
+            raise CacheUnavailableError(
+                "the gateway is not ready: its cache or usage ledger cannot be written (the gateway log names the cause, "
+                "such as a full disk). Cached embeddings are still served. It is ready again once a write succeeds.",
+                retry_after_s=RETRY_AFTER_S,
+            )
+        return {"status": "ready"}
+
+
+def _start_storage_check(app: FastAPI, service: EmbeddingService) -> None:
+    """Retry the failed cache writes in a background thread, unless a retry is already running."""
+    running: threading.Thread | None = app.state.storage_check
+    if running is not None and running.is_alive():
+        return
+    app.state.storage_check = threading.Thread(target=service.check_storage, name="cache-write-check", daemon=True)
+    app.state.storage_check.start()
+
+
+def _add_docs_routes(app: FastAPI) -> None:
+    """Serve /openapi.json, /docs and /redoc, with an API key when ``api_docs`` is ``key`` and a keys file is set."""
+    title = app.title
+
+    def check_access(request: Request, authorization: str | None, x_api_key: str | None) -> None:
+        if request.app.state.settings.api_docs == "key":
+            caller_of(request, authorization, x_api_key)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_schema(
+        request: Request,
+        authorization: Annotated[str | None, Header()] = None,
+        x_api_key: Annotated[str | None, Header()] = None,
+    ) -> JSONResponse:
+        check_access(request, authorization, x_api_key)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_page(
+        request: Request,
+        authorization: Annotated[str | None, Header()] = None,
+        x_api_key: Annotated[str | None, Header()] = None,
+    ) -> HTMLResponse:
+        check_access(request, authorization, x_api_key)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{title} - docs")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc_page(
+        request: Request,
+        authorization: Annotated[str | None, Header()] = None,
+        x_api_key: Annotated[str | None, Header()] = None,
+    ) -> HTMLResponse:
+        check_access(request, authorization, x_api_key)
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{title} - ReDoc")
 
 
 def _check_request(body: EmbeddingRequest, request: Request, settings: GatewaySettings) -> None:

@@ -10,6 +10,12 @@ block lasts until the gateway restarts, which should be with a new identity for 
 
 Canary calls are charged to the budget under the caller ``canary``, all or nothing. A check that
 cannot run (no cached tiles yet, budget used up, teacher error) is logged and changes nothing.
+
+Each passed check is stored in the usage ledger beside the cache. A gateway that starts less than
+``interval_s`` after the last passed check of its teacher, by any process sharing the cache, does not
+check again at start and pays nothing. Its first scheduled check comes one interval after that last
+check. With ``interval_s`` 0 every start checks. A check that found drift is not stored, so the next
+start checks again.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from shared.imaging import decode_image
 from teacher_gateway.errors import TeacherDriftError
 from teacher_gateway.metrics import gauge
 from teacher_gateway.service import CANARY_CALLER, EmbeddingService
+from teacher_gateway.usage import CanaryCheck
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +76,17 @@ class CanaryMonitor:
         service.metrics.add_collector(self._collect)
 
     def start(self) -> CanaryResult:
-        """Run the first check now, then start the scheduled checks in a background thread; return the first result."""
-        result = self.check()
+        """Check now unless a recent check passed, then start the scheduled checks in a background thread.
+
+        Returns the result of the check at start, or for a recent passed check an ``ok`` result that
+        describes it.
+        """
+        result = self._recent_check()
+        if result is None:
+            result = self.check()
+        else:
+            self.last = result
+            logger.info("canary check of teacher %s: %s", self.service.teacher.identity, result.detail)
         if self.interval_s > 0:
             self._thread = threading.Thread(target=self._run_schedule, name="canary-check", daemon=True)
             self._thread.start()
@@ -81,6 +97,27 @@ class CanaryMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+    def _recent_check(self, *, when: str = "at start", now: float | None = None) -> CanaryResult | None:
+        """Return the last passed check of this teacher as a result when it is less than ``interval_s`` old, else None.
+
+        A stored check with fewer tiles or a lower minimum cosine than this monitor's settings does not count.
+        """
+        if self.interval_s <= 0:
+            return None
+        stored = self.service.ledger.last_canary_check(self.service.teacher.identity)
+        now = time.time() if now is None else now
+        if stored is None or stored.tiles < self.tiles or stored.min_cosine < self.min_cosine:
+            return None
+        age_s = now - stored.checked_at
+        if not 0 <= age_s < self.interval_s:
+            return None
+        detail = (
+            f"not repeated {when}, because the last check passed {age_s / 60:.1f} minutes ago, less than the "
+            f"interval of {self.interval_s / 60:g} minutes: {stored.tiles} canary tiles, minimum cosine similarity "
+            f"{stored.min_cosine:.6f} (threshold {self.min_cosine})"
+        )
+        return CanaryResult("ok", detail, tiles=stored.tiles, min_cosine=stored.min_cosine, checked_at=stored.checked_at)
 
     def check(self) -> CanaryResult:
         """Re-embed the canary tiles once, compare them with the cache, and block the teacher on drift.
@@ -96,6 +133,13 @@ class CanaryMonitor:
                 logger.exception("canary check of teacher %s failed unexpectedly", self.service.teacher.identity)
                 result = CanaryResult("failed", f"unexpected {type(error).__name__}; the gateway log has the cause", checked_at=time.time())
         self.last = result
+        if result.status == "ok":
+            check = CanaryCheck(checked_at=result.checked_at, tiles=result.tiles, min_cosine=float(result.min_cosine))
+            try:
+                self.service.ledger.record_canary_check(self.service.teacher.identity, check)
+            except UniteError as error:
+                # Only costs a repeated check at the next start, so the gateway keeps running.
+                logger.warning("canary check of teacher %s passed but was not stored: %s", self.service.teacher.identity, error.message)
         logger.log(_LOG_LEVELS[result.status], "canary check of teacher %s: %s", self.service.teacher.identity, result.detail)
         return result
 
@@ -137,19 +181,29 @@ class CanaryMonitor:
         block = TeacherDriftError(
             f"teacher {identity} drifted: {len(tiles)} canary tiles (the oldest cached for this identity) re-embedded now "
             f"have a minimum cosine similarity of {min_cosine:.6f} to their cached embeddings, below the threshold "
-            f"{self.min_cosine} ({MIN_COSINE_SETTING}). The gateway no longer calls this teacher, so two models never mix "
-            "under one identity; cached embeddings are still served. Give the changed model a new identity (a new "
+            f"{self.min_cosine} ({MIN_COSINE_SETTING}). The gateway no longer calls this teacher, and the embeddings "
+            "cached since the last passing canary check are quarantined, so the changed model's embeddings are not "
+            "served under this identity; older cached embeddings are still served. Give the changed model a new identity (a new "
             "model name or version in the teacher's settings) and restart the gateway.",
             limit=self.min_cosine,
             value=min_cosine,
         )
-        service.teacher_block = block
+        service.block_for_drift(block, keep=[entry.key for entry in entries])
         return CanaryResult("drift", block.message, tiles=len(tiles), min_cosine=min_cosine, checked_at=now)
 
     def _run_schedule(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while True:
+            # A check is due one interval after the last one, which may predate this start.
+            last_checked = self.last.checked_at if self.last is not None and self.last.checked_at else time.time()
+            if self._stop.wait(min(self.interval_s, max(0.0, last_checked + self.interval_s - time.time()))):
+                return
             if self.service.teacher_block is not None:
                 return
+            # Another gateway process on the same cache may have checked in the meantime, and paid for it.
+            recent = self._recent_check(when="on schedule")
+            if recent is not None and recent.checked_at > last_checked:
+                self.last = recent
+                continue
             self.check()
 
     def _collect(self):

@@ -83,8 +83,11 @@ class GatewayClient:
         self.max_attempts = max_attempts
         self.retry_wait_s = retry_wait_s
         self.max_retry_after_s = max_retry_after_s
+        # Where the key came from, named in the message of a 401: "argument", the variable's name, or None.
+        self._api_key_source = "argument" if api_key else None
         if api_key is None:
             api_key = os.environ.get(API_KEY_ENV, "").strip() or None
+            self._api_key_source = API_KEY_ENV if api_key else None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 
@@ -275,12 +278,41 @@ class GatewayClient:
         if response.is_success:
             return response.json()
         error_body = _error_body(response)
+        if response.status_code == 401:
+            raise GatewayResponseError(
+                self._unauthorized_message(url, error_body),
+                server_code=error_body.get("code"),
+                limit=error_body.get("limit"),
+                value=error_body.get("value"),
+            )
         raise GatewayResponseError(
             f"gateway {url} returned HTTP {response.status_code}: {error_body.get('message', response.text[:500])}",
             server_code=error_body.get("code"),
             limit=error_body.get("limit"),
             value=error_body.get("value"),
         )
+
+    def _unauthorized_message(self, url: str, error_body: dict[str, Any]) -> str:
+        """Return the message of a 401: the server's reason, then how a command-line user passes the key.
+
+        The server's own advice names HTTP headers, which a user of ``unite teach`` cannot set, so the
+        fix named here is the environment variable :data:`API_KEY_ENV`.
+        """
+        reason = str(error_body.get("message", "unauthorized")).split(". ")[0].rstrip(".")
+        if self._api_key_source is None:
+            fix = (
+                f"No API key was sent, because the environment variable {API_KEY_ENV} is unset or empty. Set it to "
+                f"your key for this gateway (export {API_KEY_ENV}=<key>) and run the command again; the gateway's "
+                "operator issues the keys."
+            )
+        elif self._api_key_source == API_KEY_ENV:
+            fix = (
+                f"The key sent is the one in the environment variable {API_KEY_ENV}. Set {API_KEY_ENV} to a key of this "
+                "gateway's keys file and run the command again; the gateway's operator issues the keys."
+            )
+        else:
+            fix = "The key sent is the api_key given to GatewayClient. Pass a key of this gateway's keys file."
+        return f"gateway {url} returned HTTP 401 (unauthorized): {reason}. {fix}"
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         response = self._http.request(method, path, **kwargs)

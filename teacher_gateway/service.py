@@ -13,24 +13,27 @@ cached, and the request then fails with the error of the limit that bound it. A 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from shared.cache import CacheEntry, EmbeddingCache
-from shared.errors import TeacherError
+from shared.errors import CacheError, TeacherError
 from shared.imaging import decode_base64_image, encode_png, prepare_tile
 from shared.protocol import EmbeddingInput
 from teacher_gateway.coalesce import InFlightTiles, NotSent
 from teacher_gateway.errors import TeacherDriftError
 from teacher_gateway.metrics import GatewayMetrics
 from teacher_gateway.teachers.base import Teacher
+from teacher_gateway.unavailable import CacheUnavailableError, GatewayBusyError
 from teacher_gateway.usage import (
     ANONYMOUS,
     CANARY,
@@ -47,6 +50,11 @@ logger = logging.getLogger(__name__)
 
 ANONYMOUS_CALLER = Caller(ANONYMOUS)
 CANARY_CALLER = Caller(CANARY)
+# Seconds that a 503 for a busy gateway or an unwritable cache asks the client to wait (Retry-After).
+RETRY_AFTER_S = 5
+# Seconds between two log lines about a cache that still cannot be written.
+STORAGE_LOG_INTERVAL_S = 60.0
+MAX_TEACHER_REQUESTS_SETTING = "UNITE_GATEWAY_MAX_TEACHER_REQUESTS"
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,7 @@ class EmbeddingService:
         *,
         budget: Budget | None = None,
         metrics: GatewayMetrics | None = None,
+        max_teacher_requests: int | None = None,
     ) -> None:
         self.teacher = teacher
         self.cache = cache
@@ -100,6 +109,19 @@ class EmbeddingService:
         self.inflight = InFlightTiles()
         self.teacher_block: TeacherDriftError | None = None
         self.batch_size = max_batch_size(teacher)
+        self.started_at = time.time()
+        # Requests waiting on the teacher now, calling it or waiting for another request's call; None: no limit.
+        self.max_teacher_requests = max_teacher_requests
+        self._teacher_requests = 0
+        self._teacher_requests_lock = threading.Lock()
+        # Set while the cache or the usage ledger cannot be written; /readyz then reports not ready.
+        self.storage_error: str | None = None
+        # Paid embeddings that a failed cache write could not store, by key. They are served from here and
+        # written again by check_storage(), which runs before the next teacher call.
+        self._unsaved: dict[str, CacheEntry] = {}
+        self._unsaved_lock = threading.Lock()
+        self._storage_check_lock = threading.Lock()
+        self._storage_logged_at = 0.0
         # The Teacher protocol does not require thread safety, so calls are serialised unless the backend
         # declares ``thread_safe = True`` (the remote client, which caps its own concurrency).
         self._teacher_lock: AbstractContextManager[Any] = (
@@ -111,7 +133,12 @@ class EmbeddingService:
 
         Raises :class:`QuotaExceededError` when the caller's requests of this minute are used up.
         """
-        self.ledger.admit(teacher=self.teacher.identity, caller=caller, count_request=count_request)
+        try:
+            self.ledger.admit(teacher=self.teacher.identity, caller=caller, count_request=count_request)
+        except CacheError as error:
+            # Cache hits cost nothing, so they are served while the ledger cannot be written. A request that
+            # needs the teacher still fails at ledger.reserve, so nothing is spent without being charged.
+            self._storage_failed(f"the usage ledger cannot count a request of {caller.name}", error)
         if count_request:
             self.metrics.requests.labels(self.teacher.identity, caller.name).inc()
 
@@ -131,14 +158,16 @@ class EmbeddingService:
         keys = [EmbeddingCache.tile_key(tile, self.teacher.identity) for tile in prepared]
         usage = RequestUsage(tiles=len(inputs))
         try:
-            found = self.cache.get_many(keys)
+            found = self._lookup(keys)
             usage.cache_hits = sum(1 for key in keys if key in found)
             # The first input with each missing key is the one sent to the teacher and stored.
             first_index: dict[str, int] = {}
             for index, key in enumerate(keys):
                 if key not in found:
                     first_index.setdefault(key, index)
-            self._fill_misses(first_index, prepared, inputs, found, caller, usage, Counter(keys))
+            if first_index:
+                with self._teacher_slot():
+                    self._fill_misses(first_index, prepared, inputs, found, caller, usage, Counter(keys))
         finally:
             self._record(caller, usage)
 
@@ -176,6 +205,86 @@ class EmbeddingService:
             "teacher_blocked": self.teacher_block is not None,
         }
 
+    def block_for_drift(
+        self, block: TeacherDriftError, *, last_passed_at: float | None = None, keep: Sequence[str] = ()
+    ) -> int:
+        """Block the teacher for drift and quarantine its cache entries created since the last passing canary check.
+
+        ``last_passed_at`` is the Unix time at which the last passing check started. None takes it from the
+        usage ledger, where every process sharing the cache records its passing checks. With no passing check
+        recorded either, every entry of the identity is quarantined, because none was ever compared. Returns
+        the number of entries quarantined. Entries whose keys are in ``keep`` (the canary tiles) stay, so the
+        next check compares against the same reference. Embeddings of teacher calls still in flight are not cached
+        (see :meth:`_store`).
+        """
+        self.teacher_block = block
+        identity = self.teacher.identity
+        since = last_passed_at
+        if since is None:
+            since = self._last_passed_check(identity)
+        try:
+            moved = self.cache.quarantine(identity, since, reason=f"teacher drift: {block.message}", keep=keep)
+        except CacheError as error:
+            logger.error(
+                "teacher %s drifted, but its cache entries created since %.0f cannot be quarantined: %s",
+                identity,
+                since,
+                error.message,
+            )
+            return 0
+        logger.error(
+            "teacher %s drifted: blocked, and %d cache entries created since the last passing canary check "
+            "(Unix time %.0f) quarantined",
+            identity,
+            moved,
+            since,
+        )
+        return moved
+
+    def _last_passed_check(self, identity: str) -> float:
+        """Return the start time of the last passing canary check the ledger records, or 0.0 when there is none."""
+        read = getattr(self.ledger, "last_canary_check", None)
+        try:
+            check = read(identity) if callable(read) else None
+        except CacheError as error:
+            logger.error("cannot read the last canary check of teacher %s from the usage ledger: %s", identity, error.message)
+            check = None
+        return float(check.checked_at) if check is not None else 0.0
+
+    def check_storage(self) -> bool:
+        """Write the kept embeddings to the cache and check that it can be written; return whether it can.
+
+        Clears :attr:`storage_error` on success. Safe to call from several threads: one check runs at a time.
+        """
+        with self._storage_check_lock:
+            with self._unsaved_lock:
+                entries = list(self._unsaved.values())
+            try:
+                if entries:
+                    self.cache.put_many(entries)
+                self.cache.check_writable()
+            except CacheError as error:
+                self._storage_failed(f"{len(entries)} kept embeddings still cannot be written to the cache", error)
+                return False
+            with self._unsaved_lock:
+                for entry in entries:
+                    self._unsaved.pop(entry.key, None)
+                remaining = len(self._unsaved)
+            if remaining:
+                return False
+            if self.storage_error is not None or entries:
+                logger.warning(
+                    "embedding cache %s can be written again: %d kept embeddings written", self.cache.path, len(entries)
+                )
+            self.storage_error = None
+            return True
+
+    @property
+    def unsaved_count(self) -> int:
+        """Number of paid embeddings kept in memory because the cache could not store them."""
+        with self._unsaved_lock:
+            return len(self._unsaved)
+
     def call_teacher(self, tiles: np.ndarray, *, caller: Caller, all_or_nothing: bool = False) -> tuple[np.ndarray, Reservation]:
         """Charge ``tiles`` to the budget and the caller's quota, and embed the granted ones with the teacher.
 
@@ -187,14 +296,19 @@ class EmbeddingService:
         if block is not None and caller.name != CANARY:
             raise TeacherDriftError(block.message, limit=block.limit, value=block.value)
 
-        reservation = self.ledger.reserve(
-            teacher=identity,
-            caller=caller,
-            tiles=len(tiles),
-            batch_size=self.batch_size,
-            budget=self.budget,
-            all_or_nothing=all_or_nothing,
-        )
+        self._ensure_storage()
+        try:
+            reservation = self.ledger.reserve(
+                teacher=identity,
+                caller=caller,
+                tiles=len(tiles),
+                batch_size=self.batch_size,
+                budget=self.budget,
+                all_or_nothing=all_or_nothing,
+            )
+        except CacheError as error:
+            self._storage_failed(f"the usage ledger cannot charge {len(tiles)} tiles of {caller.name}", error)
+            raise self._storage_unavailable() from error
         if not reservation.tiles:
             return np.zeros((0, self.teacher.dim), dtype=np.float32), reservation
         self.metrics.teacher_calls.labels(identity, caller.name).inc(reservation.calls)
@@ -267,7 +381,7 @@ class EmbeddingService:
         settled: set[str] = set()
         try:
             # Another request may have stored some of them between the cache lookup and the claim.
-            stored = self.cache.get_many(owned)
+            stored = self._lookup(owned)
             for key, embedding in stored.items():
                 found[key] = embedding
                 usage.cache_hits += occurrences[key]
@@ -313,6 +427,15 @@ class EmbeddingService:
         """Cache the teacher's embeddings of claimed keys, then hand the stored ones to this request and its waiters."""
         if not embeddings:
             return
+        block = self.teacher_block
+        if block is not None:
+            # The canary found drift while this call was in flight, so its output may come from the changed model.
+            logger.warning(
+                "teacher %s: %d embeddings of a call that ended after the drift block are not cached",
+                self.teacher.identity,
+                len(embeddings),
+            )
+            raise TeacherDriftError(block.message, limit=block.limit, value=block.value)
         entries = []
         for key, embedding in embeddings.items():
             index = pending[key]
@@ -328,10 +451,20 @@ class EmbeddingService:
                     mpp=item.mpp,
                 )
             )
-        self.cache.put_many(entries)
-        # Read back what the cache contains: when another process stored the same tile first, its
-        # embedding wins, so every client gets the same embedding for a tile.
-        stored = self.cache.get_many(list(embeddings))
+        try:
+            self.cache.put_many(entries)
+            # Read back what the cache contains: when another process stored the same tile first, its
+            # embedding wins, so every client gets the same embedding for a tile.
+            stored = self.cache.get_many(list(embeddings))
+        except CacheError as error:
+            if not isinstance(error.__cause__, sqlite3.Error):
+                raise
+            # The teacher was paid for these, so they are kept and served rather than lost.
+            with self._unsaved_lock:
+                for entry in entries:
+                    self._unsaved.setdefault(entry.key, entry)
+            self._storage_failed(f"{len(entries)} paid embeddings cannot be stored, so they are kept in memory", error)
+            stored = {entry.key: np.asarray(entry.embedding, dtype=np.float32) for entry in entries}
         for key in embeddings:
             found[key] = stored[key]
             del pending[key]
@@ -358,11 +491,82 @@ class EmbeddingService:
         logger.info("teacher %s: caching %d embeddings of a partly failed call", self.teacher.identity, len(kept_keys))
         return dict(zip(kept_keys, rows))
 
+    def _lookup(self, keys: list[str]) -> dict[str, np.ndarray]:
+        """Return the embeddings of ``keys`` found in the cache or among the kept embeddings not yet stored."""
+        found = self.cache.get_many(keys)
+        if self._unsaved:
+            with self._unsaved_lock:
+                for key in keys:
+                    entry = self._unsaved.get(key)
+                    if key not in found and entry is not None:
+                        found[key] = np.asarray(entry.embedding, dtype=np.float32)
+        return found
+
+    @contextmanager
+    def _teacher_slot(self) -> Iterator[None]:
+        """Count this request among those waiting on the teacher, or raise :class:`GatewayBusyError` when they are at the maximum."""
+        limit = self.max_teacher_requests
+        with self._teacher_requests_lock:
+            if limit is not None and self._teacher_requests >= limit:
+                raise GatewayBusyError(
+                    f"the gateway is busy: {self._teacher_requests} requests already wait on teacher {self.teacher.identity}, "
+                    f"the maximum ({MAX_TEACHER_REQUESTS_SETTING} = {limit}). Retry after the Retry-After seconds; "
+                    "tiles that are cached are served without waiting.",
+                    retry_after_s=RETRY_AFTER_S,
+                    limit=limit,
+                    value=self._teacher_requests + 1,
+                )
+            self._teacher_requests += 1
+        try:
+            yield
+        finally:
+            with self._teacher_requests_lock:
+                self._teacher_requests -= 1
+
+    def _ensure_storage(self) -> None:
+        """Raise :class:`CacheUnavailableError` while the cache cannot be written, so no more embeddings are paid for."""
+        if self.storage_error is None and not self._unsaved:
+            return
+        if not self.check_storage():
+            raise self._storage_unavailable()
+
+    def _storage_unavailable(self) -> CacheUnavailableError:
+        # No path here: the message goes to clients, and the log names the path and the cause.
+        kept = self.unsaved_count
+        return CacheUnavailableError(
+            "the gateway's cache or usage ledger cannot be written now (the gateway log names the cause, such as a "
+            "full disk), so the gateway sends no tiles to the teacher until it can. "
+            f"{kept} embeddings already paid for are kept in memory and served, and cached tiles are served too. "
+            "Retry after the Retry-After seconds.",
+            retry_after_s=RETRY_AFTER_S,
+            value=kept,
+        )
+
+    def _storage_failed(self, failure: str, error: CacheError) -> None:
+        """Record a failed write for /readyz, and log it at most once per STORAGE_LOG_INTERVAL_S seconds."""
+        self.storage_error = failure
+        now = time.monotonic()
+        if now - self._storage_logged_at < STORAGE_LOG_INTERVAL_S:
+            return
+        self._storage_logged_at = now
+        logger.error(
+            "cache write failed for teacher %s: %s (%d kept in memory in all): %s. Free space or fix the folder; "
+            "the gateway refuses teacher calls and reports not ready until a write succeeds.",
+            self.teacher.identity,
+            failure,
+            self.unsaved_count,
+            error.message,
+        )
+
     def _record(self, caller: Caller, usage: RequestUsage) -> None:
         identity = self.teacher.identity
-        self.ledger.record(
-            teacher=identity, caller=caller.name, tiles=usage.tiles, cache_hits=usage.cache_hits, coalesced=usage.coalesced
-        )
+        try:
+            self.ledger.record(
+                teacher=identity, caller=caller.name, tiles=usage.tiles, cache_hits=usage.cache_hits, coalesced=usage.coalesced
+            )
+        except CacheError as error:
+            # Raised from a finally block, it would hide the request's own error, so it is logged instead.
+            self._storage_failed(f"the usage ledger cannot record a request of {caller.name}", error)
         self.metrics.tiles.labels(identity, caller.name).inc(usage.tiles)
         self.metrics.cache_hits.labels(identity, caller.name).inc(usage.cache_hits)
         self.metrics.coalesced.labels(identity, caller.name).inc(usage.coalesced)

@@ -42,6 +42,32 @@ class GatewaySettings(BaseSettings):
             "even when PNG cannot compress them (about 200 KB each)."
         ),
     )
+    max_teacher_requests: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description=(
+            "Maximum number of embedding requests that may wait on the teacher at once, calling it or waiting for "
+            "another request's call. One more gets 503 gateway_busy with Retry-After, so requests served from the "
+            "cache, health checks and metrics keep working while the teacher is slow."
+        ),
+    )
+    shutdown_grace_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description=(
+            "Seconds that a stopping gateway (SIGTERM or SIGINT) waits for requests in progress before it cancels them "
+            "and the teacher calls they wait on."
+        ),
+    )
+    api_docs: Literal["open", "key", "off"] = Field(
+        default="key",
+        description=(
+            "Access to GET /docs, /redoc and /openapi.json: 'open' to anyone, 'key' with an API key when a keys file "
+            "is set (open otherwise), 'off' to serve none of them."
+        ),
+    )
     remote: RemoteTeacherConfig | None = Field(
         default=None,
         description="Settings of the remote teacher (teacher 'remote'), nested: UNITE_GATEWAY_REMOTE__URL and so on.",

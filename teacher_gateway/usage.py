@@ -6,12 +6,14 @@ it, and it survives restarts. It follows the cache's crash rules (see :mod:`shar
 is set up. A killed process loses at most the change it was writing and never leaves a damaged ledger.
 
 A caller is an API key's name, :data:`ANONYMOUS` when the gateway runs without keys, or :data:`CANARY` for
-the drift check. Two tables:
+the drift check. Three tables:
 
 - ``usage``: per (teacher, caller), the counts ``requests``, ``tiles``, ``cache_hits``, ``coalesced``,
   ``teacher_calls`` and ``teacher_tiles``. A teacher's budget is spent by the sum of ``teacher_tiles``
   and ``teacher_calls`` over all its callers.
 - ``key_windows``: per (caller, minute), the requests and teacher tiles of callers with a quota.
+- ``canary_checks``: per teacher, the time and result of its last canary check that passed, so a
+  restarted gateway repeats the check only when that one is older than the check interval.
 
 :meth:`UsageLedger.reserve` reads what is spent, grants what fits the budget and the caller's quota,
 and charges it, in one transaction that holds SQLite's write lock. So concurrent requests in any
@@ -69,15 +71,41 @@ CREATE TABLE IF NOT EXISTS key_windows (
     teacher_tiles INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (caller, window)
 );
+CREATE TABLE IF NOT EXISTS canary_checks (
+    teacher TEXT PRIMARY KEY,
+    checked_at REAL NOT NULL,
+    tiles INTEGER NOT NULL,
+    min_cosine REAL NOT NULL
+);
 """
+# Command-line options of `unite serve-gateway` and settings that set each unit of the budget.
+BUDGET_OPTIONS = {"tiles": "--budget-tiles", "calls": "--budget-calls"}
+BUDGET_SETTINGS = {"tiles": "UNITE_GATEWAY_BUDGET_TILES", "calls": "UNITE_GATEWAY_BUDGET_CALLS"}
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Maximum numbers of tiles and teacher calls that one teacher identity may ever be sent; None means no limit."""
+    """Maximum numbers of tiles and teacher calls that one teacher identity may ever be sent; None means no limit.
+
+    ``from_options`` names the units (``"tiles"``, ``"calls"``) set by a command-line option of
+    ``unite serve-gateway`` rather than by a setting, so that errors name what the operator used.
+    """
 
     tiles: int | None = None
     calls: int | None = None
+    from_options: frozenset[str] = frozenset()
+
+    def source(self, unit: str) -> str:
+        """Return what set the limit of ``unit``: its command-line option, or its setting (which the option overrides)."""
+        if unit in self.from_options:
+            return f"option {BUDGET_OPTIONS[unit]}"
+        return f"setting {BUDGET_SETTINGS[unit]}"
+
+    def fix(self, unit: str) -> str:
+        """Return how to raise the limit of ``unit``, naming the option or setting that set it."""
+        if unit in self.from_options:
+            return f"Restart the gateway with a higher {BUDGET_OPTIONS[unit]}"
+        return f"Raise {BUDGET_SETTINGS[unit]} (or pass a higher {BUDGET_OPTIONS[unit]} to unite serve-gateway) and restart the gateway"
 
 
 @dataclass(frozen=True)
@@ -98,10 +126,21 @@ class Caller:
 
 @dataclass(frozen=True)
 class Spent:
-    """Tiles and calls granted so far for one teacher, summed over all its callers."""
+    """Tiles and calls granted so far for one teacher, summed over all its callers, and the canary's share of them."""
 
     tiles: int
     calls: int
+    canary_tiles: int = 0
+    canary_calls: int = 0
+
+
+@dataclass(frozen=True)
+class CanaryCheck:
+    """A passed canary check as the ledger stores it: Unix time, tiles re-embedded and their minimum cosine similarity."""
+
+    checked_at: float
+    tiles: int
+    min_cosine: float
 
 
 @dataclass(frozen=True)
@@ -255,7 +294,12 @@ class UsageLedger:
             tiles=granted,
             calls=calls,
             limited_by=limited_by,
-            spent=Spent(tiles=spent.tiles + granted, calls=spent.calls + calls),
+            spent=Spent(
+                tiles=spent.tiles + granted,
+                calls=spent.calls + calls,
+                canary_tiles=spent.canary_tiles + (granted if caller.name == CANARY else 0),
+                canary_calls=spent.canary_calls + (calls if caller.name == CANARY else 0),
+            ),
             quota_used=quota_used,
             retry_after_s=(window + 1) * WINDOW_S - now,
         )
@@ -264,6 +308,24 @@ class UsageLedger:
         """Return the tiles and calls granted so far for ``teacher``, over all callers and processes."""
         with self._sqlite_errors("read the spending"):
             return self._spent(self._connection(), teacher)
+
+    def record_canary_check(self, teacher: str, check: CanaryCheck) -> None:
+        """Store ``check`` as the last passed canary check of ``teacher``, replacing the one before."""
+        with self._transaction("record a canary check") as connection:
+            connection.execute(
+                "INSERT INTO canary_checks (teacher, checked_at, tiles, min_cosine) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (teacher) DO UPDATE SET checked_at = excluded.checked_at, tiles = excluded.tiles, "
+                "min_cosine = excluded.min_cosine",
+                (teacher, check.checked_at, check.tiles, check.min_cosine),
+            )
+
+    def last_canary_check(self, teacher: str) -> CanaryCheck | None:
+        """Return the last passed canary check of ``teacher`` by any process sharing this ledger, or None."""
+        with self._sqlite_errors("read the last canary check"):
+            row = self._connection().execute(
+                "SELECT checked_at, tiles, min_cosine FROM canary_checks WHERE teacher = ?", (teacher,)
+            ).fetchone()
+        return None if row is None else CanaryCheck(checked_at=row[0], tiles=row[1], min_cosine=row[2])
 
     def usage(self) -> dict[str, dict[str, dict[str, int]]]:
         """Return the counts of :data:`COUNTERS` per teacher identity, then per caller."""
@@ -295,11 +357,13 @@ class UsageLedger:
 
     @staticmethod
     def _spent(connection: sqlite3.Connection, teacher: str) -> Spent:
-        tiles, calls = connection.execute(
-            "SELECT COALESCE(SUM(teacher_tiles), 0), COALESCE(SUM(teacher_calls), 0) FROM usage WHERE teacher = ?",
-            (teacher,),
+        tiles, calls, canary_tiles, canary_calls = connection.execute(
+            "SELECT COALESCE(SUM(teacher_tiles), 0), COALESCE(SUM(teacher_calls), 0), "
+            "COALESCE(SUM(CASE WHEN caller = ? THEN teacher_tiles ELSE 0 END), 0), "
+            "COALESCE(SUM(CASE WHEN caller = ? THEN teacher_calls ELSE 0 END), 0) FROM usage WHERE teacher = ?",
+            (CANARY, CANARY, teacher),
         ).fetchone()
-        return Spent(tiles=tiles, calls=calls)
+        return Spent(tiles=tiles, calls=calls, canary_tiles=canary_tiles, canary_calls=canary_calls)
 
     @staticmethod
     def _window_counts(connection: sqlite3.Connection, caller: str, window: int) -> tuple[int, int]:
@@ -401,18 +465,27 @@ def refusal(reservation: Reservation, *, teacher: str, caller: Caller, budget: B
     if reservation.limited_by == "budget_calls":
         used = reservation.spent.calls - reservation.calls
         return BudgetExhaustedError(
-            f"budget of teacher {teacher!r} is {budget.calls} teacher calls (setting UNITE_GATEWAY_BUDGET_CALLS) "
-            f"and {used} are used; {outcome}. Raise UNITE_GATEWAY_BUDGET_CALLS to continue; cached tiles cost nothing again.",
+            f"budget of teacher {teacher!r} is {budget.calls} teacher calls ({budget.source('calls')}) and {used} are "
+            f"used, {reservation.spent.canary_calls} of them by canary checks; {outcome}. {budget.fix('calls')} to "
+            f"continue; cached tiles cost nothing again. {_CANARY_NOTE}",
             limit=budget.calls,
             value=used + reservation.requested_calls,
         )
     used = reservation.spent.tiles - granted
     return BudgetExhaustedError(
-        f"budget of teacher {teacher!r} is {budget.tiles} tiles (setting UNITE_GATEWAY_BUDGET_TILES) and {used} "
-        f"are used; {outcome}. Raise UNITE_GATEWAY_BUDGET_TILES to continue; cached tiles cost nothing again.",
+        f"budget of teacher {teacher!r} is {budget.tiles} tiles ({budget.source('tiles')}) and {used} are used, "
+        f"{reservation.spent.canary_tiles} of them by canary checks; {outcome}. {budget.fix('tiles')} to continue; "
+        f"cached tiles cost nothing again. {_CANARY_NOTE}",
         limit=budget.tiles,
         value=used + requested,
     )
+
+
+# Canary checks are charged to the budget too, so a raised budget must leave room for the next one.
+_CANARY_NOTE = (
+    "Leave room for a canary check too: a start more than UNITE_GATEWAY_CANARY_INTERVAL_MINUTES after the last "
+    "passed check, and every interval after it, re-embeds UNITE_GATEWAY_CANARY_TILES tiles (8 by default)."
+)
 
 
 def _budget_cap(tiles: int, spent: Spent, budget: Budget, batch_size: int | None) -> tuple[int, str]:

@@ -289,3 +289,33 @@ def test_processes_open_new_cache_together(tmp_path):
             worker.join(timeout=60)
 
         assert outcomes == ["ok"] * 4, outcomes
+
+
+def test_quarantine_moves_entries_since_time(cache):
+    before = _entry(1)
+    other_teacher = _entry(2, teacher="other-teacher/1")
+    cache.put_many([before, other_teacher])
+    since = time.time()
+    # created_at comes from time.time(), so entries stored after this wait have created_at > since.
+    while time.time() <= since:
+        time.sleep(0.001)
+    after = [_entry(3), _entry(4)]
+    cache.put_many(after + [_entry(5, teacher="other-teacher/1")])
+
+    moved = cache.quarantine(TEACHER, since)
+
+    assert moved == 2
+    found = cache.get_many([before.key] + [entry.key for entry in after])
+    assert list(found) == [before.key]
+    assert cache.count(TEACHER) == 1
+    assert cache.count("other-teacher/1") == 2
+    assert cache.count_quarantined(TEACHER) == 2
+    assert cache.count_quarantined("other-teacher/1") == 0
+    assert [entry.key for entry in cache.iter_entries(TEACHER)] == [before.key]
+
+
+def test_quarantine_of_nothing_returns_zero(cache):
+    cache.put_many([_entry(1)])
+
+    assert cache.quarantine(TEACHER, time.time() + 3600) == 0
+    assert cache.count(TEACHER) == 1

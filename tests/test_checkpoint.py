@@ -1,4 +1,4 @@
-"""Tests of the exported student checkpoint: round trip, model card, atomic replacement and load errors."""
+"""Tests of the exported student checkpoint: round trip, projector, model card, atomic replacement and load errors."""
 
 from __future__ import annotations
 
@@ -6,21 +6,28 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from distiller.loss import build_loss
 from shared.checkpoint import (
     CHECKPOINT_CARD,
     CHECKPOINT_CONFIG,
     CHECKPOINT_WEIGHTS,
+    MIMIC_PROJECTOR_WEIGHTS,
     file_sha256,
     is_restrictive_licence,
+    load_mimic_projector,
     load_student,
     save_student,
 )
 from shared.errors import ModelError
-from shared.models.student import UNITE_STUDENT_KWARGS, UNITE_STUDENT_NAME, build_unite_student
+from shared.models.student import UNITE_STUDENT_KWARGS, UNITE_STUDENT_NAME, build_student, build_unite_student
+from student_server.model import StudentModel
+from student_server.settings import StudentSettings
+from synthetic_slides import he_like
 
 TEACHER = "reference-teacher@1"
 TRAINING = {
@@ -31,6 +38,8 @@ TRAINING = {
     "val_tiles": 10,
     "losses": {"first_train": 2.09, "last_train": 1.83, "val": 1.88},
 }
+DATA = {"shards": 2, "tiles": 40, "slides": 4, "teacher_dim": 1536}
+VALIDATION = {"val/loss": 1.88, "val/knn_overlap_at_10": 0.41, "val/linear_cka": 0.73}
 
 
 def _export(model: torch.nn.Module, folder: Path, licence: str = "CC-BY-NC-ND-4.0") -> Path:
@@ -238,3 +247,184 @@ def test_load_wrong_keys(export_copy):
     message = str(error.value)
     assert "missing keys ['fc_norm.weight']" in message
     assert "unexpected keys ['head.extra']" in message
+
+
+# The mimic projector, the loss record and timm students
+
+
+@pytest.fixture(scope="module")
+def mimic_loss():
+    torch.manual_seed(2)
+    return build_loss("mimic+infonce", student_dim=384, teacher_dim=1536)
+
+
+@pytest.fixture(scope="module")
+def exported_with_projector(student, mimic_loss, tmp_path_factory) -> Path:
+    return save_student(
+        student,
+        tmp_path_factory.mktemp("export") / "student",
+        teacher=TEACHER,
+        teacher_licence="CC-BY-NC-ND-4.0",
+        training=TRAINING,
+        loss=mimic_loss.summary(),
+        mimic_projector=mimic_loss.mimic_projector,
+        validation_metrics=VALIDATION,
+        data=DATA,
+        command="unite distill --shards shards/ --loss mimic+infonce",
+    )
+
+
+def test_projector_round_trip_gives_same_embeddings(student, mimic_loss, exported_with_projector):
+    loaded = load_student(exported_with_projector)
+    projector = load_mimic_projector(exported_with_projector)
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+
+    with torch.no_grad():
+        expected = student.forward_head(student.forward_features(images), pre_logits=True)
+        actual = loaded.model.forward_head(loaded.model.forward_features(images), pre_logits=True)
+        expected_teacher_space = mimic_loss.mimic_projector(expected)
+        actual_teacher_space = projector(actual)
+
+    assert torch.equal(actual, expected)
+    assert actual_teacher_space.shape == (2, 1536)
+    assert torch.equal(actual_teacher_space, expected_teacher_space)
+    assert not projector.training
+
+
+def test_config_records_student_loss_and_projector(exported_with_projector, mimic_loss):
+    config = json.loads((exported_with_projector / CHECKPOINT_CONFIG).read_text())
+
+    assert config["student"] == "unite"
+    assert config["architecture"] == UNITE_STUDENT_NAME
+    assert config["loss"] == mimic_loss.summary()
+    assert config["loss"]["name"] == "mimic+infonce"
+    assert config["mimic_projector"] == {
+        "file": MIMIC_PROJECTOR_WEIGHTS,
+        "in_features": 384,
+        "out_features": 1536,
+        "sha256": file_sha256(exported_with_projector / MIMIC_PROJECTOR_WEIGHTS),
+    }
+    assert config["validation_metrics"] == VALIDATION
+    assert config["data"] == DATA
+    assert config["command"] == "unite distill --shards shards/ --loss mimic+infonce"
+
+
+def test_card_shows_metrics_data_and_command(exported_with_projector):
+    card = (exported_with_projector / CHECKPOINT_CARD).read_text()
+
+    assert "## Validation metrics" in card
+    assert "| val/linear_cka | 0.73 |" in card
+    assert "## Training data" in card
+    assert "| slides | 4 |" in card
+    assert "| name | mimic+infonce |" in card
+    assert f"`{MIMIC_PROJECTOR_WEIGHTS}`, 384 -> 1536" in card
+    assert "unite distill --shards shards/ --loss mimic+infonce" in card
+    assert "load_mimic_projector" in card
+
+
+def test_export_without_projector_has_none(exported):
+    config = json.loads((exported / CHECKPOINT_CONFIG).read_text())
+
+    assert config["mimic_projector"] is None
+    assert load_mimic_projector(exported) is None
+    assert not (exported / MIMIC_PROJECTOR_WEIGHTS).exists()
+    assert "Teacher-space projector: none" in (exported / CHECKPOINT_CARD).read_text()
+
+
+def test_export_of_older_format_still_loads(student, exported, tmp_path):
+    # Exports written before students, losses and projectors were recorded have none of these keys.
+    folder = Path(shutil.copytree(exported, tmp_path / "student"))
+    config = json.loads((folder / CHECKPOINT_CONFIG).read_text())
+    for key in ("student", "loss", "mimic_projector", "data", "validation_metrics"):
+        del config[key]
+    (folder / CHECKPOINT_CONFIG).write_text(json.dumps(config))
+
+    loaded = load_student(folder)
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(images), student(images))
+    assert loaded.name.startswith(f"{UNITE_STUDENT_NAME}@")
+    assert load_mimic_projector(folder) is None
+
+
+def test_projector_missing_file(exported_with_projector, tmp_path):
+    folder = Path(shutil.copytree(exported_with_projector, tmp_path / "student"))
+    (folder / MIMIC_PROJECTOR_WEIGHTS).unlink()
+
+    with pytest.raises(ModelError, match=f"records a mimic projector, but .*{MIMIC_PROJECTOR_WEIGHTS} not found"):
+        load_mimic_projector(folder)
+
+
+def test_projector_changed_file(exported_with_projector, tmp_path):
+    folder = Path(shutil.copytree(exported_with_projector, tmp_path / "student"))
+    state = load_file(folder / MIMIC_PROJECTOR_WEIGHTS)
+    state["weight"] = state["weight"] * 2
+    save_file(state, folder / MIMIC_PROJECTOR_WEIGHTS)
+
+    with pytest.raises(ModelError, match="changed or damaged after export"):
+        load_mimic_projector(folder)
+
+
+def test_projector_of_wrong_width_rejected(student, tmp_path):
+    with pytest.raises(ModelError, match=r"cannot export mimic_projector Linear 256 -> 1536: .* 384-d"):
+        save_student(
+            student,
+            tmp_path / "student",
+            teacher=TEACHER,
+            teacher_licence="MIT",
+            training=TRAINING,
+            mimic_projector=torch.nn.Linear(256, 1536),
+        )
+    assert not (tmp_path / "student").exists()
+
+
+def test_timm_student_round_trip(tmp_path):
+    torch.manual_seed(5)
+    model = build_student("resnet10t").eval()
+    folder = save_student(model, tmp_path / "student", student="resnet10t", teacher=TEACHER, teacher_licence="MIT", training=TRAINING)
+
+    loaded = load_student(folder)
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(images), model(images))
+    config = json.loads((folder / CHECKPOINT_CONFIG).read_text())
+    assert (config["student"], config["architecture"], config["architecture_kwargs"]) == ("resnet10t", "timm", {"model_name": "resnet10t"})
+    assert loaded.embed_dim == 512
+    assert loaded.name == f"timm:resnet10t@{loaded.sha256[:12]}"
+
+
+def test_student_and_architecture_must_agree(student, tmp_path):
+    with pytest.raises(ModelError, match="student 'resnet10t' as architecture 'unite-vit-small-14'"):
+        save_student(
+            student,
+            tmp_path / "student",
+            student="resnet10t",
+            architecture=UNITE_STUDENT_NAME,
+            teacher=TEACHER,
+            teacher_licence="MIT",
+            training=TRAINING,
+        )
+
+
+def test_server_model_offers_teacher_space_output(exported_with_projector, exported, tmp_path):
+    tiles = np.stack([he_like(224, 224, seed=seed) for seed in range(3)])
+    model = StudentModel(StudentSettings(checkpoint_dir=exported_with_projector, upload_dir=tmp_path, batch_size=2))
+    assert model.ensure_loaded() is not None
+
+    embeddings = model.embed(tiles)
+    teacher_space = model.embed(tiles, teacher_space=True)
+
+    projector = load_mimic_projector(exported_with_projector)
+    with torch.no_grad():
+        expected = projector(torch.from_numpy(embeddings)).numpy()
+    assert model.teacher_dim == 1536
+    assert embeddings.shape == (3, 384)
+    assert teacher_space.shape == (3, 1536)
+    assert np.allclose(teacher_space, expected, atol=1e-5), f"max abs difference {np.abs(teacher_space - expected).max()}"
+    assert model.embed(tiles[:0], teacher_space=True).shape == (0, 1536)
+
+    without = StudentModel(StudentSettings(checkpoint_dir=exported, upload_dir=tmp_path))
+    assert without.ensure_loaded() is not None
+    assert without.teacher_dim is None
+    with pytest.raises(ModelError, match="exported without a mimic projector"):
+        without.embed(tiles, teacher_space=True)

@@ -1,43 +1,40 @@
-"""Tests of the distiller: loss, split, dataset, schedule, real training steps and a whole run to an export.
+"""Tests of the distiller's data side: split, dataset, sampling, resumable loading, settings and the licence check.
 
-Training tests read real LC25000 lung tiles from the shared data folder and skip when it is absent.
+Tests that need tiles read real LC25000 lung tiles from the shared data folder and skip when it is absent.
 Their teacher embeddings are a fixed random projection of 16 x 16 downsampled pixels to 1536-d: a
 real, deterministic function of each tile that a student can learn, with no teacher weights needed.
+The training runs are in test_distill_training.py.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import lightning
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from distiller.config import DistillConfig
 from distiller.data import ShardDataset
-from distiller.loss import UNITE_TEMPERATURE, UniteDistillationLoss, symmetric_info_nce
-from distiller.module import DistillModule, warmup_cosine_factor
+from distiller.licence import licence_restrictions
+from distiller.loader import EpochSampler, ResumableLoader
+from distiller.module import warmup_cosine_factor
 from distiller.split import BLOCK_PATCHES, split_by_slide
-from distiller.train import LAST_CHECKPOINT, LIGHTNING_SUBDIR, DistillConfig, LossHistory, _clamp_batch_size, distill
-from shared.checkpoint import CHECKPOINT_CARD, load_student
+from distiller.train import _clamp_batch_size, distill
 from shared.errors import ConfigError
 from shared.imaging import to_model_input
-from shared.shards import list_shards, write_shard
+from shared.shards import list_shards, read_metadata, write_shard
+from unite_cli.distill import CONFIG_OPTIONS, config_from_args
+from unite_cli.main import build_parser
 
 TEACHER = "pixel-projection-1536@test"
-TEACHER_LICENCE = "CC-BY-NC-ND-4.0"
+# Permissive by default, so runs need no licence acknowledgement; tests of the check pass a restrictive one.
+TEACHER_LICENCE = "CC-BY-4.0"
+RESTRICTIVE_LICENCE = "CC-BY-NC-ND-4.0"
 TEACHER_DIM = 1536
 
 
@@ -65,7 +62,9 @@ def _teacher_embeddings(tiles: np.ndarray) -> np.ndarray:
     return ((pooled - 0.5) @ projection).astype(np.float32)
 
 
-def _write_shards(folder: Path, tiles: np.ndarray, *, slides_per_shard: int, tiles_per_slide: int) -> list[str]:
+def _write_shards(
+    folder: Path, tiles: np.ndarray, *, slides_per_shard: int, tiles_per_slide: int, licence: str = TEACHER_LICENCE
+) -> list[str]:
     """Write tiles as shards of whole pseudo-slides laid out on a 448 px level-0 grid; return the slide ids."""
     embeddings = _teacher_embeddings(tiles)
     slide_ids = [f"slide-{index // tiles_per_slide}" for index in range(len(tiles))]
@@ -78,65 +77,11 @@ def _write_shards(folder: Path, tiles: np.ndarray, *, slides_per_shard: int, til
             tiles=tiles[rows],
             embeddings=embeddings[rows],
             teacher=TEACHER,
-            teacher_licence=TEACHER_LICENCE,
+            teacher_licence=licence,
             slide_ids=slide_ids[rows],
             coords=coords[rows],
         )
     return slide_ids
-
-
-# Loss
-
-
-def test_info_nce_matches_direct_computation():
-    generator = torch.Generator().manual_seed(0)
-    student = torch.randn(6, 384, generator=generator)
-    teacher = torch.randn(6, 384, generator=generator)
-
-    u = student / student.norm(dim=1, keepdim=True)
-    v = teacher / teacher.norm(dim=1, keepdim=True)
-    logits = u @ v.T / UNITE_TEMPERATURE
-    student_to_teacher = -torch.log_softmax(logits, dim=1).diagonal().mean()
-    teacher_to_student = -torch.log_softmax(logits, dim=0).diagonal().mean()
-    expected = (student_to_teacher + teacher_to_student) / 2
-
-    actual = symmetric_info_nce(student, teacher)
-    assert torch.allclose(actual, expected, atol=1e-6), f"loss {actual.item()} != direct {expected.item()}"
-
-
-def test_distillation_loss_projects_teacher():
-    torch.manual_seed(0)
-    loss = UniteDistillationLoss(TEACHER_DIM, 384)
-    student = torch.randn(5, 384)
-    teacher = torch.randn(5, TEACHER_DIM)
-
-    linear, norm = loss.projector
-    projected = F.layer_norm(teacher @ linear.weight.T + linear.bias, (384,), norm.weight, norm.bias)
-    expected = symmetric_info_nce(student, projected)
-    assert torch.allclose(loss(student, teacher), expected, atol=1e-6)
-    assert loss.temperature == 0.07
-
-
-def test_info_nce_aligned_lower_than_shuffled():
-    generator = torch.Generator().manual_seed(1)
-    embeddings = torch.randn(16, 384, generator=generator)
-    shuffled = embeddings[torch.roll(torch.arange(16), 1)]
-
-    aligned_loss = symmetric_info_nce(embeddings, embeddings)
-    shuffled_loss = symmetric_info_nce(embeddings, shuffled)
-    assert aligned_loss < 0.1, f"aligned loss {aligned_loss.item()} should be near 0"
-    assert shuffled_loss > math.log(16), f"shuffled loss {shuffled_loss.item()} should exceed chance, log(16)"
-
-
-def test_info_nce_float32_under_bf16_autocast():
-    generator = torch.Generator().manual_seed(2)
-    student = torch.randn(8, 384, generator=generator)
-    teacher = torch.randn(8, 384, generator=generator)
-
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        autocast_loss = symmetric_info_nce(student, teacher)
-    assert autocast_loss.dtype == torch.float32
-    assert torch.allclose(autocast_loss, symmetric_info_nce(student, teacher), atol=1e-6)
 
 
 # Split
@@ -222,7 +167,7 @@ def test_schedule_warms_up_then_decays_once():
 def test_batch_size_clamped_to_train_set(caplog):
     with caplog.at_level(logging.WARNING, logger="distiller.train"):
         assert _clamp_batch_size(32, 10) == 10
-    assert "using batch size 10" in caplog.text
+    assert "batch size 10 is used" in caplog.text
     assert _clamp_batch_size(8, 10) == 8
     with pytest.raises(ConfigError, match="at least 2"):
         _clamp_batch_size(8, 1)
@@ -264,200 +209,246 @@ def test_dataset_rejects_rows_out_of_range(shared_data, tmp_path):
         ShardDataset(list_shards(tmp_path), np.array([0, 3]))
 
 
-# Training
 
 
-def test_every_parameter_gets_a_gradient(shared_data):
-    tiles = _lung_tiles(shared_data, 2)
-    torch.manual_seed(0)
-    module = DistillModule(teacher_dim=TEACHER_DIM, total_steps=1)
-    images = torch.from_numpy(to_model_input(tiles))
-    targets = torch.from_numpy(_teacher_embeddings(tiles))
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("val_fraction", [0.1, 0.3, 0.5])
+def test_split_never_shares_a_slide(seed, val_fraction):
+    generator = np.random.default_rng(seed)
+    slide_ids = [f"slide-{number}" for number in generator.integers(0, 9, size=120)] + [""] * 7
+    coords = generator.integers(0, 20_000, size=(127, 2))
 
-    loss = module.loss(module(images), targets)
-    loss.backward()
+    split = split_by_slide(slide_ids, coords, val_fraction=val_fraction, seed=seed)
 
-    assert torch.isfinite(loss)
-    without_gradient = [name for name, parameter in module.named_parameters() if parameter.grad is None]
-    assert not without_gradient, f"parameters without a gradient: {without_gradient}"
-
-
-@pytest.mark.slow
-def test_thirty_steps_lower_the_loss(shared_data, tmp_path):
-    """Thirty seeded bf16 steps on one fixed batch of 8 real tiles go through DistillModule and a Trainer.
-
-    Measured on a 2-core CPU: the loss falls from about 2.10 (log 8 = 2.08, an untrained student) to
-    about 0.14 in 30 steps at about 5 img/s. The test requires less than half the first loss, a margin
-    that a broken optimiser, schedule or loss cannot meet and a slower machine still can.
-    """
-    batch, steps = 8, 30
-    tiles = _lung_tiles(shared_data, batch)
-    _write_shards(tmp_path / "shards", tiles, slides_per_shard=1, tiles_per_slide=batch)
-    # The same rows repeated give one fixed batch per step.
-    dataset = ShardDataset(list_shards(tmp_path / "shards"), np.tile(np.arange(batch), steps))
-    loader = DataLoader(dataset, batch_size=batch, shuffle=False, drop_last=True)
-
-    lightning.seed_everything(0, verbose=False)
-    module = DistillModule(teacher_dim=TEACHER_DIM, total_steps=steps)
-    history = LossHistory()
-    trainer = lightning.Trainer(
-        accelerator="cpu",
-        precision="bf16-mixed",
-        max_steps=steps,
-        gradient_clip_val=1.0,
-        callbacks=[history],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    started = time.perf_counter()
-    trainer.fit(module, train_dataloaders=loader)
-    elapsed = time.perf_counter() - started
-    logging.getLogger(__name__).info("%d steps of %d tiles in %.1f s (%.2f img/s)", steps, batch, elapsed, steps * batch / elapsed)
-
-    assert len(history.train) == steps
-    first, last = history.train[0], history.train[-1]
-    assert abs(first - math.log(batch)) < 0.3, f"first loss {first:.3f} should be near chance, log({batch}) = {math.log(batch):.3f}"
-    assert last < 0.5 * first, f"loss went from {first:.3f} to {last:.3f}, expected below {0.5 * first:.3f}: {history.train}"
+    train_slides = {slide_ids[index] for index in split.train}
+    val_slides = {slide_ids[index] for index in split.val}
+    assert not train_slides & val_slides, f"slides on both sides: {train_slides & val_slides}"
+    assert len(split.train) + len(split.val) == 127
+    assert len(split.val) > 0
+    assert len(split.train) > 0
 
 
-@pytest.mark.slow
-def test_distill_exports_and_resumes(shared_data, tmp_path):
-    tiles = _lung_tiles(shared_data, 40)
-    slide_ids = _write_shards(tmp_path / "shards", tiles, slides_per_shard=2, tiles_per_slide=10)
-    out_dir = tmp_path / "run"
-    config = DistillConfig(shard_dir=tmp_path / "shards", out_dir=out_dir, batch_size=8, epochs=1)
+def test_split_of_real_shards_by_slide(shared_data, tmp_path):
+    tiles = _lung_tiles(shared_data, 15)
+    written = _write_shards(tmp_path, tiles, slides_per_shard=2, tiles_per_slide=3)
+    slide_ids, coords = [], []
+    for info in list_shards(tmp_path):
+        shard_slides, shard_coords = read_metadata(info)
+        slide_ids += shard_slides
+        coords.append(shard_coords)
 
-    result = distill(config, progress=False, command="unite distill --test")
+    split = split_by_slide(slide_ids, np.concatenate(coords), val_fraction=0.4, seed=1)
 
-    # Split: 4 slides of 10 tiles, one to validation; 30 training tiles make 3 full batches of 8.
-    assert (result.train_tiles, result.val_tiles) == (30, 10)
-    assert result.split_description.startswith("by slide")
-    assert result.steps == 3
-    assert len(result.history) == 3
-    assert result.first_loss == result.history[0]
-    assert result.last_loss == result.history[-1]
-    assert result.val_loss is not None and math.isfinite(result.val_loss)
-    assert all(math.isfinite(value) for value in result.history)
-
-    # The export contains the weights the Trainer ended with.
-    loaded = load_student(result.checkpoint_dir)
-    trained = DistillModule.load_from_checkpoint(out_dir / "lightning" / "last.ckpt", map_location="cpu").eval()
-    images = torch.from_numpy(to_model_input(tiles[:4]))
-    with torch.no_grad():
-        expected = trained(images)
-        actual = loaded.model.forward_head(loaded.model.forward_features(images), pre_logits=True)
-    assert actual.shape == (4, 384)
-    assert torch.allclose(actual, expected, atol=1e-5), f"max difference {(actual - expected).abs().max().item()}"
-
-    config_json = json.loads((result.checkpoint_dir / "config.json").read_text())
-    assert config_json["teacher"] == TEACHER
-    assert config_json["teacher_licence"] == TEACHER_LICENCE
-    assert config_json["training"]["train_tiles"] == 30
-    assert config_json["training"]["train_slides"] == 3
-    assert config_json["training"]["val_slides"] == 1
-    assert config_json["training"]["losses"]["last_train"] == pytest.approx(result.last_loss)
-    assert config_json["command"] == "unite distill --test"
-    card = (result.checkpoint_dir / CHECKPOINT_CARD).read_text()
-    assert TEACHER in card
-    assert TEACHER_LICENCE in card
-    assert "Derivative-work warning" in card
-    assert len(set(slide_ids)) == 4
-
-    # Resume for a second epoch from the Lightning checkpoint the first run left.
-    resumed = distill(
-        DistillConfig(shard_dir=tmp_path / "shards", out_dir=out_dir, batch_size=8, epochs=2, resume_from="last"),
-        progress=False,
-    )
-    assert resumed.steps == 6
-    assert len(resumed.history) == 3
-    assert load_student(resumed.checkpoint_dir).sha256 != loaded.sha256
+    assert slide_ids == written
+    train_slides = {slide_ids[index] for index in split.train}
+    val_slides = {slide_ids[index] for index in split.val}
+    assert not train_slides & val_slides
+    assert len(train_slides | val_slides) == 5
 
 
-def test_distill_rejects_missing_resume_checkpoint(shared_data, tmp_path):
-    _write_shards(tmp_path / "shards", _lung_tiles(shared_data, 4), slides_per_shard=2, tiles_per_slide=2)
-    config = DistillConfig(shard_dir=tmp_path / "shards", out_dir=tmp_path / "run", batch_size=2, resume_from="last")
+def test_dataset_reopens_files_after_fork(shared_data, tmp_path):
+    tiles = _lung_tiles(shared_data, 4)
+    _write_shards(tmp_path, tiles, slides_per_shard=2, tiles_per_slide=2)
+    embeddings = _teacher_embeddings(tiles)
+    dataset = ShardDataset(list_shards(tmp_path), np.arange(4))
+    dataset[0]  # The parent opens its handle before the workers fork.
 
-    with pytest.raises(ConfigError, match="last.ckpt"):
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context="fork", persistent_workers=True)
+    for _ in range(2):
+        targets = torch.cat([batch_targets for _, batch_targets in loader])
+        assert torch.equal(targets, torch.from_numpy(embeddings))
+    dataset.close()
+
+
+# Sampling and resumable loading
+
+
+class KeyDataset(torch.utils.data.Dataset):
+    """Returns each key it is asked for, so a loader's batches show the sampler's keys."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key):
+        return torch.tensor(key)
+
+
+def _batches(loader) -> list[list]:
+    return [batch.tolist() for batch in loader]
+
+
+def test_sampler_splits_epoch_across_ranks():
+    single = list(EpochSampler(10, seed=3, shuffle=True))
+    shares = [list(EpochSampler(10, seed=3, shuffle=True, rank=rank, world_size=3)) for rank in range(3)]
+
+    assert [len(share) for share in shares] == [3, 3, 3]
+    items = [item for share in shares for item, _ in share]
+    assert len(set(items)) == 9, f"ranks share items: {shares}"
+    # Rank r takes positions r, r + 3 and r + 6 of the same epoch order.
+    assert shares[1] == [single[1], single[4], single[7]]
+
+
+def test_sampler_order_depends_on_seed_and_epoch():
+    sampler = EpochSampler(20, seed=5, shuffle=True)
+    epoch0 = list(sampler)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    fresh = EpochSampler(20, seed=5, shuffle=True)
+    fresh.set_epoch(1)
+
+    assert list(fresh) == epoch1, "an epoch's keys depend on earlier epochs"
+    assert [item for item, _ in epoch0] != [item for item, _ in epoch1]
+    assert sorted(item for item, _ in epoch1) == list(range(20))
+    assert list(EpochSampler(20, seed=6, shuffle=True)) != epoch0
+
+
+def test_sampler_without_shuffle_yields_items_in_order():
+    sampler = EpochSampler(7, seed=0, shuffle=False, rank=1, world_size=2)
+
+    assert list(sampler) == [1, 3, 5]
+
+
+def test_loader_resumes_mid_epoch():
+    first = ResumableLoader(KeyDataset(16), sampler=EpochSampler(16, seed=2, shuffle=True), batch_size=3)
+    epoch0 = _batches(first)
+    first.sampler.set_epoch(1)
+    iterator = iter(first)
+    consumed = [next(iterator).tolist() for _ in range(2)]
+    state = first.state_dict()
+    rest_of_epoch1 = [batch.tolist() for batch in iterator]
+
+    resumed = ResumableLoader(KeyDataset(16), sampler=EpochSampler(16, seed=2, shuffle=True), batch_size=3)
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(1)  # Lightning sets the epoch again before iterating.
+
+    assert state == {"epoch": 1, "batches": 2}
+    assert len(epoch0) == len(first) == 5
+    assert _batches(resumed) == rest_of_epoch1
+    assert resumed.state_dict() == {"epoch": 1, "batches": 5}
+    assert len(consumed + rest_of_epoch1) == 5
+
+
+def test_loader_resumes_after_epoch_end():
+    first = ResumableLoader(KeyDataset(8), sampler=EpochSampler(8, seed=4, shuffle=True), batch_size=4)
+    _batches(first)
+    state = first.state_dict()
+    first.sampler.set_epoch(1)
+    epoch1 = _batches(first)
+
+    resumed = ResumableLoader(KeyDataset(8), sampler=EpochSampler(8, seed=4, shuffle=True), batch_size=4)
+    resumed.load_state_dict(state)
+
+    assert state == {"epoch": 0, "batches": 2}
+    assert _batches(resumed) == epoch1
+
+
+def test_loader_with_workers_matches_main_process():
+    def loader(workers: int) -> ResumableLoader:
+        return ResumableLoader(KeyDataset(12), sampler=EpochSampler(12, seed=8, shuffle=True), batch_size=4, num_workers=workers)
+
+    assert _batches(loader(2)) == _batches(loader(0))
+
+
+# Settings
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"precision": "fp8"}, "precision is 'fp8'"),
+        ({"strategy": "horovod"}, "strategy is 'horovod'"),
+        ({"devices": "two"}, "devices is 'two'"),
+        ({"devices": 0}, "devices is 0"),
+        ({"loss": "l2"}, "loss is 'l2'"),
+        ({"mimic": "mse"}, "mimic is 'mse'"),
+        ({"temperature": 2.0}, "temperature is 2.0"),
+        ({"accumulate_grad_batches": 0}, "accumulate_grad_batches is 0"),
+        ({"num_nodes": 0}, "num_nodes is 0"),
+        ({"gradient_clip_val": -1.0}, "gradient_clip_val is -1.0"),
+        ({"warmup_fraction": 1.0}, "warmup_fraction is 1.0"),
+        ({"augmentations": ["hflip", "blur"]}, "'blur'"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_config_rejects_invalid_settings(tmp_path, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        DistillConfig(shard_dir=tmp_path, out_dir=tmp_path, **kwargs)
+
+
+def test_config_defaults(tmp_path):
+    config = DistillConfig(shard_dir=tmp_path, out_dir=tmp_path / "run")
+
+    assert (config.student, config.loss, config.mimic, config.temperature) == ("unite", "mimic+infonce", "cosine", 0.07)
+    assert (config.batch_size, config.accumulate_grad_batches, config.gradient_clip_val) == (64, 1, 1.0)
+    assert (config.strategy, config.devices, config.num_nodes, config.num_workers) == ("auto", "auto", 1, 2)
+    assert config.log_dir == tmp_path / "run" / "logs"
+    assert config.accept_teacher_licence is False
+    assert DistillConfig(shard_dir=tmp_path, out_dir=tmp_path, devices="2").devices == 2
+    assert DistillConfig(shard_dir=tmp_path, out_dir=tmp_path, devices="0, 1").devices == "0,1"
+
+
+def test_cli_defaults_come_from_config(tmp_path):
+    parser = build_parser()
+    args = parser.parse_args(["distill", "--shards", str(tmp_path), "--out", str(tmp_path / "run")])
+
+    assert config_from_args(args) == DistillConfig(shard_dir=tmp_path, out_dir=tmp_path / "run")
+    for field, option in CONFIG_OPTIONS.items():
+        if field not in ("shard_dir", "out_dir"):
+            assert getattr(args, option.lstrip("-").replace("-", "_")) is None, f"{option} has a default of its own"
+
+
+def test_cli_options_set_config(tmp_path):
+    argv = ["distill", "--shards", str(tmp_path), "--out", str(tmp_path / "run"), "--student", "vit_small_patch16_224"]
+    argv += ["--loss", "mimic", "--mimic", "smooth_l1", "--batch-size", "16", "--accumulate-grad-batches", "4"]
+    argv += ["--augment", "none", "--gradient-clip-val", "0", "--strategy", "ddp", "--devices", "2", "--num-nodes", "3"]
+    argv += ["--accept-teacher-licence", "--log-dir", str(tmp_path / "logs"), "--num-workers", "0"]
+
+    config = config_from_args(build_parser().parse_args(argv))
+
+    assert (config.student, config.loss, config.mimic) == ("vit_small_patch16_224", "mimic", "smooth_l1")
+    assert (config.batch_size, config.accumulate_grad_batches) == (16, 4)
+    assert config.augmentations == []
+    assert config.gradient_clip_val is None
+    assert (config.strategy, config.devices, config.num_nodes, config.num_workers) == ("ddp", 2, 3, 0)
+    assert config.accept_teacher_licence is True
+    assert config.log_dir == tmp_path / "logs"
+
+
+def test_cli_augment_list():
+    args = build_parser().parse_args(["distill", "--shards", "s", "--out", "o", "--augment", "hflip, rot90"])
+
+    assert args.augment == ["hflip", "rot90"]
+
+
+# Teacher licence
+
+
+@pytest.mark.parametrize(
+    ("licence", "restrictions"),
+    [
+        ("CC-BY-NC-ND-4.0", ["no derivatives (ND)", "non-commercial (NC)"]),
+        ("CC BY-NC-SA 4.0", ["non-commercial (NC)"]),
+        ("research use only, non-commercial", ["non-commercial", "research use only"]),
+        ("gated access, see vendor terms", ["gated access"]),
+        ("Apache-2.0 (built-in reference teacher)", []),
+        ("CC-BY-4.0", []),
+        ("MIT", []),
+    ],
+)
+def test_licence_restrictions(licence, restrictions):
+    assert licence_restrictions(licence) == restrictions
+
+
+def test_distill_stops_on_restrictive_licence(shared_data, tmp_path):
+    _write_shards(tmp_path / "shards", _lung_tiles(shared_data, 4), slides_per_shard=2, tiles_per_slide=2, licence=RESTRICTIVE_LICENCE)
+    config = DistillConfig(shard_dir=tmp_path / "shards", out_dir=tmp_path / "run", batch_size=2)
+
+    with pytest.raises(ConfigError, match=r"licensed under 'CC-BY-NC-ND-4.0'.*--accept-teacher-licence") as raised:
         distill(config, progress=False)
 
-
-def _wait_for_replaced_file(path: Path, old_inode: int, process: subprocess.Popen, timeout: float) -> bool:
-    """Poll until ``path`` is a new file (another inode) or ``process`` exits; return whether it was replaced."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.stat().st_ino != old_inode:
-            return True
-        if process.poll() is not None:
-            return path.exists() and path.stat().st_ino != old_inode
-        time.sleep(0.02)
-    return False
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_from_last_epoch(shared_data, tmp_path):
-    """A run killed with SIGKILL after epoch 1 of 2 leaves last.ckpt at that epoch, and resume finishes the run.
-
-    4 slides of 3 tiles: 1 slide validates, 9 tiles train, so batch 4 gives 2 steps per epoch. The folder
-    starts with a stale last.ckpt from an older run, which the new run must replace, not version aside.
-    """
-    _write_shards(tmp_path / "shards", _lung_tiles(shared_data, 12), slides_per_shard=2, tiles_per_slide=3)
-    out_dir = tmp_path / "run"
-    last = out_dir / LIGHTNING_SUBDIR / LAST_CHECKPOINT
-    last.parent.mkdir(parents=True)
-    last.write_bytes(b"stale checkpoint of an older run")
-    stale_inode = last.stat().st_ino
-
-    command = [sys.executable, "-m", "unite_cli.main", "distill", "--shards", str(tmp_path / "shards"), "--out", str(out_dir)]
-    command += ["--epochs", "2", "--batch-size", "4"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        replaced = _wait_for_replaced_file(last, stale_inode, process, timeout=600)
-        still_running = process.poll() is None
-        process.send_signal(signal.SIGKILL)
-        output = process.communicate(timeout=60)[0]
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert replaced, f"last.ckpt was never replaced; the run printed:\n{output[-3000:]}"
-    assert still_running, f"the run finished before last.ckpt was replaced, so no checkpoint is written per epoch:\n{output[-3000:]}"
-    assert not list(last.parent.glob("last-v*.ckpt")), f"versioned copies beside last.ckpt: {os.listdir(last.parent)}"
-
-    saved = torch.load(last, map_location="cpu", weights_only=False)
-    assert saved["global_step"] == 2, f"last.ckpt at global step {saved['global_step']}, expected 2 (end of epoch 1)"
-    assert saved["epoch"] == 0
-
-    resumed = distill(
-        DistillConfig(shard_dir=tmp_path / "shards", out_dir=out_dir, batch_size=4, epochs=2, resume_from="last"),
-        progress=False,
-    )
-
-    assert resumed.steps == 4, f"resumed run ended at global step {resumed.steps}, expected 2 + 2"
-    assert len(resumed.history) == 2, f"resumed run trained {len(resumed.history)} steps, expected only epoch 2's 2"
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
-
-
-def test_distill_progress_bar_on_stderr(shared_data, tmp_path, capsys):
-    _write_shards(tmp_path / "shards", _lung_tiles(shared_data, 4), slides_per_shard=2, tiles_per_slide=2)
-    config = DistillConfig(shard_dir=tmp_path / "shards", out_dir=tmp_path / "run", batch_size=2, max_steps=1, val_fraction=0.0)
-
-    distill(config, progress=True)
-
-    captured = capsys.readouterr()
-    assert "Epoch 0" in captured.err, f"no progress bar on stderr: {captured.err[-2000:]!r}"
-    assert captured.out == "", f"stdout should stay empty, got {captured.out[-2000:]!r}"
-
-
-def test_distill_gpu_without_gpu_is_config_error(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is visible, so accelerator 'gpu' is valid here")
-    config = DistillConfig(shard_dir=tmp_path, out_dir=tmp_path / "run", accelerator="gpu")
-
-    with pytest.raises(ConfigError, match=r"no GPU is visible.*--accelerator cpu or auto"):
-        distill(config, progress=False)
-
-
-def test_config_rejects_unknown_accelerator(tmp_path):
-    with pytest.raises(ConfigError, match="accelerator is 'tpux'"):
-        DistillConfig(shard_dir=tmp_path, out_dir=tmp_path, accelerator="tpux")
+    assert "no derivatives (ND), non-commercial (NC)" in raised.value.message
+    assert TEACHER in raised.value.message
+    assert not (tmp_path / "run").exists(), "the run started before the licence check"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from gateway_helpers import block_tiles, gateway, metric, wait_for
 from shared.errors import TeacherError
 from shared.imaging import encode_base64_png
+from teacher_gateway.usage import CanaryCheck, UsageLedger
 
 IDENTITY = "grid-test-teacher/1"
 
@@ -87,23 +89,30 @@ def test_drift_at_start_blocks_teacher(filled_cache):
         ready = http.get("/readyz")
         refused = http.post("/v1/embeddings", json=_payload(new_tile))
         served = http.post("/v1/embeddings", json=_payload(tiles))
+        served_canary = http.post("/v1/embeddings", json=_payload(tiles[:3]))
         plan = http.post("/v1/embeddings/dry-run", json=_payload(new_tile)).json()
         page = http.get("/metrics").text
 
     assert ready.status_code == 503
-    error = ready.json()["error"]
-    assert error["code"] == "teacher_drift"
+    assert ready.json()["error"]["code"] == "teacher_drift"
+    # /readyz needs no key, so it gives no details; a request that needs the teacher gets them.
+    error = refused.json()["error"]
     assert f"teacher {IDENTITY} drifted" in error["message"]
     assert "below the threshold 0.98 (UNITE_GATEWAY_CANARY_MIN_COSINE)" in error["message"]
     assert "new identity" in error["message"]
     assert error["limit"] == 0.98
     assert error["value"] < 0.98
     assert refused.status_code == 503
-    assert refused.json()["error"]["code"] == "teacher_drift"
+    assert error["code"] == "teacher_drift"
     assert len(teacher.batches) == 1, "only the canary batch may reach a drifted teacher"
-    assert served.status_code == 200
-    expected = GridTeacher().embed(np.stack(tiles))
-    np.testing.assert_array_equal(np.array([item["embedding"] for item in served.json()["data"]], dtype=np.float32), expected)
+    # No canary check had passed before, so every cached entry but the canary tiles (the reference the drift
+    # was measured against) is quarantined: the canary tiles are still served, the others need the blocked teacher.
+    assert served.status_code == 503
+    assert served.json()["error"]["code"] == "teacher_drift"
+    assert served_canary.status_code == 200
+    expected = GridTeacher().embed(np.stack(tiles[:3]))
+    served_embeddings = np.array([item["embedding"] for item in served_canary.json()["data"]], dtype=np.float32)
+    np.testing.assert_array_equal(served_embeddings, expected)
     assert plan["teacher_blocked"] is True
     assert metric(page, "unite_gateway_teacher_drift", teacher=IDENTITY) == 1
 
@@ -153,3 +162,63 @@ def test_failed_canary_call_does_not_block(filled_cache, fault, detail):
     assert detail in canary["detail"]
     assert usage.json()["teacher_blocked"] is False
     assert "/secret/path" not in usage.text
+
+
+def test_restart_within_interval_skips_canary(filled_cache):
+    cache_dir, _tiles = filled_cache
+    first, second = GridTeacher(), GridTeacher()
+    with gateway(cache_dir, teacher=first, canary_tiles=3, canary_interval_minutes=60) as http:
+        assert http.get("/v1/usage").json()["canary"]["status"] == "ok"
+    with gateway(cache_dir, teacher=second, canary_tiles=3, canary_interval_minutes=60) as http:
+        usage = http.get("/v1/usage").json()
+        page = http.get("/metrics").text
+
+    assert len(first.batches) == 1
+    assert second.batches == [], "a restart within the canary interval re-embedded the canary tiles"
+    assert usage["canary"]["status"] == "ok"
+    assert "not repeated at start, because the last check passed" in usage["canary"]["detail"]
+    assert usage["canary"]["min_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert usage["budget"]["tiles"]["spent"] == 5 + 3
+    assert usage["teachers"][IDENTITY]["keys"]["canary"]["teacher_calls"] == 1
+    assert metric(page, "unite_gateway_canary_checked_timestamp_seconds", teacher=IDENTITY) == usage["canary"]["checked_at"]
+
+
+@pytest.mark.parametrize(
+    "first_teacher, second_settings",
+    [
+        (GridTeacher(), {"canary_interval_minutes": 0}),
+        (GridTeacher(), {"canary_interval_minutes": 60, "canary_tiles": 4}),
+        (GridTeacher(), {"canary_interval_minutes": 60, "canary_min_cosine": 1.0}),
+        (GridTeacher(drifted=True), {"canary_interval_minutes": 60}),
+    ],
+    ids=["interval-0", "more-tiles", "higher-threshold", "after-drift"],
+)
+def test_restart_checks_again(filled_cache, first_teacher, second_settings):
+    cache_dir, _tiles = filled_cache
+    second = GridTeacher()
+    settings = {"canary_tiles": 3, **second_settings}
+    with gateway(cache_dir, teacher=first_teacher, canary_tiles=3, canary_interval_minutes=60):
+        pass
+    with gateway(cache_dir, teacher=second, **settings) as http:
+        usage = http.get("/v1/usage").json()
+
+    assert len(second.batches) == 1
+    assert len(second.batches[0]) == settings["canary_tiles"]
+    assert "not repeated" not in usage["canary"]["detail"]
+
+
+def test_stored_check_older_than_interval(filled_cache):
+    cache_dir, _tiles = filled_cache
+    with UsageLedger(cache_dir) as ledger:
+        ledger.record_canary_check(IDENTITY, CanaryCheck(checked_at=time.time() - 61 * 60, tiles=3, min_cosine=1.0))
+        assert ledger.last_canary_check(IDENTITY).tiles == 3
+    teacher = GridTeacher()
+    with gateway(cache_dir, teacher=teacher, canary_tiles=3, canary_interval_minutes=60) as http:
+        usage = http.get("/v1/usage").json()
+    with UsageLedger(cache_dir) as ledger:
+        stored = ledger.last_canary_check(IDENTITY)
+
+    assert len(teacher.batches) == 1
+    assert usage["canary"]["status"] == "ok"
+    assert stored.checked_at == pytest.approx(usage["canary"]["checked_at"])
+    assert stored.checked_at > time.time() - 60

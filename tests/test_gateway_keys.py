@@ -191,7 +191,8 @@ def test_client_sends_key(tmp_path, keys_file, monkeypatch):
     assert explicit.shape == (3, _SmallTeacher.dim)
     assert (from_environment == explicit).all()
     assert raised.value.server_code == "unauthorized"
-    assert "HTTP 401: missing API key" in raised.value.message
+    assert "HTTP 401" in raised.value.message
+    assert "missing API key" in raised.value.message
 
 
 # Each case: the keys file text, then a part of the expected message.
@@ -234,3 +235,28 @@ def test_missing_keys_file_stops_serve_gateway(tmp_path, caplog):
     assert status == 2
     assert f"keys file {missing} (UNITE_GATEWAY_KEYS_FILE) not found" in caplog.text
     assert not (tmp_path / "cache").exists()
+
+
+DOCS_ROUTES = ("/docs", "/redoc", "/openapi.json")
+
+
+def test_api_docs_need_key(tmp_path, keys_file):
+    with gateway(tmp_path / "cache", teacher=_SmallTeacher(), keys_file=keys_file) as http:
+        without_key = {path: http.get(path) for path in DOCS_ROUTES}
+        with_key = {path: http.get(path, headers=_bearer(OTHER_KEY)) for path in DOCS_ROUTES}
+
+    for path in DOCS_ROUTES:
+        assert without_key[path].status_code == 401, path
+        assert without_key[path].json()["error"]["code"] == "unauthorized"
+        assert with_key[path].status_code == 200, path
+    assert "/v1/embeddings" in with_key["/openapi.json"].json()["paths"]
+
+
+def test_api_docs_off_or_open(tmp_path, keys_file):
+    with gateway(tmp_path / "off", teacher=_SmallTeacher(), keys_file=keys_file, api_docs="off") as http:
+        off = {path: http.get(path, headers=_bearer(OTHER_KEY)).status_code for path in DOCS_ROUTES}
+    with gateway(tmp_path / "open", teacher=_SmallTeacher()) as http:
+        no_keys_file = {path: http.get(path).status_code for path in DOCS_ROUTES}
+
+    assert off == {path: 404 for path in DOCS_ROUTES}
+    assert no_keys_file == {path: 200 for path in DOCS_ROUTES}

@@ -18,7 +18,7 @@ from gateway_helpers import block_tiles, gateway, metric, wait_for
 from shared.cache import EmbeddingCache
 from shared.imaging import encode_base64_png
 from teacher_gateway.client import GatewayClient, GatewayResponseError
-from teacher_gateway.usage import UsageLedger
+from teacher_gateway.usage import Budget, Caller, Reservation, Spent, UsageLedger, refusal
 from unite_cli.main import main
 
 DIM = 16
@@ -262,3 +262,63 @@ def test_teach_dry_run_prints_plan(tmp_path, slides_dir, capsys):
     assert "to pay for             0 tiles in 0 teacher calls" in after
     assert f"{10_000 - embedded} left of 10000" in after
     assert len(fake.calls) == calls
+
+
+def test_restart_after_402_pays_no_second_canary(tmp_path):
+    fake = FakeTeacher(dim=DIM)
+    tiles = block_tiles(9, seed=13)
+    cache_dir = tmp_path / "cache"
+    canary = {"canary_tiles": 3, "canary_interval_minutes": 60}
+    with fake.serve():
+        with gateway(cache_dir, fake=fake) as http:
+            assert http.post("/v1/embeddings", json=_payload(tiles[:5])).status_code == 200
+
+        # The canary check at start spends 3 tiles, so 2 of the 4 new tiles fit the budget of 10.
+        with gateway(cache_dir, fake=fake, budget_tiles=10, **canary) as http:
+            refused = http.post("/v1/embeddings", json=_payload(tiles[5:]))
+        error = refused.json()["error"]
+
+        # Raised by the shortfall only: the canary check passed minutes ago, so this start pays for none.
+        with gateway(cache_dir, fake=fake, budget_tiles=12, **canary) as http:
+            accepted = http.post("/v1/embeddings", json=_payload(tiles[5:]))
+            usage = http.get("/v1/usage").json()
+            identity = _identity(fake)
+
+    assert refused.status_code == 402
+    assert "is 10 tiles (setting UNITE_GATEWAY_BUDGET_TILES)" in error["message"]
+    assert "and 8 are used, 3 of them by canary checks" in error["message"]
+    assert "needed 4 teacher tiles, so 2 were sent to the teacher and cached and 2 were not" in error["message"]
+    assert "Raise UNITE_GATEWAY_BUDGET_TILES (or pass a higher --budget-tiles to unite serve-gateway)" in error["message"]
+    assert "UNITE_GATEWAY_CANARY_TILES" in error["message"]
+    assert "UNITE_GATEWAY_CANARY_INTERVAL_MINUTES" in error["message"]
+    assert accepted.status_code == 200
+    assert accepted.json()["usage"]["cache_hits"] == 2
+    assert usage["budget"]["tiles"] == {"limit": 12, "spent": 12, "left": 0}
+    assert usage["teachers"][identity]["keys"]["canary"]["teacher_tiles"] == 3
+    # The 5 tiles cached first, 3 of them embedded again by the one canary check, and the 4 new tiles.
+    assert sum(fake.embed_counts.values()) == 5 + 3 + 4
+    assert len(fake.embed_counts) == 9
+
+
+@pytest.mark.parametrize(
+    ("budget", "limited_by", "expected"),
+    [
+        (Budget(tiles=10), "budget_tiles", ["is 10 tiles (setting UNITE_GATEWAY_BUDGET_TILES)", "Raise UNITE_GATEWAY_BUDGET_TILES"]),
+        (Budget(tiles=10, from_options=frozenset({"tiles"})), "budget_tiles", ["is 10 tiles (option --budget-tiles)", "Restart the gateway with a higher --budget-tiles to continue"]),
+        (Budget(calls=2, from_options=frozenset({"calls"})), "budget_calls", ["is 2 teacher calls (option --budget-calls) and 2 are used, 1 of them by canary checks", "with a higher --budget-calls"]),
+    ],
+    ids=["tiles-setting", "tiles-option", "calls-option"],
+)
+def test_budget_message_names_its_source(budget, limited_by, expected):
+    reservation = Reservation(
+        requested=4, requested_calls=1, tiles=0, calls=0, limited_by=limited_by,
+        spent=Spent(tiles=10, calls=2, canary_tiles=3, canary_calls=1),
+    )
+
+    error = refusal(reservation, teacher="t", caller=Caller("anonymous"), budget=budget)
+
+    assert error.code == "budget_exhausted"
+    for text in expected:
+        assert text in error.message
+    if "option" in expected[0]:
+        assert "UNITE_GATEWAY_BUDGET" not in error.message

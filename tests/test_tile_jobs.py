@@ -25,12 +25,12 @@ from slide_data import CMU1, TCGA, TCGA_MPP_ESTIMATE
 from synthetic_slides import GLASS, he_like, write_tiff_slide
 
 from shared.errors import ConfigError
-from shared.jobs import Job, JobFolder, JobOutcome, JobResult, JobState, JobSummary, WriteError, run_jobs
+from shared.jobs import Job, JobFolder, JobOutcome, JobResult, JobState, JobSummary, WriteError, format_count, run_jobs
 from shared.slides.sources import SlideSource, collect_slides, read_slide_list
 from shared.slides.tile_job import TileOptions, output_paths, slide_jobs, tile_slide_job
 from unite_cli.pipeline import tile_to_patch_files
 
-SUMMARY = re.compile(r"(\d+) slide\(s\): (\d+) done, (\d+) skipped \(done earlier\), (\d+) failed, (\d+) locked")
+SUMMARY = re.compile(r"(\d+) slides?: (\d+) done, (\d+) skipped \(done earlier\), (\d+) failed, (\d+) locked")
 OUTPUT_KINDS = ("patches", "contours", "thumbnail", "visualization")
 
 
@@ -535,7 +535,7 @@ def test_summary_lists_failures_by_reason() -> None:
 
     lines = summary.format().splitlines()
 
-    assert lines[0] == "5 slide(s): 1 done, 1 skipped (done earlier), 2 failed, 1 locked by another process"
+    assert lines[0] == "5 slides: 1 done, 1 skipped (done earlier), 2 failed, 1 locked by another process"
     assert lines[1] == "failed by reason: damaged 1, no_tissue 1"
     assert lines[2] == "  d (damaged): slide d: short read"
     assert lines[3] == "  e (no_tissue, in an earlier run): slide e: no tissue"
@@ -549,6 +549,21 @@ def test_summary_without_failures_exits_zero() -> None:
     summary.add(JobOutcome("b", "locked"))
 
     assert summary.exit_status == 0
+
+
+def test_summary_of_one_slide_is_singular() -> None:
+    summary = JobSummary()
+    summary.add(JobOutcome("a", "done"))
+
+    assert summary.format().splitlines()[0] == "1 slide: 1 done, 0 skipped (done earlier), 0 failed, 0 locked by another process"
+
+
+def test_format_count_plurals() -> None:
+    assert format_count(0, "slide") == "0 slides"
+    assert format_count(1, "slide") == "1 slide"
+    assert format_count(2, "slide") == "2 slides"
+    assert format_count(1, "patch", "patches") == "1 patch"
+    assert format_count(3, "patch", "patches") == "3 patches"
 
 
 # The tiling job on one slide.
@@ -976,12 +991,12 @@ def test_options_above_limit_exit_2(tmp_path: Path, arguments: list[str], messag
 def test_help_states_checked_limits() -> None:
     from shared import jobs
     from shared.slides import grid, tiling
-    from unite_cli import tile
+    from unite_cli import slide_options, tile
 
-    assert tile.MAX_PATCH_SIZE == grid.MAX_PATCH_SIZE
-    assert tile.TARGET_MPP_RANGE == (grid.MIN_TARGET_MPP, grid.MAX_TARGET_MPP)
-    assert tile.TARGET_MAG_RANGE == (grid.MIN_TARGET_MAGNIFICATION, grid.MAX_TARGET_MAGNIFICATION)
-    assert tile.MAX_MIN_AREA_UM2 == tiling.MAX_MIN_AREA_UM2
+    assert slide_options.MAX_PATCH_SIZE == grid.MAX_PATCH_SIZE
+    assert slide_options.TARGET_MPP_RANGE == (grid.MIN_TARGET_MPP, grid.MAX_TARGET_MPP)
+    assert slide_options.TARGET_MAG_RANGE == (grid.MIN_TARGET_MAGNIFICATION, grid.MAX_TARGET_MAGNIFICATION)
+    assert slide_options.MAX_MIN_AREA_UM2 == tiling.MAX_MIN_AREA_UM2
     assert tile.MAX_WORKERS == jobs.MAX_WORKERS
     assert tile.MAX_READ_WORKERS == tiling.MAX_READ_WORKERS
 
@@ -1100,7 +1115,7 @@ def test_sigterm_stops_workers(tmp_path: Path) -> None:
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "Traceback" not in stderr
     assert _counts(stdout)["total"] == 0
-    assert "interrupted: 4 slide(s) not finished" in stdout
+    assert "interrupted: 4 slides not finished" in stdout
     assert [pid for pid in workers if _process_alive(pid)] == []
     assert sorted(name for name, state in states.items() if state["status"] == "running") == sorted(
         path.name for path in (tmp_path / "out" / "started").iterdir()
@@ -1136,7 +1151,7 @@ def test_ctrl_c_prints_summary(tmp_path: Path) -> None:
     assert len(errors) == 1, stderr
     assert "unite tile: interrupted (SIGINT)" in errors[0]
     assert counts["done"] >= 1
-    assert f"interrupted: {len(names) - counts['total']} slide(s) not finished" in stdout
+    assert f"interrupted: {format_count(len(names) - counts['total'], 'slide')} not finished" in stdout
     assert _wait_for_exit(workers) == []
 
     resumed = _unite(folder, "--out", out)

@@ -386,6 +386,28 @@ def test_drop_blurry_all_blurred_fails(tmp_path: Path) -> None:
     assert "--drop-blurry" in raised.value.message
 
 
+def test_one_patch_log_is_singular(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_tiff_slide(tmp_path / "one.tif", _tissue_everywhere(300, 300, seed=7), mpp=0.5, compression=None)
+
+    with caplog.at_level("INFO", logger="shared.slides.tiling"):
+        tiled = tile_slide(path, min_tissue_fraction=0.0)
+
+    assert len(tiled.grid) == 1
+    assert "1 patch of 224 px" in caplog.text
+    assert "1 patches" not in caplog.text
+
+
+def test_one_blurred_patch_message_is_singular(tmp_path: Path) -> None:
+    image = cv2.GaussianBlur(_tissue_everywhere(300, 300, seed=8), (0, 0), 3.0)
+    path = write_tiff_slide(tmp_path / "blurred-one.tif", image, mpp=0.5, compression=None)
+
+    with pytest.raises(SlideError) as raised:
+        tile_slide(path, min_tissue_fraction=0.0, drop_blurry=True)
+
+    assert raised.value.reason == "no_patches"
+    assert "(1 patch checked)" in raised.value.message
+
+
 def test_no_patches_advice_skips_current_options(tmp_path: Path) -> None:
     path = write_tiff_slide(tmp_path / "small.tif", he_like(400, 400), mpp=0.5)
 

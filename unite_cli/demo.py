@@ -18,8 +18,9 @@ import httpx
 import numpy as np
 
 from shared.errors import UniteError
-from shared.features import write_features
+from shared.features import trident_attrs, write_features
 from shared.sample_data import default_data_dir, fetch_cmu1
+from shared.slides.reader import open_slide
 from unite_cli.background import running_server
 from unite_cli.pipeline import teach_slides, tile_to_patch_files
 
@@ -58,6 +59,9 @@ def run_demo(*, slide: Path | None, mpp: float | None, out_dir: Path, epochs: in
     gateway_app = create_gateway_app(GatewaySettings(cache_dir=cache_dir, teacher="reference"))
     with _timed(timings, "fill the teacher cache over HTTP"), running_server(gateway_app) as gateway_url:
         taught = teach_slides([slide], gateway_url=gateway_url, cache_dir=cache_dir, shard_dir=shard_dir, mpp=mpp)
+    if taught.failed:
+        # teach_slides records a failed slide and goes on, but the demo has no other slide to go on with.
+        raise UniteError(taught.failed[0].message)
 
     distill_dir = out_dir / "distill"
     shutil.rmtree(distill_dir / "lightning", ignore_errors=True)
@@ -76,12 +80,13 @@ def run_demo(*, slide: Path | None, mpp: float | None, out_dir: Path, epochs: in
     features = np.asarray(answer["patch_embeddings"], dtype=np.float32)
     coords = np.asarray(answer["coords"], dtype=np.int64)
     slide_embedding = np.asarray(answer["slide_embedding"], dtype=np.float32)
-    tiled = taught.tiled[0]
+    with open_slide(slide, mpp=mpp) as opened:
+        info = opened.info
     features_path = write_features(
-        out_dir / "features" / f"{tiled.info.name}.h5",
+        out_dir / "features" / f"{info.name}.h5",
         coords=coords,
         features=features,
-        attrs=_feature_attrs(tiled, encoder=answer["model"]),
+        attrs=trident_attrs(info, taught.slides[0].grid, encoder=answer["model"]),
     )
 
     figures = {
@@ -95,12 +100,6 @@ def run_demo(*, slide: Path | None, mpp: float | None, out_dir: Path, epochs: in
     }
     _print_summary(figures, taught, trained, timings, patch_file, features_path, out_dir)
     return figures
-
-
-def _feature_attrs(tiled, *, encoder: str) -> dict:
-    from shared.features import trident_attrs
-
-    return trident_attrs(tiled.info, tiled.grid, encoder=encoder)
 
 
 def _embed_slide(student_url: str, slide: Path, mpp: float | None) -> dict:

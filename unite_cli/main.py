@@ -18,21 +18,13 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from shared.errors import ConfigError, UniteError
+from unite_cli.distill import add_distill_arguments, run_distill
 from unite_cli.serve_gateway import GATEWAY_OPTIONS, add_gateway_arguments
+from unite_cli.teach import DESCRIPTION as TEACH_DESCRIPTION
+from unite_cli.teach import add_teach_arguments, run_teach
 from unite_cli.tile import add_tile_arguments, run_tile
 
 logger = logging.getLogger("unite")
-
-
-def _add_slide_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--mpp",
-        type=float,
-        default=None,
-        help="resolution of the slides in µm per pixel, overriding their metadata (default: read from the slide)",
-    )
-    parser.add_argument("--patch-size", type=int, default=224, help="patch size in pixels at the target resolution (default: 224)")
-    parser.add_argument("--target-mpp", type=float, default=0.5, help="target resolution in µm per pixel (default: 0.5, about 20x)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,40 +41,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="detect tissue and write a TRIDENT-layout patch file per slide, skipping slides already done",
         description="Tile slides in resumable jobs: several processes may share one --out folder, because each slide "
         "is locked while it is tiled. Exit status: 0 when every slide is done or skipped, 1 when any failed, "
-        "2 for invalid options.",
+        "2 for invalid options or an unusable --out folder, 130 after Ctrl-C (SIGINT) and 143 after SIGTERM, which "
+        "print the summary so far.",
     )
     add_tile_arguments(tile)
 
-    teach = commands.add_parser("teach", help="embed slides' tiles through the teacher gateway and export training shards")
-    teach.add_argument("slides", nargs="+", type=Path, help="slide files openslide can read")
-    teach.add_argument("--gateway", required=True, help="base URL of the teacher gateway, for example http://127.0.0.1:8100")
-    teach.add_argument("--cache-dir", type=Path, default=None, help="the gateway's cache folder, read to export the shards (required unless --dry-run)")
-    teach.add_argument("--shards", type=Path, default=None, help="output folder for the training shards (required unless --dry-run)")
-    teach.add_argument("--batch-size", type=int, default=64, help="tiles per request to the gateway (default: 64)")
-    teach.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="tile the slides and print the tiles to pay for, the cache hits and the budget left; send nothing to the teacher",
+    teach = commands.add_parser(
+        "teach", help="embed slides' tiles through the teacher gateway and export training shards", description=TEACH_DESCRIPTION
     )
-    _add_slide_options(teach)
+    add_teach_arguments(teach)
 
-    distill = commands.add_parser("distill", help="train the student from training shards and export it")
-    distill.add_argument("--shards", type=Path, required=True, help="folder of training shards written by `unite teach`")
-    distill.add_argument("--out", type=Path, required=True, help="output folder; the student is exported to OUT/student")
-    distill.add_argument("--epochs", type=int, default=1, help="passes over the training tiles (default: 1)")
-    distill.add_argument("--batch-size", type=int, default=32, help="tiles per step (default: 32)")
-    distill.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of AdamW (default: 5e-4)")
-    distill.add_argument("--seed", type=int, default=0, help="random seed of the run (default: 0)")
-    distill.add_argument("--val-fraction", type=float, default=0.2, help="share of slides held out for validation (default: 0.2)")
-    distill.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps (default: EPOCHS full passes)")
-    distill.add_argument("--precision", default="bf16-mixed", help="Lightning precision (default: bf16-mixed, autocast on CPU and GPU)")
-    distill.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu or gpu (default: auto)")
-    distill.add_argument("--num-workers", type=int, default=0, help="data loader worker processes (default: 0, load in the main process)")
-    distill.add_argument(
-        "--resume",
-        default=None,
-        help="Lightning checkpoint to resume from, or 'last' for OUT/lightning/last.ckpt (default: start afresh)",
+    distill = commands.add_parser(
+        "distill",
+        help="train the student from training shards and export it",
+        description="Train a student on the teacher embeddings of training shards and export it to OUT/student. "
+        "A teacher licence that restricts derivatives or commercial use stops the run unless --accept-teacher-licence is given.",
     )
+    add_distill_arguments(distill)
+
+    export_onnx = commands.add_parser(
+        "export-onnx",
+        help="write an exported student as an ONNX file, checked against torch with onnxruntime",
+        description="The ONNX graph takes normalised (batch, 3, 224, 224) float32 pixels and returns the student's "
+        "embedding, plus the teacher-space embedding when the export has a mimic projector.",
+    )
+    export_onnx.add_argument("checkpoint", type=Path, help="exported student folder, as `unite distill` writes it (OUT/student)")
+    export_onnx.add_argument("--out", type=Path, required=True, help="ONNX file to write, replaced if it exists")
+    export_onnx.add_argument("--opset", type=int, default=17, help="ONNX opset version, at least 14 (default: 17)")
 
     gateway = commands.add_parser("serve-gateway", help="run the teacher gateway HTTP service")
     add_gateway_arguments(gateway)
@@ -180,7 +165,11 @@ def _settings_error(error: ValidationError, args: argparse.Namespace) -> ConfigE
             source, fix = f"environment variable {variable}", f"Fix or unset {variable}, or pass {option}."
         else:
             source, fix = f"environment variable {variable}", f"Fix or unset {variable}."
-        problems.append(f"{field} is {item.get('input')!r} (from {source}): {item['msg']}. {fix}")
+        # A remote teacher's value can contain a URL with a credential, so it is not repeated.
+        shown = "not shown" if item["loc"] and item["loc"][0] == "remote" else repr(item.get("input"))
+        if shown == "not shown":
+            values[field] = None
+        problems.append(f"{field} is {shown} (from {source}): {item['msg']}. {fix}")
     return ConfigError(f"unite {args.command}: invalid {service} setting: " + " ".join(problems), value=values)
 
 
@@ -197,64 +186,28 @@ def _run(args: argparse.Namespace) -> int:
         _check_output_folder(args.out, "--out")
         return run_tile(args)
 
-    if args.command == "teach" and args.dry_run:
-        from unite_cli.teach_plan import plan_teach
-
-        plan = plan_teach(
-            args.slides,
-            gateway_url=args.gateway,
-            mpp=args.mpp,
-            patch_size=args.patch_size,
-            target_mpp=args.target_mpp,
-            batch_size=args.batch_size,
-        )
-        print(plan.summary())
-        return 0
-
     if args.command == "teach":
-        from unite_cli.pipeline import teach_slides
-
-        for option, value in (("--cache-dir", args.cache_dir), ("--shards", args.shards)):
-            if value is None:
-                raise ConfigError(f"unite teach: {option} is missing. Pass it, or pass --dry-run to only print the plan.", value=None)
-        # Checked before any tile is sent, because the shards are written only after every tile has gone through the gateway.
-        _check_output_folder(args.shards, "--shards")
-        _check_output_folder(args.cache_dir, "--cache-dir")
-        result = teach_slides(
-            args.slides,
-            gateway_url=args.gateway,
-            cache_dir=args.cache_dir,
-            shard_dir=args.shards,
-            mpp=args.mpp,
-            patch_size=args.patch_size,
-            target_mpp=args.target_mpp,
-            batch_size=args.batch_size,
-        )
-        print(result.summary())
-        return 0
+        if not args.dry_run:
+            for option, value in (("--cache-dir", args.cache_dir), ("--shards", args.shards)):
+                if value is None:
+                    raise ConfigError(f"unite teach: {option} is missing. Pass it, or pass --dry-run to only print the plan.", value=None)
+            # Checked before any tile is sent, because the shards are written only after every tile has gone through the gateway.
+            _check_output_folder(args.shards, "--shards")
+            _check_output_folder(args.cache_dir, "--cache-dir")
+        if args.patches is not None:
+            _check_input_folder(args.patches, "--patches")
+        return run_teach(args)
 
     if args.command == "distill":
-        from distiller.train import DistillConfig, distill
-
         _check_input_folder(args.shards, "--shards")
         _check_output_folder(args.out, "--out")
-        config = DistillConfig(
-            shard_dir=args.shards,
-            out_dir=args.out,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            val_fraction=args.val_fraction,
-            max_steps=args.max_steps,
-            precision=args.precision,
-            accelerator=args.accelerator,
-            num_workers=args.num_workers,
-            resume_from=args.resume,
-        )
-        # The progress bar and the logs go to stderr, so the result line below is all that stdout carries.
-        result = distill(config, progress=sys.stderr.isatty(), command=" ".join(["unite", *sys.argv[1:]]))
-        print(f"first loss {result.first_loss:.4f}, last loss {result.last_loss:.4f}; student exported to {result.checkpoint_dir}")
+        return run_distill(args)
+
+    if args.command == "export-onnx":
+        from distiller.onnx_export import export_onnx
+
+        _check_input_folder(args.checkpoint, "CHECKPOINT")
+        print(export_onnx(args.checkpoint, args.out, opset=args.opset).summary())
         return 0
 
     if args.command == "serve-gateway":

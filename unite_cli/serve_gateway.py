@@ -79,10 +79,16 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
 def gateway_settings(args: argparse.Namespace) -> GatewaySettings:
     """Return the gateway settings: the environment's, with the options given on the command line on top."""
     # Imported here, like every service in this command line, so that `unite --help` stays fast.
-    from teacher_gateway.settings import GatewaySettings
+    from pydantic_settings import SettingsError
+
+    from shared.settings import settings_source_error
+    from teacher_gateway.settings import ENV_PREFIX, GatewaySettings
 
     overrides = {field: getattr(args, option.lstrip("-").replace("-", "_")) for field, option in GATEWAY_OPTIONS.items()}
-    return GatewaySettings(**{field: value for field, value in overrides.items() if value is not None})
+    try:
+        return GatewaySettings(**{field: value for field, value in overrides.items() if value is not None})
+    except SettingsError as error:
+        raise settings_source_error(error, env_prefix=ENV_PREFIX, service="gateway") from error
 
 
 def serve_gateway(settings: GatewaySettings) -> int:
@@ -103,9 +109,13 @@ def serve_gateway(settings: GatewaySettings) -> int:
     try:
         EmbeddingCache(settings.cache_dir).close()
         UsageLedger(settings.cache_dir).close()
-        uvicorn.run(create_app(settings, teacher=teacher, teacher_name=settings.teacher), host=settings.host, port=settings.port)
-    finally:
+        # The app closes the teacher at shutdown, before the cache, which cancels teacher calls still in flight.
+        app = create_app(settings, teacher=teacher, teacher_name=settings.teacher, close_teacher=True)
+    except BaseException:
         close = getattr(teacher, "close", None)
         if callable(close):
             close()
+        raise
+    # After shutdown_grace_s seconds of a shutdown (SIGTERM or SIGINT), uvicorn cancels the requests still running.
+    uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=settings.shutdown_grace_s)
     return 0

@@ -13,12 +13,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from collections.abc import Iterable
+
 from shared.cache import EmbeddingCache
+from shared.errors import SlideError
 from shared.imaging import prepare_tile
-from shared.slides.reader import open_slide
-from shared.slides.tiling import iter_tiles, tile_slide
+from shared.slides.resolution import MppTable
+from shared.slides.sources import SlideSource
+from shared.slides.tile_job import TileOptions
 from teacher_gateway.client import GatewayClient
-from unite_cli.pipeline import check_is_gateway
+from unite_cli.pipeline import (
+    PatchFileError,
+    SlideFailure,
+    check_is_gateway,
+    format_failures,
+    iter_slide_tiles,
+    plural,
+    slide_patches,
+    teach_sources,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +42,12 @@ class TeachPlan:
 
     ``teacher_calls`` is summed per batch of ``batch_size`` tiles, as the gateway charges a real run.
     ``budget`` is the gateway's budget report: per unit (tiles, calls) its ``limit``, ``spent`` and ``left``.
+    ``failed`` lists the slides that could not be tiled or read, which a real run would skip too.
     """
 
     teacher: str = ""
     slides: int = 0
+    failed: list[SlideFailure] = field(default_factory=list)
     tiles: int = 0
     distinct_tiles: int = 0
     cache_hits: int = 0
@@ -50,14 +65,19 @@ class TeachPlan:
                 return False
         return True
 
+    @property
+    def exit_status(self) -> int:
+        """0 when every slide could be tiled, 1 when any failed."""
+        return 1 if self.failed else 0
+
     def summary(self) -> str:
-        """Describe the plan in a few lines for the console."""
+        """Describe the plan in a few lines for the console, then the failed slides."""
         lines = [
             f"dry run against teacher {self.teacher}: nothing was sent to the teacher or charged",
-            f"  slides                 {self.slides}",
+            f"  slides                 {self.slides} ({len(self.failed)} failed)",
             f"  tiles                  {self.tiles} ({self.distinct_tiles} distinct)",
-            f"  in the cache           {self.cache_hits} distinct tiles",
-            f"  to pay for             {self.tiles_to_embed} tiles in {self.teacher_calls} teacher calls",
+            f"  in the cache           {plural(self.cache_hits, 'distinct tile')}",
+            f"  to pay for             {plural(self.tiles_to_embed, 'tile')} in {plural(self.teacher_calls, 'teacher call')}",
         ]
         for unit in ("tiles", "calls"):
             status = self.budget.get(unit, {})
@@ -69,33 +89,39 @@ class TeachPlan:
             lines.append("  the gateway has blocked this teacher after a failed canary check; GET /readyz says why")
         elif not self.within_budget:
             lines.append("  the budget left does not cover this run: it would stop when the budget runs out")
+        lines.extend(format_failures(self.failed))
         return "\n".join(lines)
 
 
 def plan_teach(
-    slides: list[Path],
+    slides: Iterable[SlideSource | str | Path],
     *,
     gateway_url: str,
+    options: TileOptions | None = None,
     mpp: float | None = None,
-    patch_size: int = 224,
-    target_mpp: float = 0.5,
+    mpp_table: MppTable | None = None,
+    patches_dir: Path | None = None,
     batch_size: int = 64,
 ) -> TeachPlan:
     """Tile ``slides`` and return what sending their tiles through the gateway at ``gateway_url`` would cost.
 
-    Raises :class:`ConfigError` before any slide is tiled when ``gateway_url`` is not a teacher gateway.
+    The slides, ``options``, resolution overrides and ``patches_dir`` are those of
+    :func:`unite_cli.pipeline.teach_slides`, and a slide that cannot be tiled or read is recorded in
+    ``failed``. Raises :class:`ConfigError` before any slide is tiled when ``gateway_url`` is not a
+    teacher gateway.
     """
+    options = options if options is not None else TileOptions()
+    sources = teach_sources(slides, options, mpp=mpp, mpp_table=mpp_table)
     plan = TeachPlan()
     seen: set[str] = set()
     with GatewayClient(gateway_url, batch_size=batch_size) as client:
         check_is_gateway(client)
         plan.teacher = client.model_info()["identity"]
 
-        for path in slides:
-            tiled = tile_slide(path, mpp=mpp, patch_size=patch_size, target_mpp=target_mpp)
-            plan.slides += 1
-            with open_slide(path, mpp=mpp) as slide:
-                for _coords, tiles in iter_tiles(slide, tiled.grid, batch_size=batch_size):
+        for source in sources:
+            try:
+                patches = slide_patches(source, options, patches_dir)
+                for _slide_id, _coords, tiles in iter_slide_tiles(patches, batch_size):
                     plan.tiles += len(tiles)
                     distinct = []
                     for tile in tiles:
@@ -112,9 +138,14 @@ def plan_teach(
                     plan.teacher_calls += result["teacher_calls"]
                     plan.budget = result["budget"]
                     plan.teacher_blocked = result["teacher_blocked"]
+            except (SlideError, PatchFileError) as error:
+                logger.error("unite teach --dry-run: slide %s failed: %s", source.path, error.message)
+                plan.failed.append(SlideFailure.from_error(source, error))
+                continue
+            plan.slides += 1
         plan.distinct_tiles = len(seen)
         if not plan.budget:
             # No distinct tile at all: the budget still comes from the gateway, for the report.
             plan.budget = client.usage()["budget"]
-    logger.info("dry run: %d tiles to pay for, %d cached", plan.tiles_to_embed, plan.cache_hits)
+    logger.info("dry run: %s to pay for, %d cached", plural(plan.tiles_to_embed, "tile"), plan.cache_hits)
     return plan

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from shared.errors import CacheError
-from shared.jobs import Job, JobResult, WriteError
+from shared.jobs import Job, JobResult, WriteError, format_count
 from shared.slides.contours import write_geojson
 from shared.slides.grid import grid_over_tissue, resolve_target_mpp, validate_grid_options
 from shared.slides.overlay import save_overlay, save_thumbnail
@@ -175,8 +175,8 @@ def tile_slide_job(job: Job, out_dir: Path, *, options: TileOptions) -> JobResul
     tiled = TiledSlide(info=info, grid=grid, tissue=tissue, blurry_dropped=blurry_dropped)
     _write_output(job.name, paths["patches"], lambda path: write_patch_file(path, tiled))
     logger.info(
-        "%s: %d patches of %d px at %.3f µm/px (%d px at level 0) on a %.4f µm/px slide (%s)",
-        job.name, len(grid), grid.patch_size, grid.target_mpp, grid.patch_size_level0, info.mpp, info.mpp_source,
+        "%s: %s of %d px at %.3f µm/px (%d px at level 0) on a %.4f µm/px slide (%s)",
+        job.name, format_count(len(grid), "patch", "patches"), grid.patch_size, grid.target_mpp, grid.patch_size_level0, info.mpp, info.mpp_source,
     )
 
     details = {

@@ -15,6 +15,7 @@ import numpy as np
 
 from shared.errors import ConfigError, SlideError
 from shared.features import patch_attrs, write_patch_coords
+from shared.jobs import format_count
 from shared.slides.grid import PatchGrid, grid_over_tissue, resolve_target_mpp, validate_grid_options
 from shared.slides.quality import BLUR_THRESHOLD, sharpness
 from shared.slides.reader import Slide, SlideInfo, open_slide
@@ -103,8 +104,8 @@ def tile_slide(
             grid, blurry_dropped = drop_blurry_patches(slide, grid, workers=workers)
 
     logger.info(
-        "tiled slide %s: %.4f µm/px (%s), %d patches of %d px at %.2f µm/px (%d px at level 0)",
-        info.path, info.mpp, info.mpp_source, len(grid), grid.patch_size, grid.target_mpp,
+        "tiled slide %s: %.4f µm/px (%s), %s of %d px at %.2f µm/px (%d px at level 0)",
+        info.path, info.mpp, info.mpp_source, format_count(len(grid), "patch", "patches"), grid.patch_size, grid.target_mpp,
         grid.patch_size_level0,
     )
     return TiledSlide(info=info, grid=grid, tissue=tissue, blurry_dropped=blurry_dropped)
@@ -185,11 +186,14 @@ def drop_blurry_patches(
         start += len(coords)
 
     dropped = int((~keep).sum())
-    logger.info("slide %s: dropped %d of %d patches as out of focus", slide.info.path, dropped, len(grid))
+    logger.info(
+        "slide %s: dropped %d of %s as out of focus", slide.info.path, dropped, format_count(len(grid), "patch", "patches")
+    )
     if not keep.any():
         raise SlideError(
-            f"slide {slide.info.path}: all {len(grid)} tissue patches have a sharpness (variance of the Laplacian) "
-            f"below {threshold:g}, so none is in focus. Check the scan, or tile it without --drop-blurry.",
+            f"slide {slide.info.path}: no tissue patch is in focus, because the sharpness (variance of the Laplacian) "
+            f"of every patch is below {threshold:g} ({format_count(len(grid), 'patch', 'patches')} checked). Check the "
+            "scan, or tile it without --drop-blurry.",
             reason="no_patches",
             value=str(slide.info.path),
             limit=threshold,

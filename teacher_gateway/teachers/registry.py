@@ -32,6 +32,12 @@ LOCAL_OPTIONS: dict[str, tuple[str, ...]] = {
         "input_size", "resize_size", "interpolation", "mean", "std", "licence",
     ),
 }
+# The options a local backend cannot do without; checked before its module (and torch) is imported.
+REQUIRED_OPTIONS: dict[str, tuple[str, ...]] = {
+    "uni2-h": ("weights",),
+    "timm": ("model_name", "weights"),
+    "onnx": ("weights",),
+}
 ALL_LOCAL_OPTIONS = tuple(dict.fromkeys(option for options in LOCAL_OPTIONS.values() for option in options))
 
 
@@ -100,9 +106,25 @@ def build_teacher(name: str, **options: Any) -> Teacher:
             value=name,
             limit=available_teachers(),
         )
+    _check_required(name, options)
     teacher = builder(**options)
     logger.info("teacher %r built: identity %s, dim %d", name, teacher.identity, teacher.dim)
     return teacher
+
+
+def _check_required(name: str, options: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming the setting of each required option of teacher ``name`` that is unset."""
+    missing = [option for option in REQUIRED_OPTIONS.get(name, ()) if options.get(option) is None]
+    if not missing:
+        return
+    from teacher_gateway.teachers.options import setting
+
+    examples = {"weights": "the path of the model's weights file", "model_name": "a timm model name such as vit_small_patch16_224"}
+    needed = "; ".join(f"{option} ({setting(option)}): {examples.get(option, 'a value')}" for option in missing)
+    raise ConfigError(
+        f"teacher {name!r} needs settings that are not set: {needed}. Set each environment variable or pass its option.",
+        value=missing,
+    )
 
 
 def teacher_options(settings: GatewaySettings) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import os
 import threading
@@ -52,7 +53,9 @@ from teacher_gateway.teachers.retry import TRANSIENT_KINDS, AttemptError, batch_
 logger = logging.getLogger(__name__)
 
 # Kinds of failed attempt, as counted in stats()["failures"]. The first five are retried.
-FAILURE_KINDS = TRANSIENT_KINDS + ("http_error", "request_error", *INVALID_RESPONSE_KINDS, "model_mismatch")
+FAILURE_KINDS = TRANSIENT_KINDS + (
+    "http_error", "request_error", "response_too_large", *INVALID_RESPONSE_KINDS, "model_mismatch"
+)
 # Maximum length, in characters, of a provider's error message quoted in logs and errors.
 MAX_PROVIDER_MESSAGE_CHARS = 300
 REDACTED = "[redacted]"
@@ -262,6 +265,8 @@ class RemoteTeacher:
             "auth_header": config.auth_header,
             "connect_timeout_s": config.connect_timeout_s,
             "read_timeout_s": config.read_timeout_s,
+            "total_timeout_s": config.total_timeout_s,
+            "max_response_bytes": config.max_response_bytes,
             "max_batch_size": config.max_batch_size,
             "max_concurrency": config.max_concurrency,
             "requests_per_minute": config.requests_per_minute,
@@ -374,7 +379,15 @@ class RemoteTeacher:
             await self._limiter.acquire(count)
             self._count(calls=1, tiles_sent=count)
             try:
-                response = await self._http.post(config.url, content=body, headers=self._headers(batch))
+                # total_timeout_s bounds the whole attempt; httpx's timeouts bound each connect, write and read only.
+                async with asyncio.timeout(config.total_timeout_s):
+                    status, headers, content = await self._post(batch, body)
+            except TimeoutError as error:
+                raise self._failure(
+                    "timeout",
+                    f"the attempt took longer than total_timeout_s = {config.total_timeout_s:g} s in all",
+                    transient=True,
+                ) from error
             except httpx.TimeoutException as error:
                 raise self._failure(
                     "timeout",
@@ -392,27 +405,58 @@ class RemoteTeacher:
                 ) from error
         self._count(responses=1)
 
-        if not response.is_success:
-            raise self._status_failure(response)
+        if not 200 <= status < 300:
+            raise self._status_failure(status, headers, content)
         try:
-            decoded = await asyncio.to_thread(self._adapter.decode_response, response.content, count=count, dim=self.dim)
+            decoded = await asyncio.to_thread(self._adapter.decode_response, content, count=count, dim=self.dim)
         except InvalidResponseError as error:
-            raise self._failure(error.kind, error.message, transient=False, status=response.status_code) from error
+            raise self._failure(error.kind, error.message, transient=False, status=status) from error
         if decoded.model is not None and decoded.model != config.model:
             raise self._failure(
                 "model_mismatch",
                 f"the response declares model {decoded.model!r}, expected {config.model!r}",
                 transient=False,
-                status=response.status_code,
+                status=status,
             )
         return decoded.embeddings
 
-    def _status_failure(self, response: httpx.Response) -> AttemptError:
+    async def _post(self, batch: _Batch, body: bytes) -> tuple[int, httpx.Headers, bytes]:
+        """POST one batch and return the status, headers and body, reading at most ``max_response_bytes`` of the body.
+
+        Raises :class:`AttemptError` of kind ``response_too_large`` when the provider declares or sends more,
+        without reading the rest, so a huge response cannot exhaust the gateway's memory.
+        """
+        limit = self.config.max_response_bytes
+        async with self._http.stream("POST", self.config.url, content=body, headers=self._headers(batch)) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise self._too_large(response.status_code, f"declares a body of {int(declared)} bytes")
+            chunks: list[bytes] = []
+            size = 0
+            # aiter_bytes decodes a compressed body chunk by chunk, so the limit holds for the decoded size.
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise self._too_large(response.status_code, f"sent more than {limit} bytes and was cut off")
+                chunks.append(chunk)
+            return response.status_code, response.headers, b"".join(chunks)
+
+    def _too_large(self, status: int, what: str) -> AttemptError:
+        limit = self.config.max_response_bytes
+        return self._failure(
+            "response_too_large",
+            f"the provider's response (HTTP {status}) {what}, more than max_response_bytes = {limit} bytes. "
+            f"Lower max_batch_size (now {self.config.max_batch_size}) or raise max_response_bytes",
+            transient=False,
+            status=status,
+        )
+
+    def _status_failure(self, status: int, headers: httpx.Headers, content: bytes) -> AttemptError:
         """Classify and count a response with an error status, and pause every sender for its Retry-After."""
         error = status_error(
-            response.status_code,
-            self._provider_message(response),
-            response.headers.get("retry-after"),
+            status,
+            self._provider_message(content),
+            headers.get("retry-after"),
             max_retry_after_s=self.config.max_retry_after_s,
         )
         if error.transient and error.retry_after is not None:
@@ -453,11 +497,11 @@ class RemoteTeacher:
             headers[self.config.idempotency_header] = batch.id
         return headers
 
-    def _provider_message(self, response: httpx.Response) -> str:
+    def _provider_message(self, content: bytes) -> str:
         """Return the provider's error message, from the protocol's error shape or the raw body, redacted and cut."""
-        text = response.text
+        text = content.decode("utf-8", errors="replace")
         try:
-            body = response.json()
+            body = json.loads(text)
         except ValueError:
             body = None
         if isinstance(body, dict):
@@ -486,7 +530,15 @@ class RemoteTeacher:
         config = self.config
         kind = failure.kind
         if kind == "timeout":
-            return f"Raise read_timeout_s (now {config.read_timeout_s:g} s) or lower max_batch_size (now {config.max_batch_size})."
+            return (
+                f"Raise read_timeout_s (now {config.read_timeout_s:g} s) or total_timeout_s (now {config.total_timeout_s:g} s), "
+                f"or lower max_batch_size (now {config.max_batch_size})."
+            )
+        if kind == "response_too_large":
+            return (
+                f"Lower max_batch_size (now {config.max_batch_size}) or raise max_response_bytes "
+                f"(now {config.max_response_bytes}) if the provider's responses are really that large."
+            )
         if kind in ("connection_error", "request_error"):
             return f"Check that the provider is running at {config.url} and that this machine can reach it."
         if kind == "rate_limited":

@@ -16,6 +16,8 @@ from teacher_gateway.teachers.adapters import AdapterConfig
 from teacher_gateway.teachers.rate_limit import divides_minute, per_window_limit
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+# Upper bound of every timeout setting, in seconds: one hour. It also rejects inf, so every wait ends.
+MAX_TIMEOUT_S = 3600.0
 # An HTTP field name is a "token" (RFC 9110, section 5.1).
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
@@ -47,9 +49,28 @@ class RemoteTeacherConfig(BaseModel):
     allow_insecure_http: bool = Field(
         default=False, description="Allow sending the API key over plain http:// to a host other than this machine."
     )
-    connect_timeout_s: float = Field(default=5.0, gt=0, description="Seconds to wait for a connection to the provider.")
+    connect_timeout_s: float = Field(
+        default=5.0, gt=0, le=MAX_TIMEOUT_S, description="Seconds to wait for a connection to the provider; finite."
+    )
     read_timeout_s: float = Field(
-        default=60.0, gt=0, description="Seconds to wait for each read (and write) of the response or request."
+        default=60.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description="Seconds to wait for each read (and write) of the response or request; finite.",
+    )
+    total_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description=(
+            "Seconds one attempt may take in all: connecting, sending the request and reading the whole response. "
+            "A provider that sends its response slowly, a few bytes at a time, is cut off here."
+        ),
+    )
+    max_response_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Maximum size in bytes of one response body; a larger response ends the batch without a retry.",
     )
     max_batch_size: int = Field(default=64, ge=1, description="Maximum number of tiles in one request.")
     max_concurrency: int = Field(default=4, ge=1, description="Maximum number of requests in flight at once.")
@@ -91,6 +112,14 @@ class RemoteTeacherConfig(BaseModel):
             raise ValueError(
                 "url contains a user name or password, which would be logged as part of the teacher identity. "
                 "Remove them and put the key in the environment variable named by api_key_env"
+            )
+        if url.query or "?" in value:
+            # Not repeated either: vendors that take the key as ?key= or ?api_key= put it here.
+            raise ValueError(
+                "url contains a query string ('?...'), which would be logged and shown as part of the teacher "
+                "identity, and may hold an API key. Remove it. For a provider that takes its key in the query, "
+                "use its header form instead: put the key in the environment variable named by api_key_env and "
+                "set auth_header (for example x-goog-api-key) with auth_scheme empty"
             )
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(
