@@ -133,7 +133,7 @@ def _provider_settings(url: str, **overrides) -> dict:
     return options
 
 
-# Finding: a stuck teacher took every worker thread, so /healthz and the metrics stopped answering.
+# A stuck teacher must not take the threads that /healthz, /readyz and /metrics need.
 
 
 def test_probes_answer_while_teacher_stuck(tmp_path):
@@ -175,7 +175,7 @@ def test_probes_answer_while_teacher_stuck(tmp_path):
     assert busy.headers["Retry-After"].isdigit()
 
 
-# Finding: a credential in the URL's query string spread to the identity, logs and every route.
+# A credential in the remote URL's query string would spread to the identity, the logs and every route, so it is rejected.
 
 
 def test_query_string_in_remote_url_rejected(tmp_path, monkeypatch, caplog):
@@ -205,7 +205,7 @@ def test_readyz_names_no_provider_url(tmp_path):
     assert ready.json() == {"status": "ready"}
 
 
-# Finding: a local teacher without its weights or model name ended in a TypeError traceback.
+# A local teacher without its weights or model name stops with an error naming the setting, not a traceback.
 
 
 @pytest.mark.parametrize(
@@ -230,7 +230,7 @@ def test_local_teacher_missing_setting_named(tmp_path, options, variable, option
     assert "Traceback" not in output
 
 
-# Finding: after drift, the embeddings of the changed model stayed cached under the old identity.
+# After drift, the embeddings that the changed model may have produced leave the cache.
 
 
 def test_drift_quarantines_entries_since_last_pass(tmp_path):
@@ -275,7 +275,7 @@ def test_drift_without_recorded_pass_quarantines_all(tmp_path):
     assert remaining == 0
 
 
-# Finding: no total deadline per teacher call, and SIGTERM left the gateway waiting on it forever.
+# Every teacher call has a total deadline, and SIGTERM cancels calls in flight.
 
 
 def test_silent_provider_ends_at_total_timeout():
@@ -347,7 +347,7 @@ def remote_config_for(url: str, **overrides):
     return RemoteTeacherConfig(**_provider_settings(url, **overrides))
 
 
-# Finding: a provider's response was read whole into memory, whatever its size.
+# A provider's response is read up to a size limit, never whole into memory.
 
 
 def test_endless_response_cut_at_limit():
@@ -379,7 +379,7 @@ def test_declared_large_response_rejected(tmp_path):
     assert len(fake.calls) == 1
 
 
-# Finding: a failed cache write lost paid embeddings, hid the cause and left /readyz "ready".
+# A failed cache write keeps the paid embeddings, names the cause in the log and makes /readyz fail.
 
 
 def test_cache_write_failure_keeps_paid_embeddings(tmp_path, caplog):
@@ -424,7 +424,7 @@ def test_cache_write_failure_keeps_paid_embeddings(tmp_path, caplog):
     assert str(cache.path) in caplog.text
 
 
-# Finding: bad JSON in a nested setting gave a pydantic-settings traceback.
+# Bad JSON in a nested setting is an error naming the variable, not a pydantic-settings traceback.
 
 
 def test_bad_json_in_nested_setting_named(tmp_path, monkeypatch, caplog):
