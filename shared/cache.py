@@ -13,7 +13,7 @@ SQLite settings and why:
   was committed. A power cut or OS crash may roll back the last few committed transactions, which only
   means asking the teacher again for those tiles. ``FULL`` would add an fsync per commit for that case.
 - ``busy_timeout``: a writer that finds the database locked by another process waits up to
-  :data:`BUSY_TIMEOUT_S` seconds instead of failing at once.
+  :data:`shared.sqlite.BUSY_TIMEOUT_S` seconds instead of failing at once.
 - ``embeddings.sqlite3.lock``: an exclusive file lock (``fcntl.flock``, so POSIX only) held while a
   process switches the database to WAL and creates its tables, steps where SQLite skips the busy handler.
 
@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import fcntl
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -37,12 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from shared.errors import CacheError, ImageError
+from shared.sqlite import ThreadLocalConnections, converted_sqlite_errors, open_wal_database
 
 logger = logging.getLogger(__name__)
 
 DATABASE_NAME = "embeddings.sqlite3"
 SCHEMA_VERSION = 1
-BUSY_TIMEOUT_S = 60.0
 # SQLite before 3.32 allows at most 999 bound parameters per statement.
 _MAX_PARAMETERS = 900
 
@@ -101,41 +99,18 @@ class EmbeddingCache:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.path = self.root / DATABASE_NAME
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
-        self._closed = False
-
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise CacheError(
-                f"embedding cache folder {self.root} cannot be created ({error}). "
-                "Point the cache folder setting at a writable local directory."
-            ) from error
-        # Switching a new database to WAL and creating its tables can fail at once with "database is
-        # locked" when several processes open it together, because SQLite skips the busy handler where
-        # waiting could deadlock. An exclusive file lock makes these first steps run one process at a time.
-        with (self.root / (DATABASE_NAME + ".lock")).open("a") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            with self._sqlite_errors("create the cache tables"):
-                connection = self._connection()
-                # WAL mode is stored in the database file, so connections opened later use it too.
-                mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if mode.lower() != "wal":
-                    raise CacheError(
-                        f"embedding cache {self.path}: SQLite kept journal mode {mode!r}, expected 'wal'. "
-                        "Put the cache folder on a local file system that supports WAL (not NFS)."
-                    )
-                connection.executescript(_SCHEMA)
-                version = connection.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                elif version != SCHEMA_VERSION:
-                    raise CacheError(
-                        f"embedding cache {self.path} has schema version {version}, expected {SCHEMA_VERSION}. "
-                        "Use a UNITE version that wrote it, or point the cache folder setting at a new directory."
-                    )
+        self._connections = ThreadLocalConnections(
+            self.path, f"embedding cache {self.path} is closed. Open a new EmbeddingCache."
+        )
+        open_wal_database(
+            self._connections,
+            self._sqlite_errors,
+            kind="embedding cache",
+            schema=_SCHEMA,
+            schema_version=SCHEMA_VERSION,
+            schema_fix="Use a UNITE version that wrote it, or point the cache folder setting at a new directory.",
+            create_action="create the cache tables",
+        )
         logger.info("opened embedding cache %s", self.path)
 
     @staticmethod
@@ -309,11 +284,7 @@ class EmbeddingCache:
 
     def close(self) -> None:
         """Close every connection this cache opened, in any thread; later calls raise :class:`CacheError`."""
-        with self._connections_lock:
-            self._closed = True
-            connections, self._connections = self._connections, []
-        for connection in connections:
-            connection.close()
+        self._connections.close()
 
     def __enter__(self) -> EmbeddingCache:
         return self
@@ -326,45 +297,18 @@ class EmbeddingCache:
 
     def _connection(self) -> sqlite3.Connection:
         """Return this thread's connection, opening it on first use."""
-        if self._closed:
-            raise CacheError(f"embedding cache {self.path} is closed. Open a new EmbeddingCache.")
-        connection = getattr(self._local, "connection", None)
-        if connection is not None:
-            return connection
-
-        # check_same_thread=False only so that close() may close it from another thread: each
-        # connection is used by the one thread that opened it.
-        connection = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
-        connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        connection.execute("PRAGMA synchronous = NORMAL")
-        with self._connections_lock:
-            if self._closed:
-                connection.close()
-                raise CacheError(f"embedding cache {self.path} is closed. Open a new EmbeddingCache.")
-            self._connections.append(connection)
-        self._local.connection = connection
-        return connection
+        return self._connections.get()
 
     @contextmanager
     def _sqlite_errors(self, action: str) -> Iterator[None]:
         """Convert sqlite3 errors raised while doing ``action`` into :class:`CacheError`."""
-        try:
+        with converted_sqlite_errors(
+            f"embedding cache {self.path}",
+            action,
+            "The file is damaged or not a UNITE cache; move it away to start an empty cache "
+            "(its embeddings will be requested from the teacher again).",
+        ):
             yield
-        except sqlite3.OperationalError as error:
-            if "locked" in str(error) or "busy" in str(error):
-                fix = f"Another process held the write lock for more than {BUSY_TIMEOUT_S:.0f} s; retry, or stop the other writer."
-            else:
-                fix = "Check that the cache folder is on a local disk, writable and not full."
-            raise CacheError(f"embedding cache {self.path}: cannot {action} ({error}). {fix}") from error
-        except sqlite3.DatabaseError as error:
-            raise CacheError(
-                f"embedding cache {self.path}: cannot {action} ({error}). The file is damaged or not a UNITE cache; "
-                "move it away to start an empty cache (its embeddings will be requested from the teacher again)."
-            ) from error
-        except sqlite3.Error as error:
-            raise CacheError(f"embedding cache {self.path}: cannot {action} ({error}).") from error
 
     @staticmethod
     def _check_entries(entries: list[CacheEntry]) -> dict[str, int]:

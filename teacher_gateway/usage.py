@@ -23,18 +23,16 @@ sent, and are not refunded when the teacher call fails, because a paid API may b
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.errors import CacheError
+from shared.sqlite import ThreadLocalConnections, converted_sqlite_errors, open_wal_database
 from teacher_gateway.errors import (
     BudgetExhaustedError,
     GatewayLimitError,
@@ -45,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 DATABASE_NAME = "usage.sqlite3"
 SCHEMA_VERSION = 1
-BUSY_TIMEOUT_S = 60.0
 WINDOW_S = 60
 ANONYMOUS = "anonymous"
 CANARY = "canary"
@@ -182,40 +179,17 @@ class UsageLedger:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.path = self.root / DATABASE_NAME
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
-        self._closed = False
-
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise CacheError(
-                f"usage ledger folder {self.root} cannot be created ({error}). "
-                "Point the cache folder setting at a writable local directory."
-            ) from error
-        # As in shared.cache: WAL setup and table creation skip SQLite's busy handler, so processes
-        # opening a new ledger together take turns under a file lock.
-        with (self.root / (DATABASE_NAME + ".lock")).open("a") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            with self._sqlite_errors("create the ledger tables"):
-                connection = self._connection()
-                mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if mode.lower() != "wal":
-                    raise CacheError(
-                        f"usage ledger {self.path}: SQLite kept journal mode {mode!r}, expected 'wal'. "
-                        "Put the cache folder on a local file system that supports WAL (not NFS)."
-                    )
-                connection.executescript(_SCHEMA)
-                version = connection.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                elif version != SCHEMA_VERSION:
-                    raise CacheError(
-                        f"usage ledger {self.path} has schema version {version}, expected {SCHEMA_VERSION}. "
-                        "Use the UNITE version that wrote it, or move the file away to start counting afresh "
-                        "(budgets then start from zero)."
-                    )
+        self._connections = ThreadLocalConnections(self.path, f"usage ledger {self.path} is closed. Open a new UsageLedger.")
+        open_wal_database(
+            self._connections,
+            self._sqlite_errors,
+            kind="usage ledger",
+            schema=_SCHEMA,
+            schema_version=SCHEMA_VERSION,
+            schema_fix="Use the UNITE version that wrote it, or move the file away to start counting afresh "
+            "(budgets then start from zero).",
+            create_action="create the ledger tables",
+        )
         logger.info("opened usage ledger %s", self.path)
 
     def admit(self, *, teacher: str, caller: Caller, count_request: bool, now: float | None = None) -> None:
@@ -340,11 +314,7 @@ class UsageLedger:
 
     def close(self) -> None:
         """Close every connection this ledger opened, in any thread."""
-        with self._connections_lock:
-            self._closed = True
-            connections, self._connections = self._connections, []
-        for connection in connections:
-            connection.close()
+        self._connections.close()
 
     def __enter__(self) -> UsageLedger:
         return self
@@ -409,40 +379,17 @@ class UsageLedger:
 
     def _connection(self) -> sqlite3.Connection:
         """Return this thread's connection, opening it on first use."""
-        if self._closed:
-            raise CacheError(f"usage ledger {self.path} is closed. Open a new UsageLedger.")
-        connection = getattr(self._local, "connection", None)
-        if connection is not None:
-            return connection
-
-        # check_same_thread=False only so that close() may close it from another thread.
-        connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-        connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        connection.execute("PRAGMA synchronous = NORMAL")
-        with self._connections_lock:
-            if self._closed:
-                connection.close()
-                raise CacheError(f"usage ledger {self.path} is closed. Open a new UsageLedger.")
-            self._connections.append(connection)
-        self._local.connection = connection
-        return connection
+        return self._connections.get()
 
     @contextmanager
     def _sqlite_errors(self, action: str) -> Iterator[None]:
         """Convert sqlite3 errors raised while doing ``action`` into :class:`CacheError`."""
-        try:
+        with converted_sqlite_errors(
+            f"usage ledger {self.path}",
+            action,
+            "The file is damaged; move it away to start counting afresh (budgets then start from zero).",
+        ):
             yield
-        except sqlite3.OperationalError as error:
-            if "locked" in str(error) or "busy" in str(error):
-                fix = f"Another process held the write lock for more than {BUSY_TIMEOUT_S:.0f} s; retry, or stop the other writer."
-            else:
-                fix = "Check that the cache folder is on a local disk, writable and not full."
-            raise CacheError(f"usage ledger {self.path}: cannot {action} ({error}). {fix}") from error
-        except sqlite3.DatabaseError as error:
-            raise CacheError(
-                f"usage ledger {self.path}: cannot {action} ({error}). The file is damaged; move it away to start "
-                "counting afresh (budgets then start from zero)."
-            ) from error
 
 
 def refusal(reservation: Reservation, *, teacher: str, caller: Caller, budget: Budget) -> GatewayLimitError:
