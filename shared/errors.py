@@ -64,7 +64,7 @@ class SlideError(UniteError):
         return body
 
 
-# Why a slide was refused, as recorded in a job's state file and returned by the services.
+# Reason codes for a rejected slide, recorded in a job's state file and returned by the services.
 SLIDE_REASONS = {
     "invalid_slide": "any other problem with the slide",
     "not_found": "the path does not exist or is not a regular file",

@@ -85,7 +85,7 @@ class GatewaySettings(BaseSettings):
     )
     precision: str | None = Field(default=None, description="Precision of a torch teacher: bf16 (autocast) or fp32 (backend default: bf16).")
     input_name: str | None = Field(default=None, description="Input name of the 'onnx' teacher's model, when it has several.")
-    output_name: str | None = Field(default=None, description="Output name of the 'onnx' teacher's model that holds the embedding.")
+    output_name: str | None = Field(default=None, description="Output name of the 'onnx' teacher's model that contains the embedding.")
     input_size: int | None = Field(default=None, ge=1, description="Side in pixels of the model input of a timm or ONNX teacher.")
     resize_size: int | None = Field(
         default=None, ge=1, description="Side in pixels that tiles are resized to before the centre crop, for a timm or ONNX teacher."

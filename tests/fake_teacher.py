@@ -98,17 +98,17 @@ class Fault:
 
     @classmethod
     def truncated(cls) -> Fault:
-        """Answer 200 with the first half of the JSON body, as a complete HTTP response."""
+        """Return 200 with the first half of the JSON body, as a complete HTTP response."""
         return cls("truncated")
 
     @classmethod
     def wrong_dim(cls) -> Fault:
-        """Answer 200 with every vector one value short."""
+        """Return 200 with every vector one value short."""
         return cls("wrong_dim")
 
     @classmethod
     def nan(cls) -> Fault:
-        """Answer 200 with NaN (JSON ``NaN``) as one value of the last vector."""
+        """Return 200 with NaN (JSON ``NaN``) as one value of the last vector."""
         return cls("nan")
 
     @classmethod

@@ -327,7 +327,7 @@ def _check_tiff_file(path: Path) -> None:
 
 @dataclass(frozen=True)
 class _TiffLayout:
-    """Where a TIFF variant stores its directory fields, as struct formats and byte counts."""
+    """Layout of a TIFF variant's directory fields: their struct formats and byte counts."""
 
     byteorder: str  # "<" or ">"
     first_offset_at: int  # position of the first directory's offset in the header

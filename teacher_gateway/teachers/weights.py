@@ -185,7 +185,7 @@ def _load_torch_state_dict(path: Path, *, teacher: str) -> Mapping[str, torch.Te
     if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         found = sorted(state)[:MAX_LISTED_KEYS] if isinstance(state, Mapping) else type(state).__name__
         raise ModelError(
-            f"teacher {teacher}: weights file {path} holds {found}, expected a state dict that maps parameter names "
+            f"teacher {teacher}: weights file {path} contains {found}, expected a state dict that maps parameter names "
             "to tensors. If it is a training checkpoint, save its inner state dict alone, for example "
             "torch.save(checkpoint['state_dict'], path).",
             value=found,
