@@ -153,11 +153,21 @@ def student_embeddings(model: torch.nn.Module, tiles: np.ndarray) -> np.ndarray:
     return np.concatenate(outputs)
 
 
-def probe_balanced_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
-    """Fit a standardised logistic-regression probe on the train embeddings; return its held-out balanced accuracy."""
+def probe_balanced_accuracy(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, resamples: int, seed: int
+) -> dict[str, float]:
+    """Fit a standardised logistic-regression probe on the train embeddings; return its held-out balanced accuracy.
+
+    The 95% interval resamples the held-out tiles' predictions; the probe itself is fit once.
+    """
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=10000, class_weight="balanced"))
     probe.fit(train_x, train_y)
-    return float(balanced_accuracy_score(test_y, probe.predict(test_x)))
+    accuracy = bootstrap_interval(balanced_accuracy_score, test_y, probe.predict(test_x), n=resamples, seed=seed)
+    return {
+        "probe_balanced_accuracy": accuracy.estimate,
+        "probe_balanced_accuracy_low": accuracy.low,
+        "probe_balanced_accuracy_high": accuracy.high,
+    }
 
 
 def agreement(teacher: np.ndarray, student: np.ndarray, k: int, resamples: int, seed: int) -> dict[str, float]:
@@ -222,7 +232,10 @@ def main() -> None:
     logger.info("%d train and %d held-out tiles, stratified by class; train shards in %s", len(train), len(held_out), shard_dir)
 
     results: dict[str, dict] = {
-        "teacher": {"identity": teacher, "probe_balanced_accuracy": probe_balanced_accuracy(embeddings[train], labels[train], embeddings[held_out], labels[held_out])},
+        "teacher": {
+            "identity": teacher,
+            **probe_balanced_accuracy(embeddings[train], labels[train], embeddings[held_out], labels[held_out], args.resamples, args.seed),
+        },
         "setup": {
             "train_tiles": len(train),
             "held_out_tiles": len(held_out),
@@ -255,7 +268,7 @@ def main() -> None:
             "loss": config.loss,
             "augmentations": config.augmentations,
             "wall_seconds": elapsed,
-            "probe_balanced_accuracy": probe_balanced_accuracy(student[train], labels[train], student[held_out], labels[held_out]),
+            **probe_balanced_accuracy(student[train], labels[train], student[held_out], labels[held_out], args.resamples, args.seed),
             **agreement(embeddings[held_out], student[held_out], args.k, args.resamples, args.seed),
         }
         logger.info("%s: %s", recipe, json.dumps(results[recipe]))
