@@ -47,13 +47,71 @@ class StudentSettings(BaseSettings):
         default_factory=lambda: Path(tempfile.gettempdir()) / "unite-student-uploads",
         description="Folder where uploaded slides are written while they are embedded. Each file is deleted afterwards.",
     )
-    batch_size: int = Field(default=32, ge=1, description="Tiles per forward pass of the student.")
+    batch_size: int = Field(
+        default=32,
+        ge=1,
+        description="Largest batch of tiles in one forward pass. Tiles of concurrent requests are gathered into one batch up to this size.",
+    )
+    max_batch_wait_ms: float = Field(
+        default=5.0,
+        ge=0,
+        description="Milliseconds the batcher waits for more tiles after the first one arrives, when the batch is not full. "
+        "A lone request waits at most this long.",
+    )
+    max_queued_tiles: int = Field(
+        default=4096,
+        ge=1,
+        description="Tiles that may wait for the model. A request that would pass this gets 503 with Retry-After instead of queueing.",
+    )
+    retry_after_s: int = Field(default=1, ge=1, description="Seconds sent in the Retry-After header of a 503 when the queue is full.")
+    max_image_pixels: int = Field(
+        default=4096 * 4096,
+        ge=224 * 224,
+        description="Largest tile accepted, in pixels (width x height), read from the image header before decoding.",
+    )
+    max_concurrent_slide_jobs: int = Field(default=1, ge=1, description="Slide jobs that run at once; later jobs wait in order.")
+    max_queued_slide_jobs: int = Field(
+        default=16,
+        ge=0,
+        description="Slide jobs that may wait to run. A submission beyond this gets 503 with Retry-After.",
+    )
+    data_root: Path | None = Field(
+        default=None,
+        description="Folder whose slides may be submitted by path (POST /v1/slides with a JSON body). Paths that resolve "
+        "outside it are rejected. Unset: only uploads are accepted.",
+    )
+    jobs_dir: Path = Field(
+        default_factory=lambda: Path(tempfile.gettempdir()) / "unite-student-jobs",
+        description="Folder of slide jobs: each job's state, upload and results. Jobs found here at start are resumed.",
+    )
+    retention_s: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="Seconds a finished job's upload and results are kept before they are removed.",
+    )
+    disk_budget_bytes: int = Field(
+        default=20 * GIB,
+        ge=0,
+        description="Bytes the jobs folder may use. Past it, the oldest finished jobs are removed first.",
+    )
+    housekeeping_interval_s: float = Field(default=60.0, gt=0, description="Seconds between two housekeeping passes over the jobs folder.")
+    read_workers: int = Field(default=2, ge=1, description="Threads reading a slide's tiles while the model embeds the previous batch.")
+    keys_file: Path | None = Field(
+        default=None,
+        description="TOML file of API keys (sha256 digests, as the gateway's keys file). Unset: no key is needed.",
+    )
+    log_format: str = Field(default="text", pattern="^(text|json)$", description="Log lines as plain 'text' or one 'json' object per line.")
+    shutdown_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds a stopping server lets running slide jobs finish before it marks them to resume at the next start.",
+    )
     device: str = Field(default="cpu", description="Torch device of the student: 'cpu', 'cuda' or 'cuda:N'.")
     reload_interval_s: float = Field(
         default=5.0,
         ge=0,
-        description="Seconds between attempts to load the checkpoint while none is loaded, so a server started "
-        "before `unite distill` finished becomes ready once the export appears.",
+        description="Seconds between two checks of the checkpoint folder. A server started before `unite distill` "
+        "finished becomes ready once the export appears, and a newly published export replaces the served one.",
     )
 
     @field_validator("device")
