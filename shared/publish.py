@@ -4,8 +4,8 @@ A publish root holds every published export under ``versions/`` and a symbolic l
 one being served::
 
     ROOT/
-      versions/20261205T010203Z-3f2a9c1b7d4e/   model.safetensors, config.json, README.md, ...
-      current -> versions/20261205T010203Z-3f2a9c1b7d4e
+      versions/20261205T010203123456Z-3f2a9c1b7d4e/   model.safetensors, config.json, README.md, ...
+      current -> versions/20261205T010203123456Z-3f2a9c1b7d4e
 
 A version folder is complete before its name appears (it is copied under a hidden staging name, then
 renamed), and ``current`` is switched with one ``os.replace`` of a new link over the old one, so a
@@ -16,6 +16,7 @@ reader sees either the previous export or the new one, never a mix. The student 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -23,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from shared.checkpoint import CHECKPOINT_WEIGHTS, file_sha256
+from shared.checkpoint import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, file_sha256
 from shared.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -52,38 +53,66 @@ def current_version(root: Path) -> Path | None:
 def publish_student(export_dir: Path, root: Path, *, keep: int = DEFAULT_KEEP) -> Path:
     """Copy the exported student in ``export_dir`` into ``root/versions/`` and point ``root/current`` at it.
 
-    Returns the new version folder. The ``keep`` newest versions stay on disk (the current one always),
+    Returns the version folder now served. Publishing the weights that ``current`` already serves changes
+    nothing and returns that folder. The ``keep`` newest versions stay on disk (the current one always),
     so a server that is still reading the previous export finds it. Raises :class:`ConfigError` when
-    ``export_dir`` is not an exported student, or ``keep`` is below 1.
+    ``export_dir`` is not an exported student (no weights, no config.json, or a config.json whose
+    ``weights_sha256`` does not match the weights), or ``keep`` is below 1.
     """
-    weights = export_dir / CHECKPOINT_WEIGHTS
-    if not weights.is_file():
-        raise ConfigError(
-            f"cannot publish {export_dir}: it has no {CHECKPOINT_WEIGHTS}, expected a folder written by `unite distill`. "
-            "Export the student first, then publish that folder.",
-            value=str(export_dir),
-        )
     if keep < 1:
         raise ConfigError(f"keep is {keep}, expected at least 1 so the current version stays on disk.", limit=1, value=keep)
+    sha256 = _check_export(export_dir)
+
+    serving = current_version(root)
+    if serving is not None and (serving / CHECKPOINT_WEIGHTS).is_file() and file_sha256(serving / CHECKPOINT_WEIGHTS) == sha256:
+        logger.info("%s is already published as %s, the current version", export_dir, serving)
+        return serving
 
     versions = root / VERSIONS_DIR
     versions.mkdir(parents=True, exist_ok=True)
-    name = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{file_sha256(weights)[:12]}"
-    target = versions / name
-    if target.exists():
-        # The same weights published twice in one second: the folder already holds them.
-        logger.info("%s is already published as %s", export_dir, target)
-    else:
-        staging = versions / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
-        shutil.copytree(export_dir, staging)
-        _fsync_tree(staging)
-        os.replace(staging, target)
-        _fsync_dir(versions)
+    # Microseconds in the name make name order the publishing order, which pruning relies on.
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1_000_000):06d}Z"
+    target = versions / f"{stamp}-{sha256[:12]}"
+    staging = versions / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
+    shutil.copytree(export_dir, staging)
+    _fsync_tree(staging)
+    os.replace(staging, target)
+    _fsync_dir(versions)
 
     _point_current(root, target)
     _prune(versions, keep=keep, current=target)
-    logger.info("published %s as %s", export_dir, target)
+    logger.info("published %s as %s (weights sha256 %s)", export_dir, target, sha256)
     return target
+
+
+def _check_export(export_dir: Path) -> str:
+    """Return the sha256 of the export's weights, after checking that config.json records that same hash."""
+    weights = export_dir / CHECKPOINT_WEIGHTS
+    config_path = export_dir / CHECKPOINT_CONFIG
+    for path in (weights, config_path):
+        if not path.is_file():
+            raise ConfigError(
+                f"cannot publish {export_dir}: it has no {path.name}, expected a folder written by `unite distill` "
+                f"(OUT/student). Export the student first, then publish that folder.",
+                value=str(export_dir),
+            )
+    sha256 = file_sha256(weights)
+    try:
+        recorded = json.loads(config_path.read_text()).get("weights_sha256")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ConfigError(
+            f"cannot publish {export_dir}: {CHECKPOINT_CONFIG} cannot be read as a JSON object ({error}). Export the student again.",
+            value=str(config_path),
+        ) from error
+    if recorded != sha256:
+        raise ConfigError(
+            f"cannot publish {export_dir}: {CHECKPOINT_CONFIG} records weights_sha256 {recorded!r}, but "
+            f"{CHECKPOINT_WEIGHTS} has sha256 {sha256}. The export is incomplete or was changed; export the student again.",
+            limit=sha256,
+            value=recorded,
+        )
+    return sha256
 
 
 def _point_current(root: Path, target: Path) -> None:
@@ -95,16 +124,21 @@ def _point_current(root: Path, target: Path) -> None:
 
 
 def _prune(versions: Path, *, keep: int, current: Path) -> None:
-    # A staging folder younger than an hour may belong to a publish running in another process.
-    stale_staging = [
-        path
-        for path in versions.iterdir()
-        if path.name.startswith(_STAGING_PREFIX) and time.time() - path.stat().st_mtime > STALE_STAGING_S
-    ]
     published = sorted((path for path in versions.iterdir() if not path.name.startswith(".")), key=lambda path: path.name)
-    for path in [*published[:-keep], *stale_staging]:
-        if path.resolve() != current.resolve():
-            shutil.rmtree(path, ignore_errors=True)
+    removed = [path for path in published[:-keep] if path.resolve() != current.resolve()]
+    removed += [path for path in versions.iterdir() if path.name.startswith(_STAGING_PREFIX) and _is_stale(path)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    if removed:
+        logger.info("removed %d old published versions or stale staging folders from %s: %s", len(removed), versions, [path.name for path in removed])
+
+
+def _is_stale(staging: Path) -> bool:
+    # A staging folder younger than STALE_STAGING_S may belong to a publish running in another process.
+    try:
+        return time.time() - staging.stat().st_mtime > STALE_STAGING_S
+    except FileNotFoundError:
+        return False
 
 
 def _fsync_tree(folder: Path) -> None:

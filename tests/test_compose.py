@@ -31,7 +31,7 @@ from unite_cli.main import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
-SERVICE_COMMANDS = {"gateway": "serve-gateway", "distiller": "distill", "student": "serve-student"}
+SERVICE_COMMANDS = {"gateway": "serve-gateway", "distiller": "distill-worker", "student": "serve-student"}
 HTTP_SERVICES = {"gateway": 8100, "student": 8200}
 
 
@@ -139,15 +139,17 @@ def test_compose_named_volumes_are_shared(resolved):
     gateway = option_value(services["gateway"]["command"], "--cache-dir")
     shards = option_value(services["distiller"]["command"], "--shards")
     distill_out = option_value(services["distiller"]["command"], "--out")
+    publish_root = option_value(services["distiller"]["command"], "--publish-root")
     checkpoint = option_value(services["student"]["command"], "--checkpoint")
 
     assert set(resolved["volumes"]) == {"cache", "checkpoints"}
     assert named_volume_for(services["gateway"], gateway) == "cache"
     assert named_volume_for(services["distiller"], shards) == "cache"
     assert named_volume_for(services["distiller"], distill_out) == "checkpoints"
+    assert named_volume_for(services["distiller"], publish_root) == "checkpoints"
     assert named_volume_for(services["student"], checkpoint) == "checkpoints"
-    # `unite distill --out DIR` exports the student to DIR/student.
-    assert PurePosixPath(checkpoint) == PurePosixPath(distill_out) / "student"
+    # The student server serves ROOT/current of the folder the distiller worker publishes into.
+    assert PurePosixPath(checkpoint) == PurePosixPath(publish_root)
 
 
 def test_compose_readers_mount_read_only(resolved):
@@ -202,7 +204,7 @@ def test_compose_student_environment_is_valid_settings(resolved, monkeypatch):
     assert settings.upload_dir == Path("/tmp/unite-uploads")
 
 
-def test_compose_distiller_runs_once(resolved):
+def test_compose_distiller_restart_policy(resolved):
     assert resolved["services"]["distiller"]["restart"] in ("no", "on-failure")
     assert "healthcheck" not in resolved["services"]["distiller"]
 
@@ -364,8 +366,10 @@ def test_compose_commands_run_without_containers(resolved, shared_data, tmp_path
     assert gateway_answer.status_code == 200
     assert len(gateway_answer.json()["data"][0]["embedding"]) == 1536
 
+    # The worker's own command, made to check once and train on the slide's few tiles.
     distill = subprocess.run(
-        host_command(services["distiller"]["command"], volumes), capture_output=True, text=True, timeout=900, cwd=REPO
+        [*host_command(services["distiller"]["command"], volumes), "--once", "--min-new-tiles", "1"],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
     )
     assert distill.returncode == 0, distill.stderr[-3000:]
 

@@ -53,11 +53,17 @@ def _augmentation_list(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``unite distill`` to ``parser``."""
+def add_distill_arguments(
+    parser: argparse.ArgumentParser, *, out_help: str = "output folder; the student is exported to OUT/student", resume: bool = True
+) -> None:
+    """Add the options of ``unite distill`` to ``parser``.
+
+    ``unite distill-worker`` shares them, with its own help for ``--out`` and without ``--resume``
+    (``resume=False``), because the worker resumes its own runs.
+    """
     data = parser.add_argument_group("data")
     data.add_argument("--shards", type=Path, required=True, help="folder of training shards written by `unite teach`")
-    data.add_argument("--out", type=Path, required=True, help="output folder; the student is exported to OUT/student")
+    data.add_argument("--out", type=Path, required=True, help=out_help)
     data.add_argument("--val-fraction", type=float, default=None, help="share of tiles held out for validation, whole slides at a time (default: 0.2)")
     data.add_argument(
         "--augment",
@@ -94,7 +100,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     hardware.add_argument("--num-nodes", type=int, default=None, help="machines taking part in a distributed run (default: 1)")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--resume", default=None, help="Lightning checkpoint to resume from, or 'last' for OUT/lightning/last.ckpt (default: start afresh)")
+    if resume:
+        run.add_argument("--resume", default=None, help="Lightning checkpoint to resume from, or 'last' for OUT/lightning/last.ckpt (default: start afresh)")
     run.add_argument("--checkpoint-every-n-steps", type=int, default=None, help="also save OUT/lightning/last.ckpt every N optimiser steps (default: at each epoch's end only)")
     run.add_argument("--log-dir", type=Path, default=None, help="folder of the CSV and TensorBoard logs (default: OUT/logs)")
     run.add_argument(
@@ -110,7 +117,7 @@ def config_from_args(args: argparse.Namespace):
     """Build the DistillConfig of the options given; options left out take DistillConfig's defaults."""
     from distiller.config import DistillConfig
 
-    values = {field: getattr(args, option.lstrip("-").replace("-", "_")) for field, option in CONFIG_OPTIONS.items()}
+    values = {field: getattr(args, option.lstrip("-").replace("-", "_"), None) for field, option in CONFIG_OPTIONS.items()}
     overrides = {field: value for field, value in values.items() if value is not None}
     if overrides.get("gradient_clip_val") == 0:
         overrides["gradient_clip_val"] = None

@@ -1,0 +1,186 @@
+"""Tests of the distiller's worker mode on real shards: threshold, training, publishing, resume and the command.
+
+Shards hold real LC25000 lung tiles and the pixel-projection teacher of test_distiller.py, and the student
+is timm's test_vit trained for one short epoch, so each training takes seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_distill_training import CrashAtStep
+from test_distiller import RESTRICTIVE_LICENCE, _lung_tiles, _write_shards
+
+from distiller.config import DistillConfig
+from distiller.worker import DEFAULT_MIN_NEW_TILES, DEFAULT_POLL_S, STATE_FILE, DistillWorker, WorkerOptions, read_state
+from shared.checkpoint import CHECKPOINT_WEIGHTS, file_sha256, load_student
+from shared.errors import ConfigError
+from shared.publish import DEFAULT_KEEP, VERSIONS_DIR, current_version, resolve_checkpoint_dir
+from unite_cli import distill_worker
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_STUDENT = "test_vit"
+TILES_PER_SLIDE = 8
+# Training options of every run here: 3 slides give 16 training tiles, so 4 steps of 4 tiles.
+TRAINING = {"student": SMALL_STUDENT, "batch_size": 4, "epochs": 1, "val_fraction": 0.3, "num_workers": 0, "accelerator": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def lung_tiles(shared_data):
+    return _lung_tiles(shared_data, 48)
+
+
+def make_worker(tmp_path: Path, min_new_tiles: int, **training) -> DistillWorker:
+    config = DistillConfig(shard_dir=tmp_path / "shards", out_dir=tmp_path / "worker", **{**TRAINING, **training})
+    return DistillWorker(config, WorkerOptions(publish_root=tmp_path / "published", min_new_tiles=min_new_tiles, once=True))
+
+
+def test_worker_waits_below_threshold(lung_tiles, tmp_path):
+    _write_shards(tmp_path / "shards", lung_tiles[:16], slides_per_shard=2, tiles_per_slide=TILES_PER_SLIDE)
+
+    result = make_worker(tmp_path, min_new_tiles=24).check()
+
+    assert not result.trained
+    assert result.new_tiles == 16
+    assert current_version(tmp_path / "published") is None
+    assert read_state(tmp_path / "worker" / STATE_FILE).trainings == 0
+
+
+def test_worker_waits_without_shards(tmp_path):
+    result = make_worker(tmp_path, min_new_tiles=1).check()
+
+    assert not result.trained
+    assert result.total_tiles == 0
+
+
+def test_worker_trains_at_threshold_then_idles(lung_tiles, tmp_path):
+    _write_shards(tmp_path / "shards", lung_tiles[:24], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE)
+    worker = make_worker(tmp_path, min_new_tiles=24)
+
+    first = worker.check()
+    served = resolve_checkpoint_dir(tmp_path / "published")
+    student = load_student(served)
+    second = worker.check()
+    state = json.loads((tmp_path / "worker" / STATE_FILE).read_text())
+
+    assert first.trained
+    assert first.published == served
+    assert student.sha256 == file_sha256(served / CHECKPOINT_WEIGHTS)
+    assert student.config["student"] == SMALL_STUDENT
+    assert not second.trained
+    assert second.new_tiles == 0
+    assert state["trained_tiles"] == 24
+    assert state["trainings"] == 1
+    assert state["published"] == served.name
+    assert state["running"] is None
+    assert len(list((tmp_path / "published" / VERSIONS_DIR).iterdir())) == 1
+
+
+def test_worker_trains_again_on_new_shard(lung_tiles, tmp_path):
+    _write_shards(tmp_path / "shards", lung_tiles[:24], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE)
+    worker = make_worker(tmp_path, min_new_tiles=16)
+    first = worker.check()
+    _write_shards(tmp_path / "shards", lung_tiles[:48], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE)
+
+    worker = DistillWorker(worker.config, WorkerOptions(publish_root=tmp_path / "published", min_new_tiles=16, warm_start=True, once=True))
+    second = worker.check()
+
+    assert first.trained and second.trained
+    assert second.new_tiles == 24
+    assert current_version(tmp_path / "published") == second.published
+    assert second.published != first.published
+    assert read_state(tmp_path / "worker" / STATE_FILE).trained_tiles == 48
+
+
+def test_worker_resumes_crashed_training(lung_tiles, tmp_path):
+    _write_shards(tmp_path / "shards", lung_tiles[:24], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE)
+    config = DistillConfig(shard_dir=tmp_path / "shards", out_dir=tmp_path / "worker", checkpoint_every_n_steps=2, **TRAINING)
+    options = WorkerOptions(publish_root=tmp_path / "published", min_new_tiles=8, once=True)
+
+    crashing = DistillWorker(config, options, callbacks=[CrashAtStep(3)])
+    with pytest.raises(RuntimeError, match="simulated crash at global step 3"):
+        crashing.check()
+    crashed_state = read_state(tmp_path / "worker" / STATE_FILE)
+    resumed = DistillWorker(config, options).check()
+
+    assert crashed_state.running is not None
+    assert (tmp_path / "worker" / "runs" / crashed_state.running["run"] / "lightning" / "last.ckpt").is_file()
+    assert resumed.trained
+    assert resumed.resumed
+    assert resumed.published.name == read_state(tmp_path / "worker" / STATE_FILE).published
+    assert load_student(resolve_checkpoint_dir(tmp_path / "published")).config["training"]["steps"] == 4
+
+
+def test_worker_stops_on_restrictive_licence(lung_tiles, tmp_path):
+    _write_shards(tmp_path / "shards", lung_tiles[:24], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE, licence=RESTRICTIVE_LICENCE)
+
+    with pytest.raises(ConfigError, match="accept-teacher-licence|accept_teacher_licence"):
+        make_worker(tmp_path, min_new_tiles=8).check()
+
+    assert current_version(tmp_path / "published") is None
+
+
+def test_worker_rejects_resume_option(tmp_path):
+    config = DistillConfig(shard_dir=tmp_path / "shards", out_dir=tmp_path / "worker", resume_from="last")
+
+    with pytest.raises(ConfigError, match="the worker resumes its own runs"):
+        DistillWorker(config, WorkerOptions(publish_root=tmp_path / "published"))
+
+
+@pytest.mark.parametrize("field, value", [("min_new_tiles", 0), ("keep", 0), ("poll_s", 0.0)])
+def test_worker_options_reject_invalid(tmp_path, field, value):
+    with pytest.raises(ConfigError, match=f"{field} is {value}"):
+        WorkerOptions(publish_root=tmp_path, **{field: value})
+
+
+def test_cli_defaults_match_worker():
+    assert distill_worker.DEFAULT_MIN_NEW_TILES == DEFAULT_MIN_NEW_TILES
+    assert distill_worker.DEFAULT_POLL_S == DEFAULT_POLL_S
+    assert distill_worker.DEFAULT_KEEP == DEFAULT_KEEP
+
+
+def worker_command(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "unite_cli.main", "distill-worker",
+        "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "worker"), "--publish-root", str(tmp_path / "published"),
+        "--student", SMALL_STUDENT, "--batch-size", "4", "--epochs", "1", "--val-fraction", "0.3", "--num-workers", "0",
+        "--accelerator", "cpu", *extra,
+    ]
+
+
+def test_cli_once_trains_and_publishes(lung_tiles, tmp_path):
+    _write_shards(tmp_path / "shards", lung_tiles[:24], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE)
+
+    completed = subprocess.run(worker_command(tmp_path, "--once", "--min-new-tiles", "24"), capture_output=True, text=True, timeout=300, cwd=REPO)
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "1 trainings" in completed.stdout
+    assert load_student(resolve_checkpoint_dir(tmp_path / "published")).config["student"] == SMALL_STUDENT
+
+
+def test_cli_stops_on_sigterm_between_checks(tmp_path):
+    log_path = tmp_path / "worker.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(worker_command(tmp_path, "--poll-s", "0.2", "--min-new-tiles", "8"), stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO)
+        try:
+            # The worker logs one line per check; after two it is polling.
+            deadline = time.monotonic() + 120
+            while log_path.read_text().count("waiting for 8") < 2 and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            stdout, _ = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    stderr = log_path.read_text()
+
+    assert process.returncode == 0, stderr[-3000:]
+    assert "received SIGTERM" in stderr
+    assert "0 trainings" in stdout
