@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.errors import InvalidRequestError, ModelNotFoundError, NotReadyError, RequestTooLargeError, UniteError
+from shared.logs import request_id_var
 
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -126,7 +127,9 @@ class _ErrorHandlers:
         # Readiness probes repeat every few seconds, and the services log each new reason once already.
         level = logging.DEBUG if isinstance(error, NotReadyError) else logging.WARNING
         self.logger.log(level, "request %s rejected with %d %s: %s", request_id, error.status_code, error.code, error.message)
-        return JSONResponse(jsonable_encoder(error.to_dict()), status_code=error.status_code)
+        # An error may carry headers for the client, such as Retry-After on a full queue.
+        headers = getattr(error, "headers", None) or None
+        return JSONResponse(jsonable_encoder(error.to_dict()), status_code=error.status_code, headers=headers)
 
     async def handle_validation_error(self, request: Request, error: RequestValidationError) -> JSONResponse:
         problems = error.errors()
@@ -244,6 +247,14 @@ class RequestGuardMiddleware:
 
         request_id = uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = request_id
+        # Log records made while this request runs carry its id (see shared.logs).
+        request_id_token = request_id_var.set(request_id)
+        try:
+            await self._guard(scope, receive, send, request_id)
+        finally:
+            request_id_var.reset(request_id_token)
+
+    async def _guard(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         response_started = False
 
         async def send_with_request_id(message: Message) -> None:

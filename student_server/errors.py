@@ -7,9 +7,23 @@ raise them.
 
 from __future__ import annotations
 
-from shared.errors import InvalidRequestError, RequestTooLargeError
+from typing import Any
 
-__all__ = ["InvalidRequestError", "RequestTooLargeError", "TooManyPatchesError", "UploadTooLargeError"]
+from shared.errors import InvalidRequestError, ModelError, RequestTooLargeError, UniteError
+
+__all__ = [
+    "InvalidRequestError",
+    "JobNotFinishedError",
+    "JobNotFoundError",
+    "JobQueueFullError",
+    "QueueFullError",
+    "RequestTooLargeError",
+    "SlidePathForbiddenError",
+    "TeacherSpaceUnavailable",
+    "TooManyPatchesError",
+    "UnauthorizedError",
+    "UploadTooLargeError",
+]
 
 
 class UploadTooLargeError(RequestTooLargeError):
@@ -22,3 +36,63 @@ class TooManyPatchesError(RequestTooLargeError):
     """An uploaded slide has more tissue patches than the server embeds for one slide."""
 
     code = "too_many_patches"
+
+
+class QueueFullError(UniteError):
+    """The engine's queue has no room for the request's tiles; the client retries after ``retry_after_s``."""
+
+    code = "queue_full"
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after_s: int, limit: Any = None, value: Any = None) -> None:
+        super().__init__(message, limit=limit, value=value)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class TeacherSpaceUnavailable(ModelError):
+    """Teacher-space output was requested, but the served export has no mimic projector."""
+
+    code = "teacher_space_unavailable"
+    status_code = 422
+
+
+class UnauthorizedError(UniteError):
+    """No API key, or a key that is not in the server's keys file."""
+
+    code = "unauthorized"
+    status_code = 401
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="unite-student"'}
+
+
+class JobNotFoundError(UniteError):
+    """No slide job has the requested id: it never existed, or it was deleted or expired."""
+
+    code = "job_not_found"
+    status_code = 404
+
+
+class JobNotFinishedError(UniteError):
+    """The slide job has no result to return, or cannot be deleted, in its current state."""
+
+    code = "job_not_finished"
+    status_code = 409
+
+
+class SlidePathForbiddenError(UniteError):
+    """A slide path points outside the data root, or slides may not be submitted by path at all."""
+
+    code = "path_forbidden"
+    status_code = 403
+
+
+class JobQueueFullError(QueueFullError):
+    """As many slide jobs as the server queues already wait; the client retries after ``retry_after_s``."""
+
+    code = "job_queue_full"

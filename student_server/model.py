@@ -1,11 +1,17 @@
-"""The loaded student, shared by every request of one server process.
+"""The served student, shared by every request of one server process, and replaced when a new one is published.
 
 A server may start before ``unite distill`` has exported a checkpoint (docker compose starts both at
-once). It then stays alive but not ready, and tries to load the checkpoint again on a readiness probe
-or a request, at most once per ``reload_interval_s``, so it becomes ready once the export appears.
+once). It then stays alive but not ready, and becomes ready once the export appears.
 
-An export with a mimic projector also gets teacher-space output: ``embed(tiles, teacher_space=True)``
-returns the projector's output for the student's embeddings, 1536-d for a UNI2-h teacher.
+Every ``reload_interval_s`` the app calls :meth:`StudentModel.check_for_update`. It resolves the
+checkpoint folder with :func:`shared.publish.resolve_checkpoint_dir` (so a publish root's ``current``
+link is followed) and compares the export's folder, weights mtime and size with the served one. A
+changed export is loaded fully off to the side and then swapped in with one assignment, so a batch
+that took :meth:`snapshot` before the swap finishes with the old weights. A failed load keeps the old
+student served and is logged once per export.
+
+An export with a mimic projector also gets teacher-space output: the projector maps the student's
+embeddings to the teacher's space, 1536-d for a UNI2-h teacher.
 
 Why no student is loaded is kept twice: ``reason`` names the checkpoint folder and the loader's error
 for the log, and ``public_reason`` names only the setting to change, because it goes to HTTP clients.
@@ -16,136 +22,207 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from shared.checkpoint import CHECKPOINT_WEIGHTS, LoadedStudent, load_mimic_projector, load_student
-from shared.errors import ModelError
+from shared.errors import ModelError, NotReadyError
 from shared.models.inference import embed_tiles
+from shared.publish import resolve_checkpoint_dir
+from student_server.errors import TeacherSpaceUnavailable
+from student_server.metrics import StudentMetrics
 from student_server.settings import StudentSettings
 
 logger = logging.getLogger(__name__)
 
 
-class StudentModel:
-    """The student of one server: loaded once, reloaded while missing, and called under a lock.
+@dataclass(frozen=True)
+class ExportIdentity:
+    """What tells two exports apart without hashing the weights: the resolved folder and the weights' mtime and size."""
 
-    The lock is held for one batch at a time, so concurrent requests take turns batch by batch instead
-    of oversubscribing the CPU cores with several forward passes at once.
+    folder: Path
+    mtime_ns: int
+    size: int
+
+
+@dataclass(frozen=True)
+class ServedStudent:
+    """A loaded student with its projector and the identity of the export they came from."""
+
+    student: LoadedStudent
+    projector: torch.nn.Linear | None
+    identity: ExportIdentity
+
+
+class StudentModel:
+    """The served student: loaded when it appears, replaced when a new export is published.
+
+    ``embed`` calls the model directly under a lock, one batch at a time. The server's
+    :class:`student_server.engine.Engine` batches requests instead and calls :func:`embed_with` on a
+    :meth:`snapshot`.
     """
 
-    def __init__(self, settings: StudentSettings) -> None:
+    def __init__(self, settings: StudentSettings, *, metrics: StudentMetrics | None = None) -> None:
         self.settings = settings
-        self.loaded: LoadedStudent | None = None
-        self.mimic_projector: torch.nn.Linear | None = None
+        self.metrics = metrics
         self.reason = "the student checkpoint has not been loaded yet"
         self.public_reason = self.reason
+        self._served: ServedStudent | None = None
+        self._failed: ExportIdentity | None = None
         self._load_lock = threading.Lock()
         self._inference_lock = threading.Lock()
         self._last_attempt: float | None = None
 
-    def ensure_loaded(self) -> LoadedStudent | None:
-        """Return the loaded student, first trying to load it if it is missing and the retry interval has passed."""
-        if self.loaded is not None:
-            return self.loaded
-        with self._load_lock:
-            due = self._last_attempt is None or time.monotonic() - self._last_attempt >= self.settings.reload_interval_s
-            if self.loaded is None and due:
-                self._try_load()
-        return self.loaded
+    @property
+    def loaded(self) -> LoadedStudent | None:
+        """The served student, or None before the first successful load."""
+        served = self._served
+        return None if served is None else served.student
+
+    @property
+    def mimic_projector(self) -> torch.nn.Linear | None:
+        """The served export's student-to-teacher projector, or None."""
+        served = self._served
+        return None if served is None else served.projector
 
     @property
     def teacher_dim(self) -> int | None:
-        """Width of the teacher-space output, or None when the loaded export has no mimic projector."""
-        return None if self.mimic_projector is None else self.mimic_projector.out_features
+        """Width of the teacher-space output, or None when the served export has no mimic projector."""
+        projector = self.mimic_projector
+        return None if projector is None else projector.out_features
+
+    def snapshot(self) -> tuple[LoadedStudent, torch.nn.Linear | None]:
+        """Return the served student and its projector as one consistent pair.
+
+        Raises :class:`NotReadyError` (503) with the public reason when no student is loaded.
+        """
+        served = self._served
+        if served is None:
+            raise NotReadyError(f"the student server is not ready: {self.public_reason.rstrip('.')}.")
+        return served.student, served.projector
+
+    def ensure_loaded(self) -> LoadedStudent | None:
+        """Return the served student, first trying to load one if none is and the retry interval has passed."""
+        if self._served is not None:
+            return self._served.student
+        due = self._last_attempt is None or time.monotonic() - self._last_attempt >= self.settings.reload_interval_s
+        if due:
+            self.check_for_update()
+        return self.loaded
+
+    def check_for_update(self) -> bool:
+        """Load the export that the checkpoint folder names now, if it differs from the served one.
+
+        Returns True when a new student was swapped in. A failed load leaves the served student (or none)
+        in place, and the same export is not tried again until its weights change.
+        """
+        with self._load_lock:
+            self._last_attempt = time.monotonic()
+            folder = resolve_checkpoint_dir(self.settings.checkpoint_dir)
+            weights = folder / CHECKPOINT_WEIGHTS
+            try:
+                stat = weights.stat()
+            except OSError:
+                if self._served is None:
+                    self._set_missing_reason()
+                return False
+            identity = ExportIdentity(folder=folder, mtime_ns=stat.st_mtime_ns, size=stat.st_size)
+            served = self._served
+            if (served is not None and served.identity == identity) or identity == self._failed:
+                return False
+            return self._load(identity)
 
     def embed(self, tiles: np.ndarray, *, teacher_space: bool = False) -> np.ndarray:
-        """Embed (N, H, W, 3) uint8 tiles with the loaded student and return (N, D) float32 embeddings.
+        """Embed (N, H, W, 3) uint8 tiles with the served student and return (N, D) float32 embeddings.
 
         With ``teacher_space``, D is the teacher's dimension: the student's embeddings go through the
-        export's mimic projector, which must exist.
+        export's mimic projector, which must exist. Every batch of one call uses the same checkpoint.
         """
-        student = self.loaded
-        if student is None:
-            raise ModelError(f"cannot embed: {self.reason}")
-        projector = self.mimic_projector
-        if teacher_space and projector is None:
-            raise ModelError(
-                f"cannot embed in the teacher's space: the student {student.name} was exported without a mimic projector "
-                "(trained with the 'unite' loss, or exported before projectors were). Request the student's own embeddings, "
-                "or export a student trained with a mimic loss.",
-                value=student.name,
-            )
+        student, projector = self.snapshot()
         batch_size = self.settings.batch_size
         if len(tiles) == 0:
-            dim = projector.out_features if teacher_space else student.embed_dim
+            check_teacher_space(student, projector, teacher_space)
+            dim = projector.out_features if teacher_space and projector is not None else student.embed_dim
             return np.zeros((0, dim), dtype=np.float32)
 
         parts = []
         for start in range(0, len(tiles), batch_size):
             with self._inference_lock:
-                batch = tiles[start : start + batch_size]
-                embeddings = embed_tiles(student.model, batch, batch_size=batch_size, device=self.settings.device)
-                if teacher_space:
-                    embeddings = self._project(projector, embeddings)
-            parts.append(embeddings)
+                parts.append(
+                    embed_with(student, projector, tiles[start : start + batch_size], teacher_space=teacher_space, device=self.settings.device)
+                )
         return np.concatenate(parts, axis=0)
 
-    def _project(self, projector: torch.nn.Linear, embeddings: np.ndarray) -> np.ndarray:
-        # In float32: the projector is one small matrix product, and the output is compared with the teacher's.
-        with torch.inference_mode():
-            projected = projector(torch.from_numpy(embeddings).to(self.settings.device))
-        return projected.float().cpu().numpy()
-
-    def _try_load(self) -> None:
-        self._last_attempt = time.monotonic()
-        folder = self.settings.checkpoint_dir
-        if not (folder / CHECKPOINT_WEIGHTS).is_file():
-            self._set_reason(
-                f"no student checkpoint at {folder}: run `unite distill` to export one, "
-                "or set UNITE_STUDENT_CHECKPOINT_DIR to an exported student folder",
-                public_reason=(
-                    f"no student checkpoint is loaded: the configured checkpoint folder has no {CHECKPOINT_WEIGHTS}. "
-                    "Run `unite distill` to export a student, or set UNITE_STUDENT_CHECKPOINT_DIR to an exported student folder"
-                ),
-            )
-            return
+    def _load(self, identity: ExportIdentity) -> bool:
+        folder = identity.folder
+        device = self.settings.device
         try:
-            loaded = load_student(folder, device=self.settings.device)
-            self.mimic_projector = load_mimic_projector(folder, device=self.settings.device)
-            self.loaded = loaded
+            student = load_student(folder, device=device)
+            projector = load_mimic_projector(folder, device=device)
         except ModelError as error:
-            self._set_reason(
+            self._record_failure(
+                identity,
                 f"cannot load the student checkpoint at {folder}: {error.message}",
                 public_reason=(
                     "the student checkpoint in the configured folder (setting UNITE_STUDENT_CHECKPOINT_DIR) cannot be "
                     "loaded, and the server log has the cause. Export the student again with `unite distill`"
                 ),
-                level=logging.ERROR,
             )
-            return
+            return False
         except (RuntimeError, AssertionError) as error:
             # torch raises these when the configured device does not exist, for example CUDA on a CPU-only build.
-            self._set_reason(
-                f"cannot load the student checkpoint at {folder} onto device {self.settings.device!r} ({error}). "
+            self._record_failure(
+                identity,
+                f"cannot load the student checkpoint at {folder} onto device {device!r} ({error}). "
                 "Set UNITE_STUDENT_DEVICE to an available device such as 'cpu'",
                 public_reason=(
-                    f"the student checkpoint cannot be loaded onto device {self.settings.device!r} (setting "
+                    f"the student checkpoint cannot be loaded onto device {device!r} (setting "
                     "UNITE_STUDENT_DEVICE), and the server log has the cause. Set UNITE_STUDENT_DEVICE to an "
                     "available device such as 'cpu'"
                 ),
-                level=logging.ERROR,
             )
-            return
+            return False
+
+        previous = self._served
+        # One assignment: a batch holds either the old snapshot or the new one, never half of each.
+        self._served = ServedStudent(student=student, projector=projector, identity=identity)
+        self._failed = None
         self.reason = ""
         self.public_reason = ""
+        if self.metrics is not None:
+            self.metrics.reloads.labels("success").inc()
         logger.info(
-            "serving student %s (checkpoint sha256 %s) on %s, teacher-space output %s",
-            self.loaded.name,
-            self.loaded.sha256,
-            self.settings.device,
-            "none" if self.teacher_dim is None else f"{self.teacher_dim}-d",
+            "serving student %s (checkpoint sha256 %s) from %s on %s, teacher-space output %s%s",
+            student.name,
+            student.sha256,
+            folder,
+            device,
+            "none" if projector is None else f"{projector.out_features}-d",
+            "" if previous is None else f", replacing {previous.student.name} (sha256 {previous.student.sha256})",
+        )
+        return True
+
+    def _record_failure(self, identity: ExportIdentity, reason: str, *, public_reason: str) -> None:
+        self._failed = identity
+        if self.metrics is not None:
+            self.metrics.reloads.labels("failed").inc()
+        if self._served is None:
+            self._set_reason(reason, public_reason=public_reason, level=logging.ERROR)
+        else:
+            logger.error("%s; still serving %s (sha256 %s)", reason, self._served.student.name, self._served.student.sha256)
+
+    def _set_missing_reason(self) -> None:
+        folder = self.settings.checkpoint_dir
+        self._set_reason(
+            f"no student checkpoint at {folder}: run `unite distill` to export one, "
+            "or set UNITE_STUDENT_CHECKPOINT_DIR to an exported student folder or a publish root",
+            public_reason=(
+                f"no student checkpoint is loaded: the configured checkpoint folder has no {CHECKPOINT_WEIGHTS}. "
+                "Run `unite distill` to export a student, or set UNITE_STUDENT_CHECKPOINT_DIR to an exported student folder"
+            ),
         )
 
     def _set_reason(self, reason: str, *, public_reason: str, level: int = logging.WARNING) -> None:
@@ -154,3 +231,34 @@ class StudentModel:
             logger.log(level, "student server not ready: %s", reason)
         self.reason = reason
         self.public_reason = public_reason
+
+
+def check_teacher_space(student: LoadedStudent, projector: torch.nn.Linear | None, teacher_space: bool) -> None:
+    """Raise :class:`TeacherSpaceUnavailable` (422) when teacher-space output is requested from an export without a projector."""
+    if teacher_space and projector is None:
+        raise TeacherSpaceUnavailable(
+            f"cannot embed in the teacher's space: the student {student.name} was exported without a mimic projector "
+            "(trained with the 'unite' loss, or exported before projectors were). Request the student's own embeddings, "
+            "or export a student trained with a mimic loss.",
+            value=student.name,
+        )
+
+
+def embed_with(
+    student: LoadedStudent, projector: torch.nn.Linear | None, tiles: np.ndarray, *, teacher_space: bool, device: str
+) -> np.ndarray:
+    """Embed one batch with ``student`` (and ``projector`` for teacher-space output) as (N, D) float32."""
+    check_teacher_space(student, projector, teacher_space)
+    embeddings = embed_tiles(student.model, tiles, batch_size=max(len(tiles), 1), device=device)
+    if teacher_space:
+        embeddings = project(projector, embeddings, device=device)
+    return embeddings
+
+
+def project(projector: torch.nn.Linear, embeddings: np.ndarray, *, device: str) -> np.ndarray:
+    """Map student embeddings to the teacher's space with the mimic projector, in float32."""
+    # In float32: the projector is one small matrix product, and the output is compared with the teacher's.
+    with torch.inference_mode():
+        projected = projector(torch.from_numpy(embeddings).to(device))
+    return projected.float().cpu().numpy()
+
