@@ -1,0 +1,548 @@
+// The student server's page: sends dropped tiles and slides to the server's API and shows the results.
+// Plain browser JavaScript with no build step and no outside resources. Every text the server sends is
+// written with textContent, never parsed as HTML.
+"use strict";
+
+const API_KEY_STORAGE = "unite-student-api-key";
+const TILE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".tif", ".tiff"];
+// A TIFF up to this size is a tile; a larger one is a slide. PNG and JPEG files are always tiles.
+const MAX_TIFF_TILE_BYTES = 8 * 1024 * 1024;
+// Tiles per POST /v1/embeddings/upload request, well under the server's default limit of 256.
+const TILES_PER_REQUEST = 16;
+const POLL_INTERVAL_MS = 500;
+const SLOW_POLL_INTERVAL_MS = 2000;
+const MAX_POLL_FAILURES = 10;
+const SVG_NS = "http://www.w3.org/2000/svg";
+// Okabe and Ito's palette, distinguishable by most readers with colour-vision deficiency. KMeans uses k <= 8.
+const CLUSTER_COLOURS = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"];
+
+let cardCount = 0;
+
+// API calls
+
+class ApiError extends Error {}
+
+function apiKey() {
+  return sessionStorage.getItem(API_KEY_STORAGE) || "";
+}
+
+function authHeaders() {
+  const key = apiKey();
+  return key ? { "X-API-Key": key } : {};
+}
+
+// Return the message of the API's error shape {"error": {"code", "message", ...}}, or the HTTP status.
+function errorMessageOf(status, statusText, bodyText) {
+  try {
+    const body = JSON.parse(bodyText);
+    if (body && body.error && body.error.message) {
+      return body.error.message;
+    }
+  } catch (parseError) {
+    // Not JSON, for instance a proxy's HTML page: the HTTP status below is all there is.
+  }
+  return `the server returned HTTP ${status}${statusText ? " " + statusText : ""}.`;
+}
+
+async function apiFetch(path, options = {}) {
+  let response;
+  try {
+    response = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+  } catch (networkError) {
+    throw new ApiError(`could not reach the server for ${path}: ${networkError.message}`);
+  }
+  if (!response.ok) {
+    throw new ApiError(errorMessageOf(response.status, response.statusText, await response.text()));
+  }
+  return response;
+}
+
+async function apiJson(path, options) {
+  return (await apiFetch(path, options)).json();
+}
+
+// Return an object URL of an image or file the API serves, fetched with the API key.
+async function apiBlobUrl(path) {
+  const blob = await (await apiFetch(path)).blob();
+  return URL.createObjectURL(blob);
+}
+
+// POST a FormData with XMLHttpRequest, because fetch reports no upload progress.
+function postWithProgress(path, formData, onProgress) {
+  return new Promise((resolve, reject) => {
+    const request = new XMLHttpRequest();
+    request.open("POST", path);
+    for (const [name, value] of Object.entries(authHeaders())) {
+      request.setRequestHeader(name, value);
+    }
+    request.upload.addEventListener("progress", (event) => {
+      if (event.lengthComputable) {
+        onProgress(event.loaded / event.total);
+      }
+    });
+    request.addEventListener("load", () => {
+      if (request.status >= 200 && request.status < 300) {
+        resolve(JSON.parse(request.responseText));
+      } else {
+        reject(new ApiError(errorMessageOf(request.status, request.statusText, request.responseText)));
+      }
+    });
+    request.addEventListener("error", () => reject(new ApiError(`could not reach the server for ${path}.`)));
+    request.send(formData);
+  });
+}
+
+// Page state and small helpers
+
+function $(selector, root = document) {
+  return root.querySelector(selector);
+}
+
+function showError(element, message) {
+  element.textContent = message;
+  element.hidden = false;
+}
+
+function optionValue(id) {
+  return document.getElementById(id).value.trim();
+}
+
+function shortHash(sha256) {
+  return sha256 ? sha256.slice(0, 12) : "unknown";
+}
+
+function addSummaryRow(list, term, value, title) {
+  const dt = document.createElement("dt");
+  dt.textContent = term;
+  const dd = document.createElement("dd");
+  dd.textContent = value;
+  if (title) {
+    dd.title = title;
+  }
+  list.append(dt, dd);
+}
+
+function newCard(templateId, title) {
+  const card = document.getElementById(templateId).content.firstElementChild.cloneNode(true);
+  cardCount += 1;
+  card.id = `card-${cardCount}`;
+  $(".card-title", card).textContent = title;
+  $("#no-results").hidden = true;
+  $("#results").prepend(card);
+  return card;
+}
+
+function fileExtension(name) {
+  const dot = name.lastIndexOf(".");
+  return dot < 0 ? "" : name.slice(dot).toLowerCase();
+}
+
+// Decide whether a file is a tile or a slide: the "Send files as" option, else its extension and size.
+function isTile(file) {
+  const sendAs = optionValue("send-as");
+  if (sendAs !== "auto") {
+    return sendAs === "tile";
+  }
+  const extension = fileExtension(file.name);
+  if (!TILE_EXTENSIONS.includes(extension)) {
+    return false;
+  }
+  const isTiff = extension === ".tif" || extension === ".tiff";
+  return !isTiff || file.size <= MAX_TIFF_TILE_BYTES;
+}
+
+function handleFiles(fileList) {
+  const files = Array.from(fileList);
+  const tiles = files.filter(isTile);
+  const slides = files.filter((file) => !isTile(file));
+  for (let start = 0; start < tiles.length; start += TILES_PER_REQUEST) {
+    embedTiles(tiles.slice(start, start + TILES_PER_REQUEST));
+  }
+  for (const slide of slides) {
+    embedSlide(slide);
+  }
+}
+
+// Tiles
+
+async function embedTiles(files) {
+  const cards = files.map((file) => newCard("tile-template", `Tile ${file.name}`));
+  const form = new FormData();
+  for (const file of files) {
+    form.append("file", file);
+  }
+  if (optionValue("embedding-space") === "teacher-space") {
+    form.append("model", "teacher-space");
+  }
+  if (optionValue("mpp")) {
+    form.append("mpp", optionValue("mpp"));
+  }
+  for (const card of cards) {
+    card.dataset.status = "embedding";
+  }
+
+  let response;
+  try {
+    response = await apiJson("/v1/embeddings/upload", { method: "POST", body: form });
+  } catch (error) {
+    for (const card of cards) {
+      card.dataset.status = "failed";
+      showError($(".error", card), error.message);
+    }
+    return;
+  }
+  for (const item of response.data) {
+    showTileEmbedding(cards[item.index], item.embedding, response);
+  }
+}
+
+function showTileEmbedding(card, embedding, response) {
+  const summary = $(".summary", card);
+  const sha256 = response.checkpoint_sha256 || (response.usage && response.usage.checkpoint_sha256);
+  addSummaryRow(summary, "Dimension", String(embedding.length));
+  addSummaryRow(summary, "Model", response.model);
+  addSummaryRow(summary, "Checkpoint sha256", shortHash(sha256), sha256);
+  addStatisticsRows(summary, embedding);
+  drawSparkline($(".sparkline", card), embedding);
+  $(".sparkline-figure", card).hidden = false;
+  card.dataset.status = "done";
+}
+
+// Format with 4 decimals, writing a value that rounds to zero as "0.0000" rather than "-0.0000".
+function formatNumber(value) {
+  const text = value.toFixed(4);
+  return Number(text) === 0 ? (0).toFixed(4) : text;
+}
+
+function addStatisticsRows(summary, values) {
+  let squares = 0;
+  let sum = 0;
+  for (const value of values) {
+    squares += value * value;
+    sum += value;
+  }
+  addSummaryRow(summary, "L2 norm", formatNumber(Math.sqrt(squares)));
+  addSummaryRow(summary, "Mean", formatNumber(sum / values.length));
+  addSummaryRow(summary, "Min / max", `${formatNumber(Math.min(...values))} / ${formatNumber(Math.max(...values))}`);
+}
+
+function drawSparkline(svg, values) {
+  const width = 384;
+  const height = 60;
+  const low = Math.min(...values);
+  const high = Math.max(...values);
+  const span = high - low || 1;
+  const step = values.length > 1 ? width / (values.length - 1) : 0;
+  const points = values.map((value, index) => `${(index * step).toFixed(2)},${(height - ((value - low) / span) * height).toFixed(2)}`);
+
+  const zero = document.createElementNS(SVG_NS, "line");
+  const zeroY = height - ((0 - low) / span) * height;
+  zero.setAttribute("class", "sparkline-zero");
+  zero.setAttribute("x1", "0");
+  zero.setAttribute("x2", String(width));
+  zero.setAttribute("y1", zeroY.toFixed(2));
+  zero.setAttribute("y2", zeroY.toFixed(2));
+
+  const line = document.createElementNS(SVG_NS, "polyline");
+  line.setAttribute("class", "sparkline-line");
+  line.setAttribute("points", points.join(" "));
+
+  svg.replaceChildren(zero, line);
+  svg.setAttribute("aria-label", `Sparkline of ${values.length} embedding values from ${low.toFixed(3)} to ${high.toFixed(3)}`);
+}
+
+// Slides
+
+function setProgress(card, label, fraction, detail) {
+  const bounded = Math.min(1, Math.max(0, fraction));
+  $(".progress-label", card).textContent = label;
+  $("progress", card).value = bounded;
+  // Rounded down, so 100 % appears only once every patch is embedded.
+  const percent = `${Math.floor(bounded * 100)} %`;
+  $(".progress-text", card).textContent = detail ? `${percent} (${detail})` : percent;
+}
+
+async function embedSlide(file) {
+  const card = newCard("slide-template", `Slide ${file.name}`);
+  const progressId = `${card.id}-progress`;
+  $("progress", card).id = progressId;
+  $(".progress-label", card).htmlFor = progressId;
+  setProgress(card, "Uploading", 0);
+
+  const form = new FormData();
+  form.append("file", file);
+  form.append("pooling", optionValue("pooling"));
+  if (optionValue("mpp")) {
+    form.append("mpp", optionValue("mpp"));
+  }
+
+  let job;
+  try {
+    job = await postWithProgress("/v1/slides", form, (fraction) => setProgress(card, "Uploading", fraction));
+  } catch (error) {
+    card.dataset.status = "failed";
+    showError($(".error", card), error.message);
+    return;
+  }
+  card.dataset.jobId = job.id;
+  const jobPath = (job.links && job.links.self) || `/v1/jobs/${encodeURIComponent(job.id)}`;
+  pollJob(card, jobPath, 0);
+}
+
+async function pollJob(card, jobPath, failures) {
+  let job;
+  try {
+    job = await apiJson(jobPath);
+  } catch (error) {
+    if (failures + 1 >= MAX_POLL_FAILURES) {
+      card.dataset.status = "failed";
+      showError($(".error", card), `stopped checking the job after ${MAX_POLL_FAILURES} failures: ${error.message}`);
+      return;
+    }
+    $(".status", card).textContent = `Checking the job failed, retrying: ${error.message}`;
+    setTimeout(() => pollJob(card, jobPath, failures + 1), SLOW_POLL_INTERVAL_MS);
+    return;
+  }
+
+  card.dataset.status = job.status;
+  const progress = job.progress || {};
+  const total = progress.total || 0;
+  const done = progress.done || 0;
+  let fraction = total > 0 ? done / total : 0;
+  if (job.status === "succeeded") {
+    fraction = 1;
+  }
+  setProgress(card, "Embedding patches", fraction, total > 0 ? `${done} / ${total} patches` : "");
+
+  if (job.status === "succeeded") {
+    $(".status", card).textContent = "Done.";
+    await showSlideResult(card, job);
+  } else if (job.status === "failed") {
+    $(".status", card).textContent = "Failed.";
+    showError($(".error", card), (job.error && job.error.message) || "the job failed and the server gave no reason.");
+  } else if (job.status === "interrupted") {
+    $(".status", card).textContent = "Interrupted by a server stop; the job resumes when the server starts again.";
+    setTimeout(() => pollJob(card, jobPath, 0), SLOW_POLL_INTERVAL_MS);
+  } else {
+    $(".status", card).textContent = job.status === "queued" ? "Waiting for an earlier slide to finish." : "Embedding patches.";
+    setTimeout(() => pollJob(card, jobPath, 0), POLL_INTERVAL_MS);
+  }
+}
+
+function jobLink(job, name, fallback) {
+  return (job.links && job.links[name]) || `/v1/jobs/${encodeURIComponent(job.id)}/${fallback}`;
+}
+
+async function showSlideResult(card, job) {
+  const summary = $(".summary", card);
+  addSummaryRow(summary, "Slide id", job.slide_id || "");
+  addSummaryRow(summary, "Patches", String(job.num_patches));
+  try {
+    const [result, map, overlayUrl] = await Promise.all([
+      apiJson(jobLink(job, "result", "result")),
+      apiJson(jobLink(job, "map", "map")),
+      apiBlobUrl(jobLink(job, "overlay", "overlay.jpg")),
+    ]);
+    addSlideEmbeddingRows(summary, result);
+    addDownloadLink(summary, jobLink(job, "features", "features.h5"), `${job.slide_id || job.id}.h5`);
+    $(".overlay", card).src = overlayUrl;
+    drawMap(card, map);
+    $(".slide-views", card).hidden = false;
+  } catch (error) {
+    showError($(".error", card), error.message);
+  }
+}
+
+function addSlideEmbeddingRows(summary, result) {
+  const embedding = result.slide_embedding || result.embedding || [];
+  const sha256 = result.checkpoint_sha256 || (result.metadata && result.metadata.checkpoint_sha256);
+  addSummaryRow(summary, "Slide embedding", `${embedding.length}-d, ${result.pooling || "pooled"}`);
+  if (result.model) {
+    addSummaryRow(summary, "Model", result.model);
+  }
+  if (sha256) {
+    addSummaryRow(summary, "Checkpoint sha256", shortHash(sha256), sha256);
+  }
+  if (embedding.length > 0) {
+    addStatisticsRows(summary, embedding);
+  }
+}
+
+// A link that downloads the features with the API key, which a plain href cannot send.
+function addDownloadLink(summary, path, fileName) {
+  const link = document.createElement("a");
+  link.href = path;
+  link.textContent = "features.h5 (TRIDENT layout)";
+  link.addEventListener("click", async (event) => {
+    if (!apiKey()) {
+      return;
+    }
+    event.preventDefault();
+    try {
+      const saver = document.createElement("a");
+      saver.href = await apiBlobUrl(path);
+      saver.download = fileName;
+      saver.click();
+    } catch (error) {
+      showError($("#page-error"), error.message);
+    }
+  });
+  const dt = document.createElement("dt");
+  dt.textContent = "Patch features";
+  const dd = document.createElement("dd");
+  dd.append(link);
+  summary.append(dt, dd);
+}
+
+// The 2-D map: one circle per patch at its first two principal components.
+
+// Return [min, max] of values, with a non-zero span.
+function valueRange(values) {
+  let low = Infinity;
+  let high = -Infinity;
+  for (const value of values) {
+    low = Math.min(low, value);
+    high = Math.max(high, value);
+  }
+  return high > low ? [low, high] : [low - 1, low + 1];
+}
+
+function pointRadius(count) {
+  if (count < 300) {
+    return 5;
+  }
+  return count < 3000 ? 2.5 : 1.2;
+}
+
+function positionColour(point, pxRange, pyRange) {
+  // Hue follows the patch's left-to-right position on the slide and lightness its top-to-bottom position.
+  const u = (point.px - pxRange[0]) / (pxRange[1] - pxRange[0]);
+  const v = (point.py - pyRange[0]) / (pyRange[1] - pyRange[0]);
+  return `hsl(${(20 + 280 * u).toFixed(1)}, 70%, ${(30 + 40 * v).toFixed(1)}%)`;
+}
+
+function drawMap(card, map) {
+  const svg = $(".map", card);
+  const points = map.points || [];
+  const size = 400;
+  const margin = 24;
+  const [xLow, xHigh] = valueRange(points.map((point) => point.x));
+  const [yLow, yHigh] = valueRange(points.map((point) => point.y));
+  // Each axis is scaled to fill the square, as scatter plots usually are: the first component's spread
+  // is often several times the second's, which one shared scale would squeeze into a thin band.
+  const xScale = (size - 2 * margin) / (xHigh - xLow);
+  const yScale = (size - 2 * margin) / (yHigh - yLow);
+  const pxRange = valueRange(points.map((point) => point.px));
+  const pyRange = valueRange(points.map((point) => point.py));
+  const radius = pointRadius(points.length);
+
+  // NOTE: one SVG element per patch; a slide with tens of thousands of patches makes the page slow.
+  const circles = points.map((point) => {
+    const circle = document.createElementNS(SVG_NS, "circle");
+    circle.setAttribute("class", "map-point");
+    circle.setAttribute("cx", (margin + xScale * (point.x - xLow)).toFixed(2));
+    // SVG's y axis points down, so the second component is flipped to read like a plot.
+    circle.setAttribute("cy", (size - margin - yScale * (point.y - yLow)).toFixed(2));
+    circle.setAttribute("r", String(radius));
+    circle.dataset.positionColour = positionColour(point, pxRange, pyRange);
+    circle.dataset.clusterColour = CLUSTER_COLOURS[point.cluster % CLUSTER_COLOURS.length];
+    const title = document.createElementNS(SVG_NS, "title");
+    title.textContent = `patch at level-0 (${point.px}, ${point.py}), cluster ${point.cluster}`;
+    circle.append(title);
+    return circle;
+  });
+  svg.replaceChildren(axisLabel("PC 1", size / 2, size - 5, 0), axisLabel("PC 2", 10, size / 2, -90), ...circles);
+  svg.setAttribute(
+    "aria-label",
+    `Map of ${points.length} patch embeddings: the first two components by ${(map.method || "pca").toUpperCase()}, ${map.clusters} clusters`,
+  );
+
+  const radios = card.querySelectorAll(".colour-toggle input");
+  for (const radio of radios) {
+    radio.name = `${card.id}-colour`;
+    radio.addEventListener("change", () => colourMap(card, radio.value));
+  }
+  colourMap(card, "position");
+  card.dataset.map = "drawn";
+}
+
+function axisLabel(text, x, y, rotation) {
+  const label = document.createElementNS(SVG_NS, "text");
+  label.setAttribute("class", "map-axis");
+  label.setAttribute("x", String(x));
+  label.setAttribute("y", String(y));
+  label.setAttribute("transform", `rotate(${rotation} ${x} ${y})`);
+  label.textContent = text;
+  return label;
+}
+
+function colourMap(card, mode) {
+  for (const circle of card.querySelectorAll(".map-point")) {
+    circle.setAttribute("fill", mode === "cluster" ? circle.dataset.clusterColour : circle.dataset.positionColour);
+  }
+  const caption = $(".map-caption", card);
+  caption.textContent =
+    mode === "cluster"
+      ? "Colour: the patch's KMeans cluster."
+      : "Colour: hue from the patch's left-to-right position on the slide, lightness from top to bottom.";
+  card.dataset.colour = mode;
+}
+
+// Start-up
+
+async function showServerStatus() {
+  const status = $("#server-status");
+  try {
+    const models = await apiJson("/v1/models");
+    const model = models.data && models.data[0];
+    if (model) {
+      status.textContent = `Serving ${model.id}: ${model.dim}-d embeddings, checkpoint sha256 ${shortHash(model.checkpoint_sha256)}.`;
+      status.title = model.checkpoint_sha256 || "";
+      return;
+    }
+    await apiJson("/readyz");
+    status.textContent = "The server is ready.";
+  } catch (error) {
+    status.textContent = `Not ready: ${error.message}`;
+  }
+}
+
+function setUpApiKey() {
+  const input = $("#api-key");
+  input.value = apiKey();
+  // Stored on each keystroke, so a file dropped before the field loses focus is sent with the key.
+  input.addEventListener("input", () => {
+    if (input.value) {
+      sessionStorage.setItem(API_KEY_STORAGE, input.value);
+    } else {
+      sessionStorage.removeItem(API_KEY_STORAGE);
+    }
+  });
+  input.addEventListener("change", showServerStatus);
+}
+
+function setUpDropZone() {
+  const zone = $("#drop-zone");
+  const input = $("#file-input");
+  input.addEventListener("change", () => {
+    handleFiles(input.files);
+    // Cleared, so choosing the same file again starts a new upload.
+    input.value = "";
+  });
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("dragging");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("dragging");
+    handleFiles(event.dataTransfer.files);
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  setUpApiKey();
+  setUpDropZone();
+  showServerStatus();
+});
