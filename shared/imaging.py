@@ -3,6 +3,12 @@
 Training and inference both call :func:`prepare_tile` and :func:`to_model_input`, so a tile reaches the
 student the same way in the distiller and in the server. No torch here: the model side wraps the
 float array with ``torch.from_numpy``.
+
+Two decoders share the header checks. :func:`decode_image` is the teacher gateway's strict one (PNG or
+JPEG, 8-bit RGB only), because the gateway caches exactly the pixels the teacher embedded.
+``decode_tile(..., convert_modes=True)`` is the student server's: it also takes TIFF and converts other
+pixel modes by :func:`convert_to_rgb`'s rules. :func:`prepare_tile_at_mpp` brings a tile of known
+resolution to 0.5 µm/px before it is embedded.
 """
 
 from __future__ import annotations
@@ -10,7 +16,10 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
+import re
 
+import imagecodecs
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -28,35 +37,54 @@ MAX_ASPECT_RATIO = 4.0
 MIN_TILE_SIDE = 32
 # Pillow opens a JPEG that carries a multi-picture (MPF) segment, as some cameras write, as format "MPO".
 ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "MPO"})
+ACCEPTED_FORMAT_NAMES = ("PNG", "JPEG")
+# The student server also takes TIFF tiles, as some scanners and viewers export them.
+TILE_FORMATS = ACCEPTED_FORMATS | {"TIFF"}
+TILE_FORMAT_NAMES = ("PNG", "JPEG", "TIFF")
+# Pillow modes that convert_to_rgb turns into 8-bit RGB. Every other mode is rejected.
+CONVERTED_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "I;16", "I;16B", "I;16L", "I;16N", "CMYK", "YCbCr")
+_MODE_DETAILS = {"1": " (1 bit per pixel)", "F": " (32-bit float)", "I": " (32-bit integer)"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIFF_BITS_PER_SAMPLE = 258
+# Resolution of the student's training tiles, in µm per pixel (20x).
+TARGET_MPP = 0.5
 
 
 def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_TILE_PIXELS) -> np.ndarray:
-    """Decode the PNG or JPEG bytes of a tile into an (H, W, 3) uint8 RGB array.
+    """Decode the PNG or JPEG bytes of a tile into an (H, W, 3) uint8 RGB array, converting nothing.
 
-    Raises :class:`ImageError` for bytes that are not a PNG or JPEG image (naming the format found), for
-    images of more than ``max_pixels`` pixels or whose size :func:`check_tile_size` rejects (both checked
-    from the header, before decoding, so a small compressed file cannot expand into gigabytes), and for
-    images that are not 8-bit RGB, naming the mode found, since a silent conversion of RGBA or greyscale
-    would change the pixels the teacher embeds.
+    This is the teacher gateway's strict decode. Raises :class:`ImageError` for bytes that are not a PNG
+    or JPEG image (naming the format found), for images of more than ``max_pixels`` pixels or whose size
+    :func:`check_tile_size` rejects (both checked from the header, before decoding, so a small compressed
+    file cannot expand into gigabytes), and for images that are not 8-bit RGB, naming the mode found,
+    since a silent conversion of RGBA or greyscale would change the pixels the teacher embeds.
     """
+    return decode_tile(data, name=name, max_pixels=max_pixels, convert_modes=False)
+
+
+def decode_tile(data: bytes, *, name: str = "image", max_pixels: int = MAX_TILE_PIXELS, convert_modes: bool) -> np.ndarray:
+    """Decode the bytes of a tile into an (H, W, 3) uint8 RGB array.
+
+    With ``convert_modes`` false this is :func:`decode_image`. With it true (the student server), TIFF is
+    accepted beside PNG and JPEG, and other pixel modes are converted by :func:`convert_to_rgb`'s rules.
+    Either way the format and the pixel count are checked from the header before any pixel is decoded.
+    """
+    formats = TILE_FORMATS if convert_modes else ACCEPTED_FORMATS
+    format_names = TILE_FORMAT_NAMES if convert_modes else ACCEPTED_FORMAT_NAMES
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.format not in ACCEPTED_FORMATS:
+            if image.format not in formats:
                 raise ImageError(
-                    f"{name}: image format is {image.format!r}, expected PNG or JPEG. "
+                    f"{name}: image format is {image.format!r}, expected {_or_list(format_names)}. "
                     "Save the tile as PNG (lossless) or JPEG before sending it.",
-                    limit=["PNG", "JPEG"],
+                    limit=list(format_names),
                     value=image.format,
                 )
             width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"{name}: image is {width} x {height} = {width * height} pixels, more than the limit of "
-                    f"{max_pixels}. Send tiles, not whole slides: cut the image into tiles of 224 to 1024 px.",
-                    limit=max_pixels,
-                    value=width * height,
-                )
+            _check_pixel_count(width * height, name=name, max_pixels=max_pixels, detail=f"{width} x {height} = ")
             check_tile_size(width, height, name=name)
+            if convert_modes:
+                return convert_to_rgb(image, data, name=name)
             image.load()
             mode = image.mode
             if mode != "RGB":
@@ -70,12 +98,121 @@ def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_TILE
     except UnidentifiedImageError as error:
         # Pillow's message names the BytesIO object, which means nothing to a client, so it is left out.
         raise ImageError(
-            f"{name}: cannot decode {len(data)} bytes as an image: they start with no PNG or JPEG header. "
-            "Send the PNG or JPEG bytes of the tile."
+            f"{name}: cannot decode {len(data)} bytes as an image: they start with no {_or_list(format_names)} header. "
+            f"Send the {_or_list(format_names)} bytes of the tile."
         ) from error
-    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+    except Image.DecompressionBombError as error:
+        # Pillow raises this from Image.open, before the header check above, for more than twice
+        # Image.MAX_IMAGE_PIXELS pixels (about 179 million in Pillow 13). Its message has the count.
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        _check_pixel_count(int(found.group(1)) if found else None, name=name, max_pixels=max_pixels, detail="")
+        raise ImageError(f"{name}: cannot decode {len(data)} bytes as an image ({error}).") from error
+    except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(
-            f"{name}: cannot decode {len(data)} bytes as an image ({error}). Send a complete PNG or JPEG file."
+            f"{name}: cannot decode {len(data)} bytes as an image ({error}). Send a complete {_or_list(format_names)} file."
+        ) from error
+
+
+def _check_pixel_count(pixels: int | None, *, name: str, max_pixels: int, detail: str) -> None:
+    if pixels is not None and pixels <= max_pixels:
+        return
+    found = f"{detail}{pixels} pixels" if pixels is not None else "more pixels than Pillow opens"
+    raise ImageError(
+        f"{name}: image is {found}, more than the limit of {max_pixels}. "
+        "Send tiles, not whole slides: cut the image into tiles of 224 to 1024 px.",
+        limit=max_pixels,
+        value=pixels,
+    )
+
+
+def _or_list(names: tuple[str, ...]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def convert_to_rgb(image: Image.Image, data: bytes, *, name: str = "image") -> np.ndarray:
+    """Convert an opened tile of any supported mode to (H, W, 3) uint8 RGB, by the student server's rules.
+
+    - RGB is kept as it is. L, P without transparency, CMYK and YCbCr are converted by Pillow.
+    - RGBA, LA, PA and any 8-bit image with a transparent colour (PNG ``tRNS``, such as a palette with
+      a transparent entry) are composited on white: ``round((c * a + 255 * (255 - a)) / 255)``, the slide
+      background that scanners show.
+    - 16 bits per sample (I;16, I;16B, I;16L, I;16N, and RGB or RGBA PNG and TIFF with 16 bits per
+      channel) are mapped to 8 bits by ``round(v / 257)``, so 0 stays 0 and 65535 becomes 255. The full
+      range is mapped rather than the image's own maximum, so a tile's brightness does not depend on its
+      brightest pixel. A transparent colour of a 16-bit greyscale image is ignored.
+    - 1-bit and 32-bit (I, F) images, and any other mode, are rejected with :class:`ImageError` naming
+      the mode, because they have no defined mapping to stain colours.
+
+    ``data`` are the encoded bytes, decoded again with imagecodecs for 16-bit colour images, because
+    Pillow (13) keeps only the high byte of each 16-bit colour sample.
+    """
+    mode = image.mode
+    if mode not in CONVERTED_MODES:
+        raise ImageError(
+            f"{name}: image mode is {mode!r}{_MODE_DETAILS.get(mode, '')}, which the student server does not convert. "
+            f"Expected one of {', '.join(CONVERTED_MODES)}. Save the tile as 8-bit RGB before sending it.",
+            limit=list(CONVERTED_MODES),
+            value=mode,
+        )
+    width, height = image.size
+
+    if mode in ("RGB", "RGBA") and _bits_per_sample(image, data) == 16:
+        samples = _decode_16_bit_colour(data, image.format, name=name)
+        if samples.shape[:2] != (height, width) or samples.shape[2] not in (3, 4):
+            raise ImageError(
+                f"{name}: the 16-bit pixels have shape {samples.shape}, expected ({height}, {width}, 3 or 4). "
+                "Save the tile as 8-bit RGB before sending it.",
+                value=list(samples.shape),
+            )
+        pixels = scale_16_to_8_bit(samples)
+        return composite_on_white(pixels) if pixels.shape[2] == 4 else pixels
+
+    image.load()
+    if mode.startswith("I;16"):
+        grey = scale_16_to_8_bit(np.asarray(image))
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        return composite_on_white(np.asarray(image.convert("RGBA"), dtype=np.uint8))
+    if mode == "RGB":
+        return np.asarray(image, dtype=np.uint8).copy()
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite an (H, W, 4) uint8 RGBA array on an opaque white background and return (H, W, 3) uint8.
+
+    Each channel becomes ``round((c * a + 255 * (255 - a)) / 255)``. The division never ends in exactly
+    one half, so integer rounding is exact and equals Pillow's ``Image.alpha_composite`` on white.
+    """
+    colour = rgba[:, :, :3].astype(np.uint32)
+    alpha = rgba[:, :, 3:4].astype(np.uint32)
+    blended = (colour * alpha + 255 * (255 - alpha) + 127) // 255
+    return np.ascontiguousarray(blended.astype(np.uint8))
+
+
+def scale_16_to_8_bit(samples: np.ndarray) -> np.ndarray:
+    """Map 16-bit samples to 8 bits by ``round(v / 257)``: 0 to 0, 65535 to 255, and 257 * k to k."""
+    values = samples.astype(np.uint32)
+    return ((values + 128) // 257).astype(np.uint8)
+
+
+def _bits_per_sample(image: Image.Image, data: bytes) -> int:
+    if image.format == "PNG" and data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR":
+        return data[24]
+    if image.format == "TIFF":
+        bits = image.tag_v2.get(TIFF_BITS_PER_SAMPLE, (8,))
+        return max(bits) if isinstance(bits, tuple) else int(bits)
+    return 8
+
+
+def _decode_16_bit_colour(data: bytes, image_format: str | None, *, name: str) -> np.ndarray:
+    try:
+        if image_format == "PNG":
+            return imagecodecs.png_decode(data)
+        return imagecodecs.tiff_decode(data)
+    except (imagecodecs.PngError, imagecodecs.TiffError) as error:
+        raise ImageError(
+            f"{name}: cannot decode the 16-bit {image_format} pixels ({error}). Send a complete file, or save it as 8-bit RGB."
         ) from error
 
 
@@ -112,12 +249,16 @@ def check_tile_size(width: int, height: int, *, name: str = "tile") -> None:
 
 
 def decode_base64_image(text: str, *, name: str = "image") -> np.ndarray:
-    """Decode a base64 string of PNG or JPEG bytes into an RGB array."""
+    """Decode a base64 string of PNG or JPEG bytes into an RGB array, as :func:`decode_image` does."""
+    return decode_image(decode_base64(text, name=name), name=name)
+
+
+def decode_base64(text: str, *, name: str = "image") -> bytes:
+    """Decode the base64 text of an image into its bytes, or raise :class:`ImageError` naming ``name`` when invalid."""
     try:
-        data = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as error:
-        raise ImageError(f"{name}: invalid base64 ({error}). Encode the PNG or JPEG bytes with standard base64.") from error
-    return decode_image(data, name=name)
+        raise ImageError(f"{name}: invalid base64 ({error}). Encode the image bytes with standard base64.") from error
 
 
 def encode_png(tile: np.ndarray) -> bytes:
@@ -140,11 +281,7 @@ def prepare_tile(tile: np.ndarray, size: int = MODEL_INPUT_SIZE, *, name: str = 
     :class:`ImageError`, naming the tile ``name``, for an array that is not (H, W, 3) uint8 and for a size
     that :func:`check_tile_size` rejects.
     """
-    if tile.ndim != 3 or tile.shape[2] != 3 or tile.dtype != np.uint8:
-        raise ImageError(
-            f"{name} has shape {tile.shape} and dtype {tile.dtype}, expected (H, W, 3) uint8 RGB.",
-            value=list(tile.shape),
-        )
+    _check_rgb_array(tile, name=name)
     height, width = tile.shape[:2]
     if (height, width) == (size, size):
         return tile
@@ -154,6 +291,47 @@ def prepare_tile(tile: np.ndarray, size: int = MODEL_INPUT_SIZE, *, name: str = 
     resized = np.asarray(Image.fromarray(tile).resize((new_width, new_height), Image.BICUBIC))
     top, left = (new_height - size) // 2, (new_width - size) // 2
     return np.ascontiguousarray(resized[top : top + size, left : left + size])
+
+
+def prepare_tile_at_mpp(
+    tile: np.ndarray, mpp: float, *, target_mpp: float = TARGET_MPP, size: int = MODEL_INPUT_SIZE, name: str = "tile"
+) -> np.ndarray:
+    """Bring an RGB tile of known resolution ``mpp`` (µm/px) to the model input at ``target_mpp``.
+
+    The tile is resized by ``mpp / target_mpp`` so that it is at ``target_mpp``, and its centre
+    ``size`` x ``size`` px are kept, which is the field of view (112 µm at 0.5 µm/px) the student was
+    trained on. Both steps are one bicubic resample of the centre region of ``size * target_mpp / mpp``
+    source pixels, so a huge upscale never materialises the whole resized tile. A 448 px tile at
+    0.25 µm/px becomes exactly its bicubic 224 px downscale, and a 448 px tile at 0.5 µm/px its centre
+    224 px crop. A tile whose shorter side covers less than ``size * target_mpp`` µm cannot fill the
+    input at ``target_mpp``, so it goes through :func:`prepare_tile`, which stretches the shorter side
+    to ``size`` px. Raises :class:`ImageError` as :func:`prepare_tile` does, and for an mpp that is not
+    a positive finite number.
+    """
+    _check_rgb_array(tile, name=name)
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise ImageError(
+            f"{name}: mpp is {mpp}, expected a positive resolution in µm per pixel, such as 0.5 for 20x.",
+            value=str(mpp),
+        )
+    height, width = tile.shape[:2]
+    check_tile_size(width, height, name=name)
+
+    source_side = size * target_mpp / mpp
+    if source_side > min(height, width):
+        return prepare_tile(tile, size, name=name)
+    left, top = (width - source_side) / 2, (height - source_side) / 2
+    box = (left, top, left + source_side, top + source_side)
+    resized = Image.fromarray(tile).resize((size, size), Image.BICUBIC, box=box)
+    return np.ascontiguousarray(np.asarray(resized))
+
+
+def _check_rgb_array(tile: np.ndarray, *, name: str) -> None:
+    if tile.ndim != 3 or tile.shape[2] != 3 or tile.dtype != np.uint8:
+        raise ImageError(
+            f"{name} has shape {tile.shape} and dtype {tile.dtype}, expected (H, W, 3) uint8 RGB.",
+            value=list(tile.shape),
+        )
 
 
 def to_model_input(tiles: np.ndarray) -> np.ndarray:

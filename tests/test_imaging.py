@@ -1,22 +1,31 @@
-"""Tile decoding and the one preprocessing that training and inference share."""
+"""Tile decoding, the student server's conversion and resolution rules, and the preprocessing that training and inference share."""
 
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from shared.errors import ImageError
 from shared.imaging import (
     MAX_ASPECT_RATIO,
     MIN_TILE_SIDE,
+    TARGET_MPP,
+    composite_on_white,
+    convert_to_rgb,
     decode_base64_image,
     decode_image,
+    decode_tile,
     encode_base64_png,
     encode_png,
     prepare_tile,
+    prepare_tile_at_mpp,
+    scale_16_to_8_bit,
     to_model_input,
 )
 
@@ -176,3 +185,131 @@ def test_to_model_input_normalises_with_imagenet_statistics():
     assert batch.shape == (2, 3, 224, 224)
     assert batch.dtype == np.float32
     np.testing.assert_allclose(batch[0, :, 0, 0], [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225], rtol=1e-6)
+
+
+# The student server's conversion rules (decode_tile with convert_modes=True)
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_composite_matches_pillow_for_every_pair():
+    values = np.arange(256, dtype=np.uint8)
+    colour, alpha = np.meshgrid(values, values, indexing="ij")
+    rgba = np.stack([colour, colour, colour, alpha], axis=-1)
+    white = Image.new("RGBA", (256, 256), (255, 255, 255, 255))
+
+    expected = np.asarray(Image.alpha_composite(white, Image.fromarray(rgba)).convert("RGB"))
+
+    assert np.array_equal(composite_on_white(rgba), expected)
+
+
+def test_scale_16_bit_full_range():
+    samples = np.array([0, 128, 129, 257, 257 * 100, 65534, 65535], dtype=np.uint16)
+
+    assert scale_16_to_8_bit(samples).tolist() == [0, 0, 1, 1, 100, 255, 255]
+
+
+def test_rgb48_tiff_scaled_by_257():
+    samples = np.random.default_rng(2).integers(0, 65536, size=(40, 48, 3), dtype=np.uint16)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, samples, photometric="rgb")
+
+    tile = decode_tile(buffer.getvalue(), convert_modes=True)
+
+    assert np.array_equal(tile, np.round(samples / 257).astype(np.uint8))
+
+
+@pytest.mark.parametrize("mode", ["LA", "CMYK", "YCbCr", "I;16B"])
+def test_convertible_modes_give_rgb(mode):
+    image = Image.new(mode, (48, 40))
+
+    tile = convert_to_rgb(image, b"", name="file[0]")
+
+    assert tile.shape == (40, 48, 3)
+    assert tile.dtype == np.uint8
+
+
+@pytest.mark.parametrize("mode", ["1", "F", "I", "HSV"])
+def test_unconvertible_modes_rejected(mode):
+    with pytest.raises(ImageError) as error:
+        convert_to_rgb(Image.new(mode, (48, 40)), b"", name="file[2]")
+
+    assert error.value.message.startswith(f"file[2]: image mode is {mode!r}")
+    assert error.value.value == mode
+
+
+def test_strict_decode_still_rejects_tiff_and_rgba():
+    tiff = _encode(Image.new("RGB", (64, 64)), "TIFF")
+    rgba = _png(Image.new("RGBA", (64, 64)))
+
+    assert decode_tile(tiff, convert_modes=True).shape == (64, 64, 3)
+    assert decode_tile(rgba, convert_modes=True).shape == (64, 64, 3)
+    with pytest.raises(ImageError, match="expected PNG or JPEG"):
+        decode_image(tiff)
+    with pytest.raises(ImageError, match="image mode is 'RGBA'"):
+        decode_image(rgba)
+
+
+@pytest.mark.parametrize("convert_modes", [False, True])
+def test_huge_declared_size_names_limit(convert_modes):
+    data = _png_declaring(50_000, 50_000)
+
+    with pytest.raises(ImageError) as error:
+        decode_tile(data, name="file[0]", max_pixels=4096 * 4096, convert_modes=convert_modes)
+
+    assert "more than the limit of 16777216" in error.value.message
+    assert error.value.limit == 4096 * 4096
+    assert error.value.value == 2_500_000_000
+
+
+def test_mpp_quarter_is_bicubic_downscale():
+    tile = np.random.default_rng(3).integers(0, 256, size=(448, 448, 3), dtype=np.uint8)
+
+    prepared = prepare_tile_at_mpp(tile, 0.25)
+
+    assert np.array_equal(prepared, np.asarray(Image.fromarray(tile).resize((224, 224), Image.BICUBIC)))
+
+
+def test_mpp_half_keeps_centre():
+    tile = np.random.default_rng(4).integers(0, 256, size=(448, 600, 3), dtype=np.uint8)
+
+    prepared = prepare_tile_at_mpp(tile, TARGET_MPP)
+
+    assert np.abs(prepared.astype(int) - tile[112:336, 188:412]).max() <= 1
+
+
+def test_mpp_small_field_falls_back_to_prepare_tile():
+    # 300 px at 0.25 µm/px span 75 µm, less than the 112 µm of the input at 0.5 µm/px.
+    tile = np.random.default_rng(5).integers(0, 256, size=(300, 300, 3), dtype=np.uint8)
+
+    assert np.array_equal(prepare_tile_at_mpp(tile, 0.25), prepare_tile(tile))
+
+
+def test_mpp_upscale_stays_small():
+    tile = np.random.default_rng(6).integers(0, 256, size=(2048, 2048, 3), dtype=np.uint8)
+
+    assert prepare_tile_at_mpp(tile, 0.05).shape == (224, 224, 3)
+
+
+@pytest.mark.parametrize("mpp", [0.0, -1.0, float("nan"), float("inf")])
+def test_mpp_invalid_rejected(mpp):
+    with pytest.raises(ImageError, match="expected a positive resolution"):
+        prepare_tile_at_mpp(np.zeros((224, 224, 3), dtype=np.uint8), mpp)
+
+
+def test_mpp_larger_tile_cropped_then_downscaled():
+    tile = np.random.default_rng(7).integers(0, 256, size=(600, 600, 3), dtype=np.uint8)
+
+    prepared = prepare_tile_at_mpp(tile, 0.25)
+
+    # Cropping first loses the pixels around the centre 448 px that the bicubic filter reads near the
+    # edges, so only the interior is compared.
+    expected = np.asarray(Image.fromarray(np.ascontiguousarray(tile[76:524, 76:524])).resize((224, 224), Image.BICUBIC))
+    assert prepared.shape == (224, 224, 3)
+    assert np.abs(prepared[4:-4, 4:-4].astype(int) - expected[4:-4, 4:-4]).max() <= 1
