@@ -4,7 +4,7 @@ A slide feature is one vector computed from the (N, D) patch features of a slide
 
 - ``mean``: the mean over patches, shape (D,);
 - ``max``: the elementwise maximum over patches, shape (D,);
-- ``mean_max``: the mean followed by the maximum, shape (2 D,).
+- ``mean+max``: the mean followed by the maximum, shape (2 D,).
 
 A case (a patient, or a specimen) can have several slides. Two fusion modes combine them:
 
@@ -36,14 +36,14 @@ from shared.features import FeatureFile, read_features, write_features
 
 logger = logging.getLogger(__name__)
 
-POOLING_METHODS = ("mean", "max", "mean_max")
+POOLING_METHODS = ("mean", "max", "mean+max")
 FUSION_MODES = ("early", "late")
 # Value of the ``fusion`` attribute of a slide feature file, which combines no slides.
 SLIDE_FUSION = "none"
 
 
 def pool_patch_features(features: np.ndarray, method: str = "mean") -> np.ndarray:
-    """Pool (N, D) patch features into one float32 vector: (D,) for mean or max, (2 D,) for mean_max.
+    """Pool (N, D) patch features into one float32 vector: (D,) for mean or max, (2 D,) for mean+max.
 
     The mean is accumulated in float64, so pooling many float32 patches loses no precision. Raises
     :class:`ConfigError` for an unknown method or for no patches.
@@ -64,7 +64,7 @@ def pool_patch_features(features: np.ndarray, method: str = "mean") -> np.ndarra
 
     mean = features.mean(axis=0, dtype=np.float64)
     maximum = features.max(axis=0).astype(np.float64)
-    pooled = {"mean": mean, "max": maximum, "mean_max": np.concatenate([mean, maximum])}[method]
+    pooled = {"mean": mean, "max": maximum, "mean+max": np.concatenate([mean, maximum])}[method]
     return pooled.astype(np.float32)
 
 

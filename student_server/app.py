@@ -2,73 +2,94 @@
 
 Routes:
 
-- ``POST /v1/embeddings``: the embeddings protocol the teacher gateway also speaks, so a client written
-  for the teacher works unchanged. The response adds ``checkpoint_sha256``, the sha256 of the served
-  ``model.safetensors``.
-- ``POST /v1/slides/embed``: a multipart upload of one slide file (field ``file``, optional ``mpp`` and
-  ``include_patches``), streamed to disk with a size limit, tiled over its tissue, and returned as patch
-  embeddings with their level-0 coordinates and the mean-pooled slide embedding. The file is deleted
-  when the request ends.
+- ``POST /v1/embeddings`` and ``POST /v1/embeddings/upload``: tile embeddings (see :mod:`student_server.tiles_api`).
+- ``POST /v1/slides`` and ``/v1/jobs/...``: slide jobs (see :mod:`student_server.jobs_api`).
 - ``GET /v1/models``: the served student, its checkpoint and its teacher.
+- ``GET /metrics``: Prometheus metrics (see :mod:`student_server.metrics`).
 - ``GET /healthz``: the process is alive. ``GET /readyz``: a student is loaded; otherwise 503 with the reason.
+- ``GET /``: the web page of :mod:`student_server.page`.
+
+Tiles of concurrent requests are computed together in batches by :class:`student_server.engine.Engine`
+(``app.state.engine``), and slide jobs run in :class:`student_server.jobs.JobManager` (``app.state.jobs``).
+A newly published checkpoint replaces the served one without a restart (see :mod:`student_server.model`).
+With a keys file (``UNITE_STUDENT_KEYS_FILE``) every route except ``/healthz``, ``/readyz`` and the page
+needs an API key (see :mod:`student_server.auth`).
+
+Shutdown: uvicorn first completes the open requests, then the lifespan stops the checkpoint watcher, asks
+the slide jobs to stop within ``shutdown_grace_s`` (unfinished ones resume at the next start), and stops
+the engine after its queued batches.
 
 Errors have the protocol's one JSON shape; see :mod:`shared.http`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-import numpy as np
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from prometheus_client.core import Metric
 
 from shared.checkpoint import LoadedStudent
 from shared.errors import NotReadyError
-from shared.http import check_embedding_request, install_error_handling
-from shared.imaging import decode_base64_image, prepare_tile
-from shared.protocol import STUDENT_SERVICE, EmbeddingRequest, EmbeddingResponse, ErrorResponse
+from shared.http import install_error_handling
+from shared.protocol import STUDENT_SERVICE, ErrorResponse
+from student_server import jobs_api, page, tiles_api
+from student_server.auth import StudentKeys, require_api_key
+from student_server.engine import Engine
+from student_server.errors import JobNotFoundError, QueueFullError
+from student_server.jobs import STATUSES as JOB_STATUSES
+from student_server.jobs import JobManager
+from student_server.metrics import CONTENT_TYPE, RequestMetricsMiddleware, StudentMetrics, gauge
 from student_server.model import StudentModel
 from student_server.settings import StudentSettings, get_settings
-from student_server.slides import SlideEmbedOptions, SlideEmbedResponse, embed_slide_file
-from student_server.uploads import receive_slide_upload
 
 logger = logging.getLogger(__name__)
 
-SLIDE_EMBED_PATH = "/v1/slides/embed"
-
-
-class StudentEmbeddingResponse(EmbeddingResponse):
-    """The protocol's embeddings response plus the identity of the served checkpoint."""
-
-    checkpoint_sha256: str
+# Probes and scrapes, logged at DEBUG so they do not fill the log.
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def create_app(settings: StudentSettings | None = None) -> FastAPI:
-    """Build the student server, which loads the checkpoint in the app's lifespan.
+    """Build the student server; the keys, the student, the engine and the slide jobs start in the app's lifespan.
 
     A missing or unreadable checkpoint does not stop the server. ``/healthz`` stays 200, ``/readyz`` and
-    the embedding routes return 503 with the reason, and the load is retried while it is missing.
+    the embedding routes return 503 with the reason, and the folder is checked again every
+    ``reload_interval_s``, which also picks up each newly published student.
     """
     settings = settings if settings is not None else get_settings()
-    student = StudentModel(settings)
+    metrics = StudentMetrics()
+    student = StudentModel(settings, metrics=metrics)
+    engine = Engine(student, settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.keys = StudentKeys.load(settings.keys_file) if settings.keys_file is not None else None
         loaded = await run_in_threadpool(student.ensure_loaded)
         if loaded is None:
             logger.warning("student server started without a student: %s", student.reason)
-        else:
-            logger.info("student server started: %s, checkpoint %s", loaded.name, loaded.folder)
-        yield
-        logger.info("student server stopped")
+        engine.start()
+        jobs = JobManager(settings, engine)
+        await run_in_threadpool(jobs.start)
+        app.state.jobs = jobs
+        reloader = asyncio.create_task(_watch_checkpoint(student, settings.reload_interval_s), name="checkpoint-reload")
+        logger.info(
+            "student server started: %s, %s",
+            f"{loaded.name} from {loaded.folder}" if loaded is not None else "no student yet",
+            f"{len(app.state.keys)} API keys" if app.state.keys is not None else "no API keys",
+        )
+        try:
+            yield
+        finally:
+            # Uvicorn has completed the open requests by now. Slide jobs stop first, because they feed the engine.
+            reloader.cancel()
+            await run_in_threadpool(jobs.stop, settings.shutdown_grace_s)
+            await run_in_threadpool(engine.stop, settings.shutdown_grace_s)
+            logger.info("student server stopped")
 
     app = FastAPI(
         title="UNITE student server",
@@ -77,18 +98,57 @@ def create_app(settings: StudentSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.student = student
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.jobs = None
+    app.state.keys = None
+    # Added before the error handling, so it runs inside the request guard and its log lines carry the request id.
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, logger=logger, quiet_paths=QUIET_PATHS)
     install_error_handling(
         app,
         max_request_bytes=settings.max_request_bytes,
         max_request_bytes_setting="UNITE_STUDENT_MAX_REQUEST_BYTES",
         internal_error_message="internal error in the student server (request id {request_id}). The server log has the cause.",
         logger=logger,
-        # Clients see why no student is loaded, as StudentModel.public_reason words it without server paths.
-        public_errors=(NotReadyError,),
-        streamed_paths=frozenset({SLIDE_EMBED_PATH}),
+        # Clients see why no student is loaded, as StudentModel.public_reason words it without server paths,
+        # and when to retry a full queue.
+        public_errors=(NotReadyError, QueueFullError),
+        streamed_paths=frozenset({jobs_api.SLIDES_PATH, tiles_api.UPLOAD_PATH}),
     )
+    metrics.add_collector(lambda: _scrape_time_metrics(app))
+    # Before _add_routes, so these routes take precedence over any older route on the same path.
+    app.include_router(tiles_api.router, dependencies=KEYED)
+    app.include_router(jobs_api.router, dependencies=KEYED)
     _add_routes(app)
+    app.include_router(page.router)
     return app
+
+
+async def _watch_checkpoint(student: StudentModel, interval_s: float) -> None:
+    """Check the checkpoint folder for a new export every ``interval_s`` seconds, until cancelled."""
+    # NOTE: an interval of 0 is taken as 0.1 s, so the check cannot occupy a worker thread without a pause.
+    interval_s = max(interval_s, 0.1)
+    while True:
+        await asyncio.sleep(interval_s)
+        await run_in_threadpool(student.check_for_update)
+
+
+def _scrape_time_metrics(app: FastAPI) -> Iterator[Metric]:
+    """Yield the gauges read at scrape time: the queue, the served checkpoint and the slide jobs by status."""
+    yield gauge("queue_tiles", "Tiles waiting for a batch of the engine.", {}, app.state.engine.queued_tiles)
+    student = app.state.student.loaded
+    if student is not None:
+        yield gauge("checkpoint_info", "The served checkpoint: always 1, labelled with its sha256 and name.", {"sha256": student.sha256, "model": student.name}, 1)
+    jobs = app.state.jobs
+    if jobs is not None:
+        counts = dict.fromkeys(JOB_STATUSES, 0)
+        for job_id in jobs.known_ids():
+            try:
+                counts[jobs.get(job_id).status] += 1
+            except JobNotFoundError:
+                continue
+        for status, count in counts.items():
+            yield gauge("slide_jobs", "Slide jobs known to this server, by status (label state).", {"state": status}, count)
 
 
 def get_student_settings(request: Request) -> StudentSettings:
@@ -115,122 +175,25 @@ SettingsDep = Annotated[StudentSettings, Depends(get_student_settings)]
 ModelDep = Annotated[StudentModel, Depends(get_student_model)]
 StudentDep = Annotated[LoadedStudent, Depends(require_student)]
 
+# Routes that need an API key when the server has a keys file.
+KEYED = [Depends(require_api_key)]
+
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (404, 413, 422, 500, 503)
+    status: {"model": ErrorResponse} for status in (401, 404, 413, 422, 500, 503)
 }
 
 
 def _add_routes(app: FastAPI) -> None:
-    @app.post("/v1/embeddings", response_model=StudentEmbeddingResponse, responses=_ERROR_RESPONSES)
-    def create_embeddings(body: EmbeddingRequest, student: StudentDep, model: ModelDep, settings: SettingsDep) -> JSONResponse:
-        """Embed base64 PNG or JPEG RGB tiles with the student, resizing and centre-cropping tiles that are not 224 x 224."""
-        served_names = [student.name, student.config["architecture"]]
-        check_embedding_request(
-            model=body.model,
-            tile_count=len(body.input),
-            served_names=served_names,
-            max_tiles=settings.max_tiles_per_request,
-            max_tiles_setting="UNITE_STUDENT_MAX_TILES_PER_REQUEST",
-            service="student server",
-        )
-
-        prepared = []
-        for index, item in enumerate(body.input):
-            name = f"input[{index}].image"
-            prepared.append(prepare_tile(decode_base64_image(item.image, name=name), name=name))
-        tiles = np.stack(prepared)
-        embeddings = model.embed(tiles)
-        batches = -(-len(tiles) // settings.batch_size)
-        # Built by hand rather than through the pydantic model: validating 256 x 384 floats again would
-        # only cost time. tolist() gives the exact float32 values as Python floats.
-        content = {
-            "object": "list",
-            "model": student.name,
-            "data": [{"object": "embedding", "index": index, "embedding": row} for index, row in enumerate(embeddings.tolist())],
-            "usage": {"tiles": len(tiles), "cache_hits": 0, "model_calls": batches, "checkpoint_sha256": student.sha256},
-            "checkpoint_sha256": student.sha256,
-        }
-        return JSONResponse(content)
-
-    @app.post(
-        SLIDE_EMBED_PATH,
-        response_model=SlideEmbedResponse,
-        responses=_ERROR_RESPONSES,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["file"],
-                            "properties": {
-                                "file": {"type": "string", "format": "binary", "description": "The slide file."},
-                                "mpp": {"type": "number", "description": "Resolution override in µm per level-0 pixel."},
-                                "include_patches": {"type": "boolean", "default": True},
-                            },
-                        }
-                    }
-                },
-            }
-        },
-    )
-    async def embed_slide(request: Request, student: StudentDep, model: ModelDep, settings: SettingsDep) -> JSONResponse:
-        """Embed an uploaded slide: its tissue patches at 0.5 µm/px and their mean as the slide embedding."""
-        started = time.perf_counter()
-        upload = await receive_slide_upload(request, upload_dir=settings.upload_dir, max_bytes=settings.max_upload_bytes)
-        try:
-            options = _parse_slide_options(upload.fields)
-            received_at = time.perf_counter()
-            result = await run_in_threadpool(
-                embed_slide_file, upload.path, model, mpp=options.mpp, max_patches=settings.max_patches_per_slide
-            )
-        finally:
-            upload.path.unlink(missing_ok=True)
-
-        timings = {"upload_s": received_at - started, **result.timings, "total_s": time.perf_counter() - started}
-        logger.info(
-            "embedded slide %s: %d patches, %d bytes, %s",
-            result.slide_id,
-            len(result.coords),
-            upload.size,
-            ", ".join(f"{step} {seconds:.2f}" for step, seconds in timings.items()),
-        )
-        content = {
-            "object": "slide.embedding",
-            "model": student.name,
-            "checkpoint_sha256": student.sha256,
-            "slide_id": result.slide_id,
-            "num_patches": len(result.coords),
-            "embedding_dim": int(result.slide_embedding.shape[0]),
-            **result.metadata,
-            "coords": result.coords.tolist(),
-            "patch_embeddings": result.patch_embeddings.tolist() if options.include_patches else None,
-            "slide_embedding": result.slide_embedding.tolist(),
-            "upload_bytes": upload.size,
-            "timings": timings,
-        }
-        return JSONResponse(content)
-
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=KEYED)
     def list_models(model: ModelDep) -> dict[str, Any]:
-        """List the served student: its name, embedding dimension, checkpoint sha256 and teacher."""
-        loaded = model.ensure_loaded()
-        data = []
-        if loaded is not None:
-            data.append(
-                {
-                    "id": loaded.name,
-                    "object": "model",
-                    "names": [loaded.name, loaded.config["architecture"]],
-                    "dim": loaded.embed_dim,
-                    "checkpoint_sha256": loaded.sha256,
-                    "teacher": loaded.config.get("teacher"),
-                    "licence": loaded.config.get("teacher_licence"),
-                }
-            )
+        """List the served student's outputs: its own embedding and, with a mimic projector, teacher-space output."""
         # "service" lets clients such as `unite teach` check which UNITE service they reached.
-        return {"object": "list", "service": STUDENT_SERVICE, "data": data}
+        return {"object": "list", "service": STUDENT_SERVICE, "data": tiles_api.model_entries(model)}
+
+    @app.get("/metrics", dependencies=KEYED, responses=_ERROR_RESPONSES)
+    def prometheus_metrics(request: Request) -> Response:
+        """Return the Prometheus metrics of this process, in the Prometheus text format."""
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -242,12 +205,3 @@ def _add_routes(app: FastAPI) -> None:
         """Report ready once a student is loaded, and 503 with the reason until then."""
         return {"status": "ready", "model": student.name, "checkpoint_sha256": student.sha256}
 
-
-def _parse_slide_options(fields: dict[str, str]) -> SlideEmbedOptions:
-    # An empty form field means "not given", as browsers send empty inputs.
-    values = {name: value for name, value in fields.items() if value.strip() != ""}
-    try:
-        return SlideEmbedOptions.model_validate(values)
-    except ValidationError as error:
-        problems = [{**problem, "loc": ("body", *problem["loc"])} for problem in error.errors(include_url=False)]
-        raise RequestValidationError(problems) from error

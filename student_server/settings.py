@@ -45,7 +45,8 @@ class StudentSettings(BaseSettings):
     )
     upload_dir: Path = Field(
         default_factory=lambda: Path(tempfile.gettempdir()) / "unite-student-uploads",
-        description="Folder where uploaded slides are written while they are embedded. Each file is deleted afterwards.",
+        description="Folder where uploaded slides are written while they arrive. A complete upload moves into its job's folder, "
+        "and partial uploads older than retention_s are removed.",
     )
     batch_size: int = Field(
         default=32,
@@ -104,7 +105,8 @@ class StudentSettings(BaseSettings):
     shutdown_grace_s: float = Field(
         default=30.0,
         ge=0,
-        description="Seconds a stopping server lets running slide jobs finish before it marks them to resume at the next start.",
+        description="Seconds a stopping server waits for running slide jobs to stop (they stop between batches of tiles) "
+        "before it marks them to resume at the next start.",
     )
     device: str = Field(default="cpu", description="Torch device of the student: 'cpu', 'cuda' or 'cuda:N'.")
     reload_interval_s: float = Field(

@@ -46,6 +46,7 @@ from shared.errors import ConfigError, ModelError, UniteError
 from shared.features import trident_attrs, write_features
 from shared.jobs import format_count
 from shared.models.inference import embed_tiles
+from shared.pooling import POOLING_METHODS, pool_patch_features
 from shared.slides.grid import PatchGrid
 from shared.slides.overlay import save_overlay, save_thumbnail
 from shared.slides.reader import open_slide
@@ -54,7 +55,7 @@ from student_server.errors import TooManyPatchesError
 
 logger = logging.getLogger(__name__)
 
-POOLINGS = ("mean", "max", "mean+max")
+POOLINGS = POOLING_METHODS
 OUTPUT_FILES = {
     "features": "features.h5",
     "slide_features": "slide.h5",
@@ -201,21 +202,12 @@ def run_slide_pipeline(
 
 
 def pool_features(features: np.ndarray, pooling: str) -> np.ndarray:
-    """Pool (N, D) patch features into one (1, D') float32 slide vector.
+    """Pool (N, D) patch features into one (1, D') float32 slide vector with :func:`shared.pooling.pool_patch_features`.
 
-    "mean" and "max" are taken over the patches (the mean accumulated in float64), so D' = D.
-    "mean+max" concatenates the two, mean first, so D' = 2D. Raises :class:`ConfigError` for another
-    pooling and for N = 0.
+    "mean" and "max" give D' = D; "mean+max" concatenates the two, mean first, so D' = 2D. Raises
+    :class:`ConfigError` for another pooling and for N = 0.
     """
-    if pooling not in POOLINGS:
-        raise ConfigError(f"pooling={pooling!r} is invalid, expected one of {', '.join(POOLINGS)}.", value=pooling, limit=list(POOLINGS))
-    if len(features) == 0:
-        raise ConfigError("cannot pool the features of 0 patches; a slide needs at least one patch.", value=0, limit=1)
-
-    mean = features.mean(axis=0, dtype=np.float64).astype(np.float32)
-    maximum = features.max(axis=0).astype(np.float32)
-    pooled = {"mean": mean, "max": maximum, "mean+max": np.concatenate([mean, maximum])}[pooling]
-    return pooled.reshape(1, -1)
+    return pool_patch_features(features, pooling).reshape(1, -1)
 
 
 def embedding_map(features: np.ndarray, coords: np.ndarray, patch_size_level0: int, *, seed: int = 0) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Receiving a slide file from a ``multipart/form-data`` request, streamed to disk with a size limit.
+"""Where a submitted slide comes from: a ``multipart/form-data`` upload streamed to disk, or a path under the data root.
 
 Starlette's own form parsing (1.10) reads the whole body before a handler runs and has no limit on file
 parts, so this module feeds the raw request stream to python-multipart's push parser instead. The file
@@ -19,7 +19,8 @@ from typing import BinaryIO
 import anyio
 from starlette.requests import ClientDisconnect, Request
 
-from student_server.errors import InvalidRequestError, UploadTooLargeError
+from shared.errors import SlideError
+from student_server.errors import InvalidRequestError, SlidePathForbiddenError, UploadTooLargeError
 
 try:
     from python_multipart.exceptions import ParseError
@@ -185,7 +186,7 @@ class _MultipartReceiver:
         self.parts += 1
         if self.parts > MAX_PARTS:
             raise InvalidRequestError(
-                f"the form has more than {MAX_PARTS} parts. Send the file and at most the fields 'mpp' and 'include_patches'.",
+                f"the form has more than {MAX_PARTS} parts. Send the file and at most the fields 'mpp', 'pooling' and 'include_patches'.",
                 limit=MAX_PARTS,
                 value=self.parts,
             )
@@ -254,3 +255,46 @@ def _safe_suffix(filename: str) -> str:
     # Only the extension survives: openslide recognises some formats by it, and the name may identify a patient.
     suffix = Path(filename.replace("\\", "/")).suffix.lower()
     return suffix if _SUFFIX_PATTERN.match(suffix) else ""
+
+
+def resolve_data_path(requested: str, data_root: Path | None) -> Path:
+    """Return the slide file that ``requested`` names under ``data_root``, with symlinks and ``..`` resolved.
+
+    A relative ``requested`` is taken from ``data_root``. Raises :class:`SlidePathForbiddenError` (403)
+    when ``data_root`` is unset or the resolved path lies outside it. That error is the same whether or
+    not the file exists, so a client learns nothing about files outside the data root. Raises
+    :class:`SlideError` (422, reason ``not_found``) for a path inside it that is not a regular file.
+    Messages name ``requested`` as the client sent it, never the server's data root.
+    """
+    if data_root is None:
+        raise SlidePathForbiddenError(
+            "slides cannot be submitted by path because UNITE_STUDENT_DATA_ROOT is not set on the server. "
+            f"Upload the slide as multipart/form-data in the field {FILE_FIELD!r}, or set UNITE_STUDENT_DATA_ROOT "
+            "to the folder whose slides may be read.",
+            limit="UNITE_STUDENT_DATA_ROOT",
+            value=requested,
+        )
+    if not requested.strip() or "\x00" in requested:
+        raise InvalidRequestError(
+            f"path {requested!r} is not a file path. Send the slide's path relative to the data root (UNITE_STUDENT_DATA_ROOT).",
+            value=requested,
+        )
+
+    root = data_root.resolve()
+    candidate = Path(requested)
+    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if not resolved.is_relative_to(root):
+        raise SlidePathForbiddenError(
+            f"path {requested!r} resolves outside the data root (setting UNITE_STUDENT_DATA_ROOT). "
+            "Send a path inside that folder, with no '..' or symlink leading out of it.",
+            limit="UNITE_STUDENT_DATA_ROOT",
+            value=requested,
+        )
+    if not resolved.is_file():
+        raise SlideError(
+            f"path {requested!r} does not exist under the data root or is not a file. Send the path of a slide "
+            "file relative to the data root (UNITE_STUDENT_DATA_ROOT).",
+            reason="not_found",
+            value=requested,
+        )
+    return resolved

@@ -1,4 +1,4 @@
-"""The student server over real HTTP: tile and slide embeddings, readiness, limits and error shapes.
+"""The student server over real HTTP: tile embeddings, readiness, limits and error shapes.
 
 Every test talks to a uvicorn server on 127.0.0.1 through httpx. The student has random weights and is
 saved once per module as a real exported checkpoint. The tests check that the server embeds exactly as
@@ -26,9 +26,7 @@ from shared.imaging import MAX_ASPECT_RATIO, MIN_TILE_SIDE
 from shared.imaging import decode_image, encode_base64_png
 from shared.models.inference import embed_tiles
 from shared.models.student import UNITE_STUDENT_KWARGS, build_unite_student
-from shared.slides.reader import open_slide
-from shared.slides.tiling import iter_tiles, tile_slide
-from student_server.app import SLIDE_EMBED_PATH, create_app
+from student_server.app import create_app
 from student_server.settings import StudentSettings, get_settings
 from unite_cli.pipeline import teach_slides
 
@@ -195,8 +193,9 @@ def test_embeddings_unknown_model_404(client, shared_data):
     assert error["value"] == "uni2-h"
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "L"])
-def test_embeddings_non_rgb_image_422(client, shared_data, mode):
+# RGBA, greyscale and the other convertible modes are covered in test_student_tiles.py.
+@pytest.mark.parametrize("mode", ["1"])
+def test_embeddings_unconvertible_mode_422(client, shared_data, mode):
     rgb = base64.b64encode(lung_tiles(shared_data, 1)[0]).decode("ascii")
     other = png_base64(Image.new(mode, (224, 224)))
 
@@ -230,7 +229,7 @@ def test_embeddings_tiny_tile_422(client):
     assert error["value"] == 1
 
 
-@pytest.mark.parametrize("image_format", ["TIFF", "WEBP"])
+@pytest.mark.parametrize("image_format", ["WEBP", "BMP"])
 def test_embeddings_other_format_422(client, image_format):
     buffer = io.BytesIO()
     Image.new("RGB", (224, 224), (200, 120, 160)).save(buffer, format=image_format)
@@ -239,7 +238,7 @@ def test_embeddings_other_format_422(client, image_format):
     response = client.post("/v1/embeddings", json={"input": [{"image": image}]})
 
     error = assert_error_shape(response, 422, "invalid_image")
-    assert f"input[0].image: image format is {image_format!r}, expected PNG or JPEG" in error["message"]
+    assert f"input[0].image: image format is {image_format!r}, expected PNG, JPEG or TIFF" in error["message"]
     assert error["value"] == image_format
 
 
@@ -407,151 +406,6 @@ def test_teach_rejects_student_server(server, shared_data, tmp_path):
     assert "unite serve-gateway" in error.value.message
     assert not (tmp_path / "cache").exists()
     assert not (tmp_path / "shards").exists()
-
-
-# POST /v1/slides/embed
-
-
-def test_slide_upload_embeds_patches(server, student_model, shared_data, upload_dir, caplog):
-    client, _ = server
-    slide_path = shared_data / "slides" / "CMU-1-Small-Region.svs"
-    client_name = "Doe-Jane-1970-biopsy.svs"
-
-    with caplog.at_level(logging.DEBUG), slide_path.open("rb") as handle:
-        response = client.post(SLIDE_EMBED_PATH, files={"file": (client_name, handle)})
-
-    assert response.status_code == 200, response.text
-    answer = response.json()
-    tiled = tile_slide(slide_path)
-    coords = np.asarray(answer["coords"], dtype=np.int64)
-    patches = np.asarray(answer["patch_embeddings"], dtype=np.float32)
-    slide_embedding = np.asarray(answer["slide_embedding"], dtype=np.float32)
-
-    assert answer["num_patches"] == len(tiled.grid.coords)
-    np.testing.assert_array_equal(coords, tiled.grid.coords)
-    assert patches.shape == (answer["num_patches"], 384)
-    assert slide_embedding.shape == (384,)
-    np.testing.assert_allclose(slide_embedding, patches.mean(axis=0), rtol=0, atol=1e-6)
-    assert answer["slide_id"] == tiled.info.slide_id
-    assert answer["mpp"] == pytest.approx(0.499)
-    assert answer["patch_size_level0"] == tiled.grid.patch_size_level0
-    assert answer["checkpoint_sha256"] == client.get("/readyz").json()["checkpoint_sha256"]
-    assert set(answer["timings"]) == {"upload_s", "tiling_s", "embedding_s", "total_s"}
-
-    with open_slide(slide_path) as slide:
-        first_coords, first_tiles = next(iter_tiles(slide, tiled.grid, batch_size=32))
-    np.testing.assert_array_equal(coords[:32], first_coords)
-    np.testing.assert_allclose(patches[:32], embed_tiles(student_model, first_tiles), rtol=0, atol=1e-5)
-
-    assert list(upload_dir.iterdir()) == []
-    assert client_name not in caplog.text
-    assert "Doe-Jane" not in caplog.text
-
-
-def test_slide_upload_mpp_override_without_patches(client, shared_data):
-    # This TIFF reports an absurd 1000 µm/px, so only the override makes it usable.
-    slide_path = shared_data / "slides" / "BRACS_1640_N_3_cropped.tiff"
-
-    with slide_path.open("rb") as handle:
-        response = client.post(SLIDE_EMBED_PATH, files={"file": ("crop.tiff", handle)}, data={"mpp": "0.5", "include_patches": "false"})
-
-    assert response.status_code == 200, response.text
-    answer = response.json()
-    assert answer["mpp"] == 0.5
-    assert answer["mpp_source"] == "override"
-    assert answer["patch_embeddings"] is None
-    assert answer["num_patches"] == len(answer["coords"])
-    assert len(answer["slide_embedding"]) == 384
-
-
-def test_slide_without_resolution_422(client, shared_data, upload_dir):
-    slide_path = shared_data / "slides" / "BRACS_1640_N_3_cropped.tiff"
-
-    with slide_path.open("rb") as handle:
-        response = client.post(SLIDE_EMBED_PATH, files={"file": ("crop.tiff", handle)})
-
-    error = assert_error_shape(response, 422, "invalid_slide")
-    assert "form field 'mpp'" in error["message"]
-    assert str(upload_dir) not in response.text
-    assert "upload-" not in response.text
-
-
-def test_slide_not_a_slide_422(client, upload_dir):
-    response = client.post(SLIDE_EMBED_PATH, files={"file": ("Smith-John-notes.svs", b"these are notes, not a slide")})
-
-    error = assert_error_shape(response, 422, "invalid_slide")
-    assert error["message"].startswith("uploaded slide ")
-    assert str(upload_dir) not in response.text
-    assert "upload-" not in response.text
-    assert "Smith-John" not in response.text
-    assert "/tmp" not in response.text
-    assert list(upload_dir.iterdir()) == []
-
-
-def test_slide_missing_file_field_422(client):
-    response = client.post(SLIDE_EMBED_PATH, files={"slide": ("a.svs", b"data")})
-
-    error = assert_error_shape(response, 422, "invalid_request")
-    assert "'file'" in error["message"]
-
-
-def test_slide_invalid_form_field_422(client):
-    response = client.post(SLIDE_EMBED_PATH, files={"file": ("a.svs", b"data")}, data={"mpp": "fast"})
-
-    error = assert_error_shape(response, 422, "invalid_request")
-    assert "mpp" in error["message"]
-
-
-def test_slide_not_multipart_422(client):
-    response = client.post(SLIDE_EMBED_PATH, json={"file": "slide.svs"})
-
-    error = assert_error_shape(response, 422, "invalid_request")
-    assert "multipart/form-data" in error["message"]
-
-
-@pytest.fixture(scope="module")
-def small_upload_server(checkpoint, tmp_path_factory):
-    upload_dir = tmp_path_factory.mktemp("small-uploads")
-    app = create_app(StudentSettings(checkpoint_dir=checkpoint, upload_dir=upload_dir, max_upload_bytes=100_000))
-    with run_app(app) as base_url, httpx.Client(base_url=base_url, timeout=60) as client:
-        yield client, upload_dir
-
-
-def test_slide_upload_over_limit_413(small_upload_server, shared_data):
-    client, upload_dir = small_upload_server
-    slide_path = shared_data / "slides" / "CMU-1-Small-Region.svs"
-
-    with slide_path.open("rb") as handle:
-        response = client.post(SLIDE_EMBED_PATH, files={"file": ("a.svs", handle)})
-
-    error = assert_error_shape(response, 413, "upload_too_large")
-    assert error["limit"] == 100_000
-    assert error["value"] > slide_path.stat().st_size
-    assert "100000" in error["message"]
-    assert list(upload_dir.iterdir()) == []
-
-
-def test_slide_streamed_upload_over_limit_413(small_upload_server, shared_data):
-    # Without a Content-Length the limit is enforced while the file part streams to disk.
-    client, upload_dir = small_upload_server
-    data = (shared_data / "slides" / "CMU-1-Small-Region.svs").read_bytes()
-    boundary = "unite-test-boundary"
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.svs"\r\n\r\n'.encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-
-    def chunks():
-        for start in range(0, len(body), 65536):
-            yield body[start : start + 65536]
-
-    response = client.post(SLIDE_EMBED_PATH, content=chunks(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
-
-    error = assert_error_shape(response, 413, "upload_too_large")
-    assert error["limit"] == 100_000
-    assert 100_000 < error["value"] < len(data)
-    assert list(upload_dir.iterdir()) == []
 
 
 # settings

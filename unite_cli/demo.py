@@ -27,6 +27,8 @@ from unite_cli.pipeline import teach_slides, tile_to_patch_files
 logger = logging.getLogger(__name__)
 
 SLIDE_EMBED_TIMEOUT_S = 1800.0
+# Seconds between two polls of a slide job's status.
+SLIDE_POLL_S = 0.5
 
 
 @contextmanager
@@ -73,7 +75,7 @@ def run_demo(*, slide: Path | None, mpp: float | None, out_dir: Path, epochs: in
             command=f"unite demo --epochs {epochs} --batch-size {batch_size}",
         )
 
-    student_app = create_student_app(StudentSettings(checkpoint_dir=trained.checkpoint_dir, upload_dir=out_dir / "uploads"))
+    student_app = create_student_app(StudentSettings(checkpoint_dir=trained.checkpoint_dir, upload_dir=out_dir / "uploads", jobs_dir=out_dir / "jobs"))
     with _timed(timings, "embed the slide over HTTP"), running_server(student_app) as student_url:
         answer = _embed_slide(student_url, slide, mpp)
 
@@ -103,14 +105,27 @@ def run_demo(*, slide: Path | None, mpp: float | None, out_dir: Path, epochs: in
 
 
 def _embed_slide(student_url: str, slide: Path, mpp: float | None) -> dict:
+    """Submit the slide as a job of the student server, wait for it, and return its result with the patches."""
     data = {"include_patches": "true"}
     if mpp is not None:
         data["mpp"] = str(mpp)
-    with slide.open("rb") as handle, httpx.Client(base_url=student_url, timeout=SLIDE_EMBED_TIMEOUT_S) as client:
-        response = client.post("/v1/slides/embed", files={"file": ("slide" + slide.suffix, handle)}, data=data)
-    if response.status_code != 200:
-        raise UniteError(f"student server failed to embed the slide: HTTP {response.status_code}: {response.text[:500]}")
-    return response.json()
+    with httpx.Client(base_url=student_url, timeout=60.0) as client:
+        with slide.open("rb") as handle:
+            response = client.post("/v1/slides", files={"file": ("slide" + slide.suffix, handle)}, data=data)
+        if response.status_code != 202:
+            raise UniteError(f"student server rejected the slide: HTTP {response.status_code}: {response.text[:500]}")
+        job_url = response.headers["location"]
+
+        deadline = time.monotonic() + SLIDE_EMBED_TIMEOUT_S
+        job = response.json()
+        while job["status"] in ("queued", "running"):
+            if time.monotonic() > deadline:
+                raise UniteError(f"the student server's slide job {job['id']} did not finish within {SLIDE_EMBED_TIMEOUT_S:.0f} s.")
+            time.sleep(SLIDE_POLL_S)
+            job = client.get(job_url).raise_for_status().json()
+        if job["status"] != "succeeded":
+            raise UniteError(f"the student server failed to embed the slide (job {job['status']}): {job['error']}")
+        return client.get(job["links"]["result"]).raise_for_status().json()
 
 
 def _print_summary(figures, taught, trained, timings, patch_file, features_path, out_dir) -> None:

@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shared.pooling import POOLING_METHODS
 from unite_cli.slide_options import add_resolution_arguments, add_slide_source_arguments, resolution_overrides
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ OUTPUT_FOLDERS = {
 WORK_FOLDER = ".work"
 # Limits stated in the help. The checks that enforce them are in student_server.slide_pipeline and shared.slides.tiling.
 MAX_READ_WORKERS = 64
-POOLINGS = ("mean", "max", "mean+max")
+POOLINGS = POOLING_METHODS
 
 DESCRIPTION = (
     "Embed every tissue patch of slides with an exported student and pool the patches into a slide embedding, "

@@ -18,7 +18,15 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from shared.errors import ConfigError, UniteError
+from unite_cli.bench import DESCRIPTION as BENCH_DESCRIPTION
+from unite_cli.bench import add_bench_arguments, run_bench_command
 from unite_cli.distill import add_distill_arguments, run_distill
+from unite_cli.distill_worker import DESCRIPTION as DISTILL_WORKER_DESCRIPTION
+from unite_cli.distill_worker import add_distill_worker_arguments, run_distill_worker
+from unite_cli.embed import DESCRIPTION as EMBED_DESCRIPTION
+from unite_cli.embed import add_embed_arguments, run_embed
+from unite_cli.pool import DESCRIPTION as POOL_DESCRIPTION
+from unite_cli.pool import add_pool_arguments, run_pool
 from unite_cli.serve_gateway import GATEWAY_OPTIONS, add_gateway_arguments
 from unite_cli.teach import DESCRIPTION as TEACH_DESCRIPTION
 from unite_cli.teach import add_teach_arguments, run_teach
@@ -59,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_distill_arguments(distill)
 
+    distill_worker = commands.add_parser(
+        "distill-worker", help="train and publish a new student whenever enough new training tiles arrived", description=DISTILL_WORKER_DESCRIPTION
+    )
+    add_distill_worker_arguments(distill_worker)
+
     export_onnx = commands.add_parser(
         "export-onnx",
         help="write an exported student as an ONNX file, checked against torch with onnxruntime",
@@ -68,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     export_onnx.add_argument("checkpoint", type=Path, help="exported student folder, as `unite distill` writes it (OUT/student)")
     export_onnx.add_argument("--out", type=Path, required=True, help="ONNX file to write, replaced if it exists")
     export_onnx.add_argument("--opset", type=int, default=17, help="ONNX opset version, at least 14 (default: 17)")
+
+    embed = commands.add_parser(
+        "embed", help="embed slides' patches with an exported student and pool them, skipping slides already done", description=EMBED_DESCRIPTION
+    )
+    add_embed_arguments(embed)
+
+    pool = commands.add_parser(
+        "pool", help="pool patch feature files into slide or case feature files (mean, max or mean+max)", description=POOL_DESCRIPTION
+    )
+    add_pool_arguments(pool)
+
+    bench = commands.add_parser(
+        "bench", help="compare two or more models' features on labelled samples and write a report", description=BENCH_DESCRIPTION
+    )
+    add_bench_arguments(bench)
 
     gateway = commands.add_parser("serve-gateway", help="run the teacher gateway HTTP service")
     add_gateway_arguments(gateway)
@@ -203,12 +231,30 @@ def _run(args: argparse.Namespace) -> int:
         _check_output_folder(args.out, "--out")
         return run_distill(args)
 
+    if args.command == "distill-worker":
+        _check_output_folder(args.out, "--out")
+        _check_output_folder(args.publish_root, "--publish-root")
+        return run_distill_worker(args)
+
     if args.command == "export-onnx":
         from distiller.onnx_export import export_onnx
 
         _check_input_folder(args.checkpoint, "CHECKPOINT")
         print(export_onnx(args.checkpoint, args.out, opset=args.opset).summary())
         return 0
+
+    if args.command == "embed":
+        _check_input_folder(args.checkpoint, "--checkpoint")
+        _check_output_folder(args.out, "--out")
+        return run_embed(args)
+
+    if args.command == "pool":
+        _check_output_folder(args.out, "--out")
+        return run_pool(args)
+
+    if args.command == "bench":
+        _check_output_folder(args.out, "--out")
+        return run_bench_command(args)
 
     if args.command == "serve-gateway":
         from unite_cli.serve_gateway import gateway_settings, serve_gateway
@@ -225,6 +271,9 @@ def _run(args: argparse.Namespace) -> int:
 
         settings = StudentSettings(**_overrides(host=args.host, port=args.port, checkpoint_dir=args.checkpoint))
         _check_output_folder(settings.upload_dir, "UNITE_STUDENT_UPLOAD_DIR")
+        from shared.logs import configure_logging
+
+        configure_logging(settings.log_format, level=logging.getLogger().level)
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
         return 0
 

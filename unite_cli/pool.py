@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 DESCRIPTION = (
     "Pool per-patch features into one vector per slide, or per case with --cases. mean: the mean over patches (D); "
-    "max: the elementwise maximum (D); mean_max: both, concatenated (2 D). With --cases, early fusion pools the patches "
+    "max: the elementwise maximum (D); mean+max: both, concatenated (2 D). With --cases, early fusion pools the patches "
     "of all slides of a case together, and late fusion pools each slide and averages the slide features. Output files "
     "keep TRIDENT's layout, with features of shape (1, D) and the attributes pooling, fusion and encoder."
 )
