@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from servers import run_app
+
+import student_server.engine
 from shared.checkpoint import load_student, save_student
 from shared.errors import ConfigError, ImageError
-from shared.imaging import MAX_ASPECT_RATIO, MIN_TILE_SIDE
-from shared.imaging import decode_image, encode_base64_png
+from shared.imaging import MAX_ASPECT_RATIO, MIN_TILE_SIDE, decode_image, encode_base64_png
 from shared.models.inference import embed_tiles
 from shared.models.student import UNITE_STUDENT_KWARGS, build_unite_student
 from student_server.app import create_app
@@ -284,21 +284,17 @@ def test_embeddings_malformed_json_422(client):
     assert "not valid JSON" in error["message"]
 
 
-def test_unexpected_error_is_generic_500(server, shared_data, caplog):
+def test_unexpected_error_is_generic_500(server, shared_data, caplog, monkeypatch):
     client, app = server
     image = base64.b64encode(lung_tiles(shared_data, 1)[0]).decode("ascii")
-    student = app.state.student
-    original_embed = student.embed
 
-    def failing_embed(tiles):
+    def failing_forward(*args, **kwargs):
         raise RuntimeError("secret detail /srv/private/path")
 
-    student.embed = failing_embed
-    try:
-        with caplog.at_level(logging.ERROR, logger="student_server"):
-            response = client.post("/v1/embeddings", json={"input": [{"image": image}]})
-    finally:
-        student.embed = original_embed
+    # The engine's batcher thread runs the forward pass; an error there must reach the client as a bare 500.
+    monkeypatch.setattr(student_server.engine, "embed_with", failing_forward)
+    with caplog.at_level(logging.ERROR, logger="student_server"):
+        response = client.post("/v1/embeddings", json={"input": [{"image": image}]})
 
     error = assert_error_shape(response, 500, "internal_error")
     request_id = response.headers["x-request-id"]
