@@ -50,11 +50,11 @@ def slide_files(histograms, tmp_path):
     return paths, features
 
 
-@pytest.mark.parametrize("method", ["mean", "max", "mean_max"])
+@pytest.mark.parametrize("method", ["mean", "max", "mean+max"])
 def test_slide_pooling_methods(slide_files, tmp_path, method):
     paths, features = slide_files
     rows = features["slide_a"].astype(np.float64)
-    expected = {"mean": rows.mean(axis=0), "max": rows.max(axis=0), "mean_max": np.concatenate([rows.mean(axis=0), rows.max(axis=0)])}[method]
+    expected = {"mean": rows.mean(axis=0), "max": rows.max(axis=0), "mean+max": np.concatenate([rows.mean(axis=0), rows.max(axis=0)])}[method]
 
     out = pool_slide_file(paths["slide_a"], tmp_path / "slides" / "slide_a.h5", method=method)
 
@@ -85,7 +85,7 @@ def test_pooled_file_layout_on_disk(slide_files, tmp_path):
         assert file.attrs["pooling"] == "mean"
 
 
-@pytest.mark.parametrize("method", ["mean", "max", "mean_max"])
+@pytest.mark.parametrize("method", ["mean", "max", "mean+max"])
 def test_case_fusion_modes(slide_files, tmp_path, method):
     paths, features = slide_files
     a = features["slide_a"].astype(np.float64)
@@ -93,7 +93,7 @@ def test_case_fusion_modes(slide_files, tmp_path, method):
     both = np.concatenate([a, b])
 
     def pool(rows):
-        return {"mean": rows.mean(axis=0), "max": rows.max(axis=0), "mean_max": np.concatenate([rows.mean(axis=0), rows.max(axis=0)])}[method]
+        return {"mean": rows.mean(axis=0), "max": rows.max(axis=0), "mean+max": np.concatenate([rows.mean(axis=0), rows.max(axis=0)])}[method]
 
     early = read_features(pool_case_files(paths, tmp_path / "early.h5", case_id="case1", method=method, fusion="early"))
     late = read_features(pool_case_files(paths, tmp_path / "late.h5", case_id="case1", method=method, fusion="late"))
@@ -125,10 +125,10 @@ def test_early_max_of_one_slide(slide_files, tmp_path):
 
 def test_late_fusion_of_pooled_slides(slide_files, tmp_path):
     paths, _ = slide_files
-    pooled = {slide_id: pool_slide_file(path, tmp_path / "slides" / f"{slide_id}.h5", method="mean_max") for slide_id, path in paths.items()}
+    pooled = {slide_id: pool_slide_file(path, tmp_path / "slides" / f"{slide_id}.h5", method="mean+max") for slide_id, path in paths.items()}
 
-    from_slides = read_features(pool_case_files(pooled, tmp_path / "a.h5", case_id="c", method="mean_max", fusion="late"))
-    from_patches = read_features(pool_case_files(paths, tmp_path / "b.h5", case_id="c", method="mean_max", fusion="late"))
+    from_slides = read_features(pool_case_files(pooled, tmp_path / "a.h5", case_id="c", method="mean+max", fusion="late"))
+    from_patches = read_features(pool_case_files(paths, tmp_path / "b.h5", case_id="c", method="mean+max", fusion="late"))
 
     np.testing.assert_allclose(from_slides.features, from_patches.features, rtol=1e-6)
     assert from_slides.attrs["patch_count"] == 10
@@ -199,11 +199,11 @@ def test_unite_pool_slides_and_cases(slide_files, tmp_path):
     cases = tmp_path / "cases.csv"
     cases.write_text("slide_id,case_id,site\nslide_a,case1,lung\nslide_b,case1,lung\n")
 
-    slides = _run_pool(str(folder), "--out", str(tmp_path / "slides"), "--pooling", "mean_max")
+    slides = _run_pool(str(folder), "--out", str(tmp_path / "slides"), "--pooling", "mean+max")
     case = _run_pool(str(folder), "--out", str(tmp_path / "cases"), "--cases", str(cases), "--fusion", "early", "--pooling", "max")
 
     assert slides.returncode == 0, slides.stderr
-    assert slides.stdout.strip() == f"pooled 2 slides with mean_max pooling into {tmp_path / 'slides'}"
+    assert slides.stdout.strip() == f"pooled 2 slides with mean+max pooling into {tmp_path / 'slides'}"
     slide_a = read_features(tmp_path / "slides" / "slide_a.h5")
     assert slide_a.features.shape == (1, 96)
     np.testing.assert_allclose(slide_a.features[0, 48:], features["slide_a"].max(axis=0))

@@ -44,9 +44,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     labels = parser.add_mutually_exclusive_group(required=True)
-    labels.add_argument("--labels", type=Path, metavar="CSV", help="CSV with a slide_id or case_id column (the file names) and a label column; folds are made here")
+    labels.add_argument(
+        "--labels", type=Path, metavar="CSV", help="CSV with a slide_id or case_id column (the file names) and a label column; folds are made here"
+    )
     labels.add_argument("--split", type=Path, metavar="TSV", help="Patho-Bench split TSV with case_id, slide_id, a label and fold_0 ... fold_K columns")
-    parser.add_argument("--label-column", default=None, help="label column of --labels or --split (default: 'label', or the one column that is not an id or a fold)")
+    parser.add_argument(
+        "--label-column", default=None, help="label column of --labels or --split (default: 'label', or the one column that is not an id or a fold)"
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="FOLDER", help="output folder for the report and figures (created if missing)")
     parser.add_argument(
         "--level",

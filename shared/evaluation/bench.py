@@ -114,21 +114,19 @@ def run_bench(feature_sets: Sequence[FeatureSet], labels: Sequence, folds: Seque
     Row ``i`` of every feature set and ``labels[i]`` describe the same sample. Raises
     :class:`ConfigError` for fewer than 2 feature sets, repeated names, an unknown reference, or a
     feature set whose row count differs from the labels.
+
+    NOTE: for a tile-level task the bootstraps resample tiles, not slides. Tiles of one slide are
+    alike, so one-fold and agreement intervals are then narrower than the spread across slides.
     """
     labels = np.asarray(labels)
     reference = _check_inputs(feature_sets, labels, folds, options)
 
     models = []
     for feature_set in feature_sets:
-        protocols = {
-            "linear_probe": run_linear_probe(
-                feature_set.features, labels, folds, cost=options.cost, balanced=options.balanced, bootstrap_resamples=options.bootstrap_resamples, seed=options.seed
-            )
-        }
+        resampling = {"bootstrap_resamples": options.bootstrap_resamples, "seed": options.seed}
+        protocols = {"linear_probe": run_linear_probe(feature_set.features, labels, folds, cost=options.cost, balanced=options.balanced, **resampling)}
         for metric in options.retrieval_metrics:
-            protocols[f"retrieval_{metric}"] = run_retrieval(
-                feature_set.features, labels, folds, metric=metric, ks=options.ks, bootstrap_resamples=options.bootstrap_resamples, seed=options.seed
-            )
+            protocols[f"retrieval_{metric}"] = run_retrieval(feature_set.features, labels, folds, metric=metric, ks=options.ks, **resampling)
         models.append(ModelResult(feature_set=feature_set, protocols=protocols))
         logger.info("benchmarked %s: balanced accuracy %.3f", feature_set.name, protocols["linear_probe"].summary["balanced_accuracy"].mean)
 
@@ -140,7 +138,11 @@ def run_bench(feature_sets: Sequence[FeatureSet], labels: Sequence, folds: Seque
 
 
 def compare_with_reference(feature_set: FeatureSet, reference: FeatureSet, labels: np.ndarray, options: BenchOptions) -> AgreementResult:
-    """Return the agreement metrics of ``feature_set`` with ``reference`` on all samples, with bootstrap intervals."""
+    """Return the agreement metrics of ``feature_set`` with ``reference`` on all samples, with bootstrap intervals.
+
+    The k-NN searches run once, in O(N^2 D) time. CKA is recomputed on every resample, in O(N D^2) time
+    each, so many tiles of wide features make the CKA interval the slow part.
+    """
     x = reference.features
     y = feature_set.features
     count = len(x)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 LEVELS = ("slide", "tile")
 # Keys of a --model-info JSON file, and the feature file attributes read when the JSON gives none.
 MODEL_INFO_KEYS = ("parameters", "embedding_dim", "throughput_tiles_per_s", "throughput_note")
+_NAME = re.compile(r"[A-Za-z0-9._+-]+")
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class BenchLabels:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Facts about a model that its features cannot show, each None when nobody gave it.
+    """Facts about a model that its features cannot show, each None when not given.
 
     ``throughput_tiles_per_s`` is a measured rate, which means little without ``throughput_note``
     (device, precision, batch size). ``source`` is the JSON file or "feature file attributes".
@@ -112,6 +114,12 @@ def read_labels_csv(path: Path, label_column: str | None = None) -> BenchLabels:
                 raise ConfigError(f"labels file {path}, line {line}: column {column!r} is empty. Fill it or remove the row.", value=line)
 
     sample_column = id_columns[0]
+    if "case_id" not in columns:
+        logger.warning(
+            "labels file %s has no case_id column, so each slide is its own case and the slides of one patient may fall on "
+            "both sides of a fold. Add a case_id column if any patient has several slides.",
+            path,
+        )
     sample_ids = np.array([row[sample_column].strip() for row in rows], dtype=object)
     case_column = "case_id" if "case_id" in columns else sample_column
     case_ids = np.array([row[case_column].strip() for row in rows], dtype=object)
@@ -200,7 +208,9 @@ def load_bench_task(
     model_info = dict(model_info or {})
     unknown = sorted(set(model_info) - set(folders))
     if unknown:
-        raise ConfigError(f"--model-info names {unknown}, which no --features option names ({list(folders)}). Use the names given to --features.", value=unknown)
+        raise ConfigError(
+            f"--model-info names {unknown}, which no --features option names ({list(folders)}). Use the names given to --features.", value=unknown
+        )
     for name, folder in folders.items():
         if not Path(folder).is_dir():
             raise ConfigError(f"--features {name}={folder}: folder not found. Pass a folder of TRIDENT-layout ID.h5 feature files.", value=str(folder))
@@ -251,6 +261,11 @@ def parse_named_paths(values: Sequence[str], option: str) -> dict[str, Path]:
         name = name.strip()
         if not separator or not name or not path:
             raise ConfigError(f"{option} {value!r} is invalid, expected NAME=PATH, for example {option} student=features/student.", value=value)
+        if not _NAME.fullmatch(name):
+            raise ConfigError(
+                f"{option}: name {name!r} is invalid, expected letters, digits and . _ + - only, because it heads a column of the report.",
+                value=name,
+            )
         if name in named:
             raise ConfigError(f"{option}: name {name!r} is given twice. Give each model a different name.", value=name)
         named[name] = Path(path)
@@ -353,7 +368,11 @@ def _model_info(name: str, files: list[FeatureFile], info_path: Path | None, dim
     for key in ("parameters", "throughput_tiles_per_s", "throughput_note"):
         values = sorted({file.attrs[key] for file in files if key in file.attrs}, key=str)
         if len(values) > 1:
-            raise ConfigError(f"--features {name}: the files give {len(values)} different values of attribute {key!r} ({values[:3]}). Fix the attributes, or pass --model-info.", value=values[:3])
+            raise ConfigError(
+                f"--features {name}: the files give {len(values)} different values of attribute {key!r} ({values[:3]}). "
+                "Fix the attributes, or pass --model-info.",
+                value=values[:3],
+            )
         if values:
             from_attrs[key] = values[0]
     if info_path is None:

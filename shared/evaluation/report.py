@@ -128,7 +128,10 @@ def report_markdown(result: BenchResult, data: dict, files: ReportFiles) -> str:
     names = [model.name for model in result.models]
     options = result.options
     if result.interval_method == "bootstrap":
-        interval = f"one fold, so each cell is the test-set value [2.5th, 97.5th percentile] of {options.bootstrap_resamples} bootstrap resamples of the test set"
+        interval = (
+            f"one fold, so each cell is the test-set value [2.5th, 97.5th percentile] of {options.bootstrap_resamples} "
+            "bootstrap resamples of the test set"
+        )
     else:
         interval = f"{len(result.folds)} folds, so each cell is the mean ± standard error over folds"
     classes = ", ".join(f"{label} {count}" for label, count in data["task"]["classes"].items())
@@ -138,7 +141,8 @@ def report_markdown(result: BenchResult, data: dict, files: ReportFiles) -> str:
         lines.append(f"- {key}: {value}")
     lines += [
         f"- samples: {len(result.labels)} ({classes})",
-        f"- intervals: {interval}. Agreement with the reference is bootstrapped over all samples ({options.bootstrap_resamples} resamples, 95% percentile interval).",
+        f"- intervals: {interval}. Agreement with the reference is bootstrapped over all samples "
+        f"({options.bootstrap_resamples} resamples, 95% percentile interval).",
         f"- linear probe: LogisticRegression(C={options.cost}, max_iter=10000, class_weight={'balanced' if options.balanced else None!r}) on raw features.",
         f"- retrieval: test samples query the train samples of each fold by {' and '.join(options.retrieval_metrics)}, k in {', '.join(map(str, options.ks))}.",
         f"- reference model: {result.reference}; neighbours for agreement ranked by {options.agreement_metric} similarity.",
@@ -187,7 +191,8 @@ def plot_metrics(result: BenchResult, path: Path) -> Path:
 
     panels = [("protocol metrics", [model.name for model in result.models], {model.name: model.metrics() for model in result.models})]
     if result.agreement:
-        panels.append((f"agreement with {result.reference}", [item.model for item in result.agreement], {item.model: item.metrics for item in result.agreement}))
+        agreement = {item.model: item.metrics for item in result.agreement}
+        panels.append((f"agreement with {result.reference}", list(agreement), agreement))
 
     rows = max(len(next(iter(metrics.values()))) for _, _, metrics in panels)
     figure = Figure(figsize=(7.0 * len(panels), 1.0 + 0.3 * rows * max(1, len(result.models)) ** 0.5))
