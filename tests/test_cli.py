@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,13 @@ from teacher_gateway.settings import GatewaySettings
 from test_distiller import _lung_tiles, _write_shards
 from unite_cli.main import build_parser, main
 
-SUBCOMMANDS = ["fetch-sample", "tile", "teach", "distill", "serve-gateway", "serve-student", "demo"]
+SUBCOMMANDS = ["fetch-sample", "tile", "teach", "distill", "distill-worker", "export-onnx", "embed", "pool", "bench", "serve-gateway", "serve-student", "demo"]
+
+
+def test_every_subcommand_has_a_help_test():
+    subparsers = next(action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction))
+
+    assert sorted(subparsers.choices) == sorted(SUBCOMMANDS)
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
