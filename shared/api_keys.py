@@ -11,6 +11,10 @@ A keys file is TOML, one ``[[keys]]`` table per key::
 The same file works for both services, so a lab can hand one key to a user for both. A request sends
 its key as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. The services keep and compare only
 digests, so the file holds no key, and no key is ever logged or put in an error message.
+
+The digest is over the bytes of the header value, so a key with non-ASCII characters matches when the
+client sends it as UTF-8, as ``printf %s "$KEY" | sha256sum`` hashes it in a UTF-8 locale. Browsers send
+header values as Latin-1 instead, so give keys ASCII characters only (``openssl rand -hex 32`` makes one).
 """
 
 from __future__ import annotations
@@ -44,8 +48,11 @@ class KeysFile(BaseModel):
 
 
 def hash_key(key: str) -> str:
-    """Return the sha256 hex digest of ``key``'s UTF-8 bytes, the form the keys file stores."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    """Return the sha256 hex digest of ``key``'s UTF-8 bytes, the form the keys file stores.
+
+    Bytes that :func:`presented_key` kept as surrogate escapes are hashed as the bytes the client sent.
+    """
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def read_keys_file(path: Path, *, setting: str, reserved_names: frozenset[str] = frozenset()) -> dict[str, KeyEntry]:
@@ -104,7 +111,10 @@ def presented_key(authorization: str | None, api_key: str | None, *, unauthorize
 
     Raises ``unauthorized`` (the service's 401 error class) when no key was sent or the Authorization
     header uses another scheme. ``service`` names the service in the message, as in "this gateway".
+    The key is returned as the UTF-8 text of the header's bytes (see :func:`_header_text`).
     """
+    authorization = _header_text(authorization)
+    api_key = _header_text(api_key)
     if authorization:
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "bearer":
@@ -115,6 +125,22 @@ def presented_key(authorization: str | None, api_key: str | None, *, unauthorize
     if api_key and api_key.strip():
         return api_key.strip()
     raise unauthorized(f"missing API key: this {service} requires one. {HOW_TO_SEND}")
+
+
+def _header_text(value: str | None) -> str | None:
+    """Return a header value as the UTF-8 text of the bytes the client sent.
+
+    Starlette decodes header bytes as Latin-1, so encoding the value as Latin-1 restores the bytes.
+    Bytes that are not UTF-8 become surrogate escapes, which :func:`hash_key` turns back into those bytes.
+    A value with characters outside Latin-1 did not come from a header and is returned unchanged.
+    """
+    if value is None:
+        return None
+    try:
+        raw = value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def _field_name(location: tuple[object, ...]) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import uuid
 from typing import Any
 
@@ -142,10 +143,31 @@ class _ErrorHandlers:
         return JSONResponse(body, status_code=422)
 
     async def handle_http_error(self, request: Request, error: StarletteHTTPException) -> JSONResponse:
-        message = f"{request.method} {request.url.path}: {error.detail}"
+        if error.status_code == 400 and isinstance(error.__cause__, (RecursionError, ValueError)):
+            # FastAPI turns every JSON parsing failure other than JSONDecodeError into a bare 400.
+            return self._invalid_json(request, error.__cause__)
+        message = f"{request.method} {shorten_echoed(request.url.path)}: {error.detail}"
         code = _HTTP_ERROR_CODES.get(error.status_code, "http_error")
         body = {"error": {"code": code, "message": message, "limit": None, "value": None}}
         return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+
+    def _invalid_json(self, request: Request, cause: BaseException) -> JSONResponse:
+        message = f"invalid request: the body is not valid JSON ({_json_parse_problem(cause)}). Send a JSON body of the protocol."
+        self.logger.warning("request %s rejected with 422: %s", request_id_of(request), message)
+        body = {"error": {"code": InvalidRequestError.code, "message": message, "limit": None, "value": None}}
+        return JSONResponse(body, status_code=422)
+
+
+def _json_parse_problem(cause: BaseException) -> str:
+    """Describe why Python's json module failed on a body, for the errors it raises besides JSONDecodeError."""
+    if isinstance(cause, RecursionError):
+        return "arrays or objects are nested too deeply"
+    if isinstance(cause, UnicodeDecodeError):
+        return f"it is not valid {cause.encoding} text"
+    if "integer string conversion" in str(cause):
+        # CPython 3.11 limits int() to 4300 digits (sys.get_int_max_str_digits()).
+        return f"a number has more than {sys.get_int_max_str_digits()} digits"
+    return f"{type(cause).__name__}: {shorten_echoed(str(cause))}"
 
 
 def describe_validation_problem(problem: dict[str, Any], *, content_type: str | None = None) -> str:
@@ -158,7 +180,7 @@ def describe_validation_problem(problem: dict[str, Any], *, content_type: str | 
         return f"the body is not valid JSON ({problem.get('ctx', {}).get('error', problem.get('msg'))})"
     location = tuple(problem.get("loc", ()))
     if location == ("body",) and isinstance(problem.get("input"), (bytes, bytearray)):
-        sent = f"with Content-Type {_shorten(content_type)!r}" if content_type else "without a Content-Type header"
+        sent = f"with Content-Type {shorten_echoed(content_type)!r}" if content_type else "without a Content-Type header"
         return (
             f"the body was sent {sent}, so it was not read as JSON. "
             "Send the JSON body with the header `Content-Type: application/json`"
@@ -170,9 +192,9 @@ def describe_validation_problem(problem: dict[str, Any], *, content_type: str | 
         if isinstance(part, int):
             field += f"[{part}]"
         elif field:
-            field += f".{_shorten(str(part))}"
+            field += f".{shorten_echoed(str(part))}"
         else:
-            field = _shorten(str(part))
+            field = shorten_echoed(str(part))
     return f"{field or 'body'}: {problem.get('msg')}"
 
 
@@ -202,16 +224,32 @@ def _jsonable_preview(value: Any) -> Any:
         # JSON has no Infinity or NaN, and starlette's encoder raises for them.
         return value if math.isfinite(value) else str(value)
     text = value if isinstance(value, str) else repr(value)
-    return _printable(_shorten(text))
+    return _printable(shorten_echoed(text))
 
 
-def _shorten(text: str) -> str:
+def shorten_echoed(text: str) -> str:
+    """Return ``text`` cut to :data:`MAX_ECHOED_CHARS` characters plus "...", for echoing request text in errors."""
     return text if len(text) <= MAX_ECHOED_CHARS else text[:MAX_ECHOED_CHARS] + "..."
 
 
 def _printable(text: str) -> str:
     """Escape lone surrogates and other characters that UTF-8 cannot encode, so the response can be sent."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class AccessLogQueryFilter(logging.Filter):
+    """Remove the query string from uvicorn's access log lines, because a client may send an API key in it.
+
+    uvicorn (0.30 and later) logs ``(client, method, path with query, HTTP version, status)`` on the
+    ``uvicorn.access`` logger. Install the filter on that logger after uvicorn configured its logging.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and len(record.args) >= 3 and isinstance(record.args[2], str):
+            arguments = list(record.args)
+            arguments[2] = arguments[2].partition("?")[0]
+            record.args = tuple(arguments)
+        return True
 
 
 class RequestGuardMiddleware:

@@ -16,6 +16,7 @@ reader sees either the previous export or the new one, never a mix. The student 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,8 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from shared.checkpoint import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, file_sha256
-from shared.errors import ConfigError
+from shared.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +53,20 @@ def current_version(root: Path) -> Path | None:
 def publish_student(export_dir: Path, root: Path, *, keep: int = DEFAULT_KEEP) -> Path:
     """Copy the exported student in ``export_dir`` into ``root/versions/`` and point ``root/current`` at it.
 
-    Returns the version folder now served. Publishing the weights that ``current`` already serves changes
-    nothing and returns that folder. The ``keep`` newest versions stay on disk (the current one always),
-    so a server that is still reading the previous export finds it. Raises :class:`ConfigError` when
-    ``export_dir`` is not an exported student (no weights, no config.json, or a config.json whose
-    ``weights_sha256`` does not match the weights), or ``keep`` is below 1.
+    Returns the version folder now served. Publishing an export whose files are byte for byte those that
+    ``current`` already serves changes nothing and returns that folder. The ``keep`` newest versions stay
+    on disk (the current one always), so a server that is still reading the previous export finds it.
+    Raises :class:`ConfigError` when ``keep`` is below 1 or ``export_dir`` is not an exported student
+    that loads. That is an export with no weights or no config.json, a config.json whose
+    ``weights_sha256`` does not match the weights, or an architecture that the weights do not fit.
+    ``current`` is unchanged then.
     """
     if keep < 1:
         raise ConfigError(f"keep is {keep}, expected at least 1 so the current version stays on disk.", limit=1, value=keep)
     sha256 = _check_export(export_dir)
 
     serving = current_version(root)
-    if serving is not None and (serving / CHECKPOINT_WEIGHTS).is_file() and file_sha256(serving / CHECKPOINT_WEIGHTS) == sha256:
+    if serving is not None and _tree_digest(serving) == _tree_digest(export_dir):
         logger.info("%s is already published as %s, the current version", export_dir, serving)
         return serving
 
@@ -88,6 +90,10 @@ def publish_student(export_dir: Path, root: Path, *, keep: int = DEFAULT_KEEP) -
 
 def _check_export(export_dir: Path) -> str:
     """Return the sha256 of the export's weights, after checking that config.json records that same hash."""
+    # shared.checkpoint imports torch, so the functions that need it import it: the student server's onnx
+    # runtime imports this module for resolve_checkpoint_dir and runs without torch.
+    from shared.checkpoint import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, file_sha256
+
     weights = export_dir / CHECKPOINT_WEIGHTS
     config_path = export_dir / CHECKPOINT_CONFIG
     for path in (weights, config_path):
@@ -112,7 +118,33 @@ def _check_export(export_dir: Path) -> str:
             limit=sha256,
             value=recorded,
         )
+    _check_loads(export_dir)
     return sha256
+
+
+def _check_loads(export_dir: Path) -> None:
+    """Load the export on the CPU as the student server does, raising :class:`ConfigError` when that fails."""
+    from shared.checkpoint import load_mimic_projector, load_student
+
+    try:
+        load_student(export_dir, device="cpu")
+        load_mimic_projector(export_dir, device="cpu")
+    except (ModelError, RuntimeError) as error:
+        # load_state_dict raises RuntimeError for a tensor whose shape the architecture does not have.
+        raise ConfigError(
+            f"cannot publish {export_dir}: the student server could not load it ({error}). Export the student again.",
+            value=str(export_dir),
+        ) from error
+
+
+def _tree_digest(folder: Path) -> str:
+    """Return a sha256 over the relative path and the sha256 of every file under ``folder``."""
+    from shared.checkpoint import file_sha256
+
+    digest = hashlib.sha256()
+    for path in sorted(path for path in folder.rglob("*") if path.is_file()):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def _point_current(root: Path, target: Path) -> None:

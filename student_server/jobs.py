@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import NotReadyError, UniteError
+from shared.http import shorten_echoed
 from shared.slides.reader import MPP_OVERRIDE_HINT
 from student_server.errors import JobNotFinishedError, JobNotFoundError, JobQueueFullError
 from student_server.housekeeping import Housekeeper, folder_bytes
@@ -54,7 +55,8 @@ RESUMED_STATUSES = frozenset({QUEUED, RUNNING, INTERRUPTED})
 
 RECORD_FILE = "job.json"
 OUTPUTS_DIR = "outputs"
-UPLOAD_STEM = "slide"
+# Stored uploads are named upload-<job id><extension>, a name that no message text contains by chance.
+UPLOAD_PREFIX = "upload-"
 MPP_FIELD_HINT = "the field 'mpp' (µm per level-0 pixel) of POST /v1/slides"
 
 SlidePipeline = Callable[..., Any]
@@ -235,7 +237,7 @@ class JobManager:
         folder = self.jobs_dir / job_id
         try:
             folder.mkdir(mode=0o700)
-            slide_name = UPLOAD_STEM + upload_path.suffix
+            slide_name = f"{UPLOAD_PREFIX}{job_id}{upload_path.suffix}"
             _move_file(upload_path, folder / slide_name)
             record = JobRecord(
                 id=job_id,
@@ -291,9 +293,9 @@ class JobManager:
             record = self._records.get(job_id)
             if record is None:
                 raise JobNotFoundError(
-                    f"slide job {job_id!r} not found. It never existed, or it was deleted or removed after its "
+                    f"slide job {shorten_echoed(job_id)!r} not found. It never existed, or it was deleted or removed after its "
                     "retention time (setting UNITE_STUDENT_RETENTION_S). Submit the slide again with POST /v1/slides.",
-                    value=job_id,
+                    value=shorten_echoed(job_id),
                 )
             return JobRecord(**asdict(record))
 
@@ -550,10 +552,11 @@ class JobManager:
 
 
 def _replace_paths(text: str, record: JobRecord, slide_path: Path) -> str:
-    replacements = [(str(slide_path.resolve()), record.slide_label), (str(slide_path), record.slide_label)]
-    if record.source == "upload":
+    # The hint goes first because it contains the word "slide".
+    replacements = [(MPP_OVERRIDE_HINT, MPP_FIELD_HINT), (str(slide_path.resolve()), record.slide_label), (str(slide_path), record.slide_label)]
+    if record.source == "upload" and slide_path.name.startswith(UPLOAD_PREFIX):
+        # Some readers name only the file. Uploads stored before this naming were called "slide", a common word.
         replacements.append((slide_path.name, record.slide_label))
-    replacements.append((MPP_OVERRIDE_HINT, MPP_FIELD_HINT))
     for old, new in replacements:
         text = text.replace(old, new)
     return text.replace(f"slide {record.slide_label}", record.slide_label)

@@ -9,6 +9,7 @@ used only for its extension (some openslide formats are recognised by it) and is
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import uuid
@@ -20,13 +21,14 @@ import anyio
 from starlette.requests import ClientDisconnect, Request
 
 from shared.errors import SlideError
+from shared.http import shorten_echoed
 from student_server.errors import InvalidRequestError, SlidePathForbiddenError, UploadTooLargeError
 
 try:
-    from python_multipart.exceptions import ParseError
+    from python_multipart.exceptions import FormParserError, ParseError
     from python_multipart.multipart import MultipartParser, parse_options_header
 except ImportError:  # python-multipart before 0.0.13 installs the package as `multipart`
-    from multipart.exceptions import ParseError
+    from multipart.exceptions import FormParserError, ParseError
     from multipart.multipart import MultipartParser, parse_options_header
 
 FILE_FIELD = "file"
@@ -61,7 +63,7 @@ async def receive_slide_upload(request: Request, *, upload_dir: Path, max_bytes:
     # Uploads may be patient data, so the folder and the files are readable by the server's user only.
     upload_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     receiver = _MultipartReceiver(upload_dir, max_bytes)
-    parser = MultipartParser(boundary, receiver.callbacks())
+    parser = new_multipart_parser(boundary, receiver.callbacks())
     try:
         async for chunk in request.stream():
             receiver.count_body_bytes(len(chunk))
@@ -83,6 +85,22 @@ async def receive_slide_upload(request: Request, *, upload_dir: Path, max_bytes:
     except BaseException:
         receiver.discard()
         raise
+
+
+def new_multipart_parser(boundary: bytes, callbacks: dict) -> MultipartParser:
+    """Return python-multipart's push parser for ``boundary``, raising :class:`InvalidRequestError` (422) when it rejects the boundary.
+
+    python-multipart 0.0.18 and later reject a boundary of more than 256 bytes when the parser is made.
+    """
+    try:
+        return MultipartParser(boundary, callbacks)
+    except FormParserError as error:
+        raise InvalidRequestError(
+            f"the multipart boundary in the Content-Type header is invalid ({error}). "
+            "Use a boundary of 1 to 70 characters, as RFC 2046 requires.",
+            value=len(boundary),
+            limit=70,
+        ) from error
 
 
 def _multipart_boundary(content_type: str | None) -> bytes:
@@ -263,8 +281,9 @@ def resolve_data_path(requested: str, data_root: Path | None) -> Path:
     A relative ``requested`` is taken from ``data_root``. Raises :class:`SlidePathForbiddenError` (403)
     when ``data_root`` is unset or the resolved path lies outside it. That error is the same whether or
     not the file exists, so a client learns nothing about files outside the data root. Raises
-    :class:`SlideError` (422, reason ``not_found``) for a path inside it that is not a regular file.
-    Messages name ``requested`` as the client sent it, never the server's data root.
+    :class:`SlideError` (422, reason ``not_found``) for a path inside it that is not a regular file, and
+    :class:`InvalidRequestError` (422) for one the file system cannot look up (a symlink loop, a name
+    too long). Messages name ``requested`` as the client sent it, shortened, never the server's data root.
     """
     if data_root is None:
         raise SlidePathForbiddenError(
@@ -282,19 +301,49 @@ def resolve_data_path(requested: str, data_root: Path | None) -> Path:
 
     root = data_root.resolve()
     candidate = Path(requested)
-    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
-    if not resolved.is_relative_to(root):
-        raise SlidePathForbiddenError(
-            f"path {requested!r} resolves outside the data root (setting UNITE_STUDENT_DATA_ROOT). "
-            "Send a path inside that folder, with no '..' or symlink leading out of it.",
-            limit="UNITE_STUDENT_DATA_ROOT",
-            value=requested,
-        )
-    if not resolved.is_file():
+    joined = candidate if candidate.is_absolute() else root / candidate
+    try:
+        resolved = joined.resolve()
+    except (OSError, RuntimeError) as error:
+        # Python 3.11 raises RuntimeError for a symlink loop, and 3.13 raises OSError ELOOP.
+        resolved = None
+        problem = error
+    else:
+        problem = None
+    if resolved is None or not resolved.is_relative_to(root):
+        # The lexical check keeps a broken path outside the data root forbidden rather than described.
+        if resolved is not None or not Path(os.path.normpath(joined)).is_relative_to(root):
+            raise SlidePathForbiddenError(
+                f"path {shorten_echoed(requested)!r} resolves outside the data root (setting UNITE_STUDENT_DATA_ROOT). "
+                "Send a path inside that folder, with no '..' or symlink leading out of it.",
+                limit="UNITE_STUDENT_DATA_ROOT",
+                value=shorten_echoed(requested),
+            )
+        raise _unusable_path(requested, problem) from problem
+    try:
+        is_file = resolved.is_file()
+    except OSError as error:
+        raise _unusable_path(requested, error) from error
+    if not is_file:
         raise SlideError(
-            f"path {requested!r} does not exist under the data root or is not a file. Send the path of a slide "
+            f"path {shorten_echoed(requested)!r} does not exist under the data root or is not a file. Send the path of a slide "
             "file relative to the data root (UNITE_STUDENT_DATA_ROOT).",
             reason="not_found",
-            value=requested,
+            value=shorten_echoed(requested),
         )
     return resolved
+
+
+def _unusable_path(requested: str, error: BaseException) -> InvalidRequestError:
+    """Return the 422 error for a path under the data root that the file system cannot look up."""
+    if isinstance(error, RuntimeError) or getattr(error, "errno", None) == errno.ELOOP:
+        problem = "it goes through a symlink loop"
+    elif getattr(error, "errno", None) == errno.ENAMETOOLONG:
+        problem = "a folder or file name in it is too long for the file system (at most 255 bytes on most)"
+    else:
+        problem = f"the file system cannot look it up ({os.strerror(error.errno) if getattr(error, 'errno', None) else type(error).__name__})"
+    return InvalidRequestError(
+        f"path {shorten_echoed(requested)!r} cannot be used: {problem}. Send the path of a slide file relative to "
+        "the data root (UNITE_STUDENT_DATA_ROOT).",
+        value=shorten_echoed(requested),
+    )

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import time
 
+import httpx
 import pytest
 
 from fake_teacher import FakeTeacher
-from gateway_helpers import block_tiles, gateway
+from gateway_helpers import block_tiles, gateway, gateway_process, remote_environment
 from shared.errors import ConfigError
 from shared.imaging import encode_base64_png
 from teacher_gateway.auth import KeyStore, hash_key
@@ -260,3 +261,29 @@ def test_api_docs_off_or_open(tmp_path, keys_file):
 
     assert off == {path: 404 for path in DOCS_ROUTES}
     assert no_keys_file == {path: 200 for path in DOCS_ROUTES}
+
+
+def test_non_ascii_key_matches_utf8_bytes(tmp_path):
+    key = "sk-lab-é-5c2e"
+    path = tmp_path / "keys.toml"
+    _write_keys(path, [{"name": "lab-a", "sha256": hash_key(key)}])
+
+    with gateway(tmp_path / "cache", teacher=_SmallTeacher(), keys_file=path) as http:
+        as_utf8 = http.get("/v1/models", headers={"X-API-Key": key.encode("utf-8")})
+        as_latin1 = http.get("/v1/models", headers={"X-API-Key": key.encode("latin-1")})
+
+    assert as_utf8.status_code == 200, as_utf8.text
+    assert as_latin1.status_code == 401, as_latin1.text
+
+
+def test_access_log_drops_query_string(tmp_path, keys_file):
+    fake = FakeTeacher(dim=4)
+    with fake.serve():
+        environment = {**remote_environment(fake), "UNITE_GATEWAY_KEYS_FILE": str(keys_file)}
+        with gateway_process(tmp_path / "cache", tmp_path / "gateway.log", environment) as running:
+            response = httpx.get(f"{running.url}/v1/models", params={"api_key": LAB_KEY}, headers=_bearer(LAB_KEY), timeout=30)
+    log_text = running.log()
+
+    assert response.status_code == 200, response.text
+    assert '"GET /v1/models HTTP/1.1" 200' in log_text
+    assert LAB_KEY not in log_text

@@ -6,6 +6,7 @@ Exports are real students saved with save_student (timm's test_vit, 0.3 M parame
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -137,3 +138,38 @@ def test_publish_rejects_mismatched_config(exports, tmp_path):
 def test_publish_rejects_keep_below_one(exports, tmp_path):
     with pytest.raises(ConfigError, match="keep is 0, expected at least 1"):
         publish_student(exports[0], tmp_path, keep=0)
+
+
+def save_deeper_config(source: Path, folder: Path) -> Path:
+    """Copy the export at ``source`` to ``folder`` with a config.json whose architecture its weights do not fit."""
+    shutil.copytree(source, folder)
+    config = json.loads((folder / CHECKPOINT_CONFIG).read_text())
+    config.setdefault("architecture_kwargs", {})["depth"] = config.get("architecture_kwargs", {}).get("depth", 1) + 2
+    (folder / CHECKPOINT_CONFIG).write_text(json.dumps(config))
+    return folder
+
+
+def test_publish_rejects_export_that_does_not_load(exports, tmp_path):
+    first = publish_student(exports[0], tmp_path / "root")
+    broken = save_deeper_config(exports[1], tmp_path / "broken")
+
+    with pytest.raises(ConfigError, match=r"cannot publish .*broken: the student server could not load it") as raised:
+        publish_student(broken, tmp_path / "root")
+
+    assert raised.value.value == str(broken)
+    assert current_version(tmp_path / "root") == first
+
+
+def test_publish_same_weights_other_config_is_new_version(exports, tmp_path):
+    first = publish_student(exports[0], tmp_path)
+    changed = tmp_path / "changed"
+    shutil.copytree(exports[0], changed)
+    config = json.loads((changed / CHECKPOINT_CONFIG).read_text())
+    config["teacher_licence"] = "test, second wording"
+    (changed / CHECKPOINT_CONFIG).write_text(json.dumps(config))
+
+    second = publish_student(changed, tmp_path)
+
+    assert second != first
+    assert current_version(tmp_path) == second
+    assert (second / CHECKPOINT_CONFIG).read_bytes() == (changed / CHECKPOINT_CONFIG).read_bytes()

@@ -96,6 +96,7 @@ def serve_gateway(settings: GatewaySettings) -> int:
     import uvicorn
 
     from shared.cache import EmbeddingCache
+    from shared.http import AccessLogQueryFilter
     from teacher_gateway.app import create_app
     from teacher_gateway.auth import KeyStore
     from teacher_gateway.teachers.registry import build_configured_teacher
@@ -117,5 +118,9 @@ def serve_gateway(settings: GatewaySettings) -> int:
             close()
         raise
     # After shutdown_grace_s seconds of a shutdown (SIGTERM or SIGINT), uvicorn cancels the requests still running.
-    uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=settings.shutdown_grace_s)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=settings.shutdown_grace_s)
+    # uvicorn.Config sets up uvicorn's loggers, so the filter goes on after it. The access log stays because it
+    # is the gateway's only line per request, but without query strings, where a client may have put its API key.
+    logging.getLogger("uvicorn.access").addFilter(AccessLogQueryFilter())
+    uvicorn.Server(config).run()
     return 0
