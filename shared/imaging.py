@@ -45,6 +45,19 @@ TILE_FORMAT_NAMES = ("PNG", "JPEG", "TIFF")
 CONVERTED_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "I;16", "I;16B", "I;16L", "I;16N", "CMYK", "YCbCr")
 _MODE_DETAILS = {"1": " (1 bit per pixel)", "F": " (32-bit float)", "I": " (32-bit integer)"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Leading bytes of each accepted format, to tell a file whose image data is missing or invalid from one that is
+# not an image at all.
+FORMAT_SIGNATURES = {
+    "PNG": (PNG_SIGNATURE,),
+    "JPEG": (b"\xff\xd8\xff",),
+    "TIFF": (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"),
+}
+# Rows converted per step of scale_16_to_8_bit and composite_on_white, so their uint32 intermediates stay
+# at a few MB rather than 4 bytes per sample of the whole tile.
+ROWS_PER_CHUNK = 256
+EXIF_ORIENTATION = 0x0112
+# Bytes inserted after each JPEG scan by _check_jpeg_scans_complete. No 0xFF, so they cannot form a marker.
+JPEG_PROBE_BYTES = bytes(range(0x10, 0x90)) * 4
 TIFF_BITS_PER_SAMPLE = 258
 # Resolution of the student's training tiles, in µm per pixel (20x).
 TARGET_MPP = 0.5
@@ -83,8 +96,12 @@ def decode_tile(data: bytes, *, name: str = "image", max_pixels: int = MAX_TILE_
             width, height = image.size
             _check_pixel_count(width * height, name=name, max_pixels=max_pixels, detail=f"{width} x {height} = ")
             check_tile_size(width, height, name=name)
+            if image.format in ("JPEG", "MPO"):
+                image.load()
+                _check_jpeg_scans_complete(image, data, name=name)
             if convert_modes:
-                return convert_to_rgb(image, data, name=name)
+                pixels = convert_to_rgb(image, data, name=name)
+                return apply_exif_orientation(pixels, _exif_orientation(image))
             image.load()
             mode = image.mode
             if mode != "RGB":
@@ -97,6 +114,12 @@ def decode_tile(data: bytes, *, name: str = "image", max_pixels: int = MAX_TILE_
             return np.asarray(image, dtype=np.uint8).copy()
     except UnidentifiedImageError as error:
         # Pillow's message names the BytesIO object, which means nothing to a client, so it is left out.
+        found = _format_of_signature(data, format_names)
+        if found is not None:
+            raise ImageError(
+                f"{name}: cannot decode {len(data)} bytes as an image: they start with a {found} header, but the image "
+                f"data after it is missing or invalid. Send the complete {found} file of the tile."
+            ) from error
         raise ImageError(
             f"{name}: cannot decode {len(data)} bytes as an image: they start with no {_or_list(format_names)} header. "
             f"Send the {_or_list(format_names)} bytes of the tile."
@@ -127,6 +150,129 @@ def _check_pixel_count(pixels: int | None, *, name: str, max_pixels: int, detail
 
 def _or_list(names: tuple[str, ...]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _format_of_signature(data: bytes, format_names: tuple[str, ...]) -> str | None:
+    for format_name in format_names:
+        if data.startswith(FORMAT_SIGNATURES[format_name]):
+            return format_name
+    return None
+
+
+def _check_jpeg_scans_complete(image: Image.Image, data: bytes, *, name: str) -> None:
+    """Raise :class:`ImageError` when a scan of the JPEG ``data`` ends before the pixels its header declares.
+
+    libjpeg fills the rest of a short scan with zero coefficients (flat grey) and only warns, and Pillow
+    (13) drops that warning. So the file is decoded again with :data:`JPEG_PROBE_BYTES` inserted after the
+    entropy-coded data of each scan. libjpeg skips bytes after a complete scan, so a complete image decodes
+    to the same pixels, while a short scan decodes the inserted bytes as image data and the pixels differ.
+    ``image`` must be the loaded decode of ``data``.
+    """
+    scan_ends = _jpeg_scan_ends(data)
+    if not scan_ends:
+        return
+    pieces = []
+    previous = 0
+    for end in scan_ends:
+        pieces += [data[previous:end], JPEG_PROBE_BYTES]
+        previous = end
+    pieces.append(data[previous:])
+
+    width, height = image.size
+    short_scan = ImageError(
+        f"{name}: the JPEG data ends before the {width} x {height} pixels that its header declares, so part of the "
+        "image would be filled with grey. Send the complete JPEG file of the tile.",
+        value=[width, height],
+    )
+    try:
+        with Image.open(io.BytesIO(b"".join(pieces)), formats=["JPEG"]) as probe:
+            probe.load()
+            if probe.size != image.size or probe.mode != image.mode:
+                raise short_scan
+            for top in range(0, height, ROWS_PER_CHUNK):
+                box = (0, top, width, min(height, top + ROWS_PER_CHUNK))
+                if probe.crop(box).tobytes() != image.crop(box).tobytes():
+                    raise short_scan
+    except (OSError, SyntaxError, ValueError) as error:
+        raise short_scan from error
+
+
+def _jpeg_scan_ends(data: bytes) -> list[int]:
+    """Return the offset after the entropy-coded data of each scan of the first image in the JPEG ``data``.
+
+    The list is empty for arithmetic-coded JPEG, whose decoder reads zero bytes past the end of a scan, and
+    for data whose markers cannot be followed, which Pillow's own decode judges.
+    """
+    ends: list[int] = []
+    position = 2
+    while position + 1 < len(data):
+        if data[position] != 0xFF:
+            return []
+        marker = data[position + 1]
+        if marker == 0xFF:
+            position += 1
+        elif marker == 0xD9:
+            break
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            position += 2
+        elif marker in (0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            return []
+        elif position + 4 > len(data):
+            return []
+        else:
+            segment_end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+            position = _entropy_coded_end(data, segment_end) if marker == 0xDA else segment_end
+            if marker == 0xDA:
+                ends.append(position)
+    return ends
+
+
+def _entropy_coded_end(data: bytes, start: int) -> int:
+    """Return the offset of the marker that ends the entropy-coded data starting at ``start``, or ``len(data)``.
+
+    Inside that data, 0xFF is followed by 0x00 (a stuffed byte), a restart marker 0xD0 to 0xD7, or another
+    0xFF (fill bytes before a marker). Any other byte after 0xFF is a marker that ends the scan.
+    """
+    position = start
+    while True:
+        position = data.find(b"\xff", position)
+        if position < 0 or position + 1 >= len(data):
+            return len(data)
+        following = data[position + 1]
+        if following == 0xFF:
+            position += 1
+        elif following == 0x00 or 0xD0 <= following <= 0xD7:
+            position += 2
+        else:
+            return position
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    # Pillow (13) loads the whole PNG to look for an eXIf chunk after the image data, which would decode a
+    # 16-bit PNG a second time. A loaded PNG has every eXIf chunk in image.info.
+    # NOTE: so a 16-bit colour PNG whose eXIf chunk follows its image data keeps its stored orientation.
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    return orientation if isinstance(orientation, int) else 1
+
+
+def apply_exif_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn (H, W, C) pixels stored with EXIF ``orientation`` (1 to 8) upright, as ``PIL.ImageOps.exif_transpose`` does.
+
+    Orientation 1 and values outside 1 to 8 leave the pixels as they are.
+    """
+    transforms = {
+        2: lambda array: array[:, ::-1],
+        3: lambda array: array[::-1, ::-1],
+        4: lambda array: array[::-1],
+        5: lambda array: array.transpose(1, 0, 2),
+        6: lambda array: np.rot90(array, k=-1),
+        7: lambda array: array.transpose(1, 0, 2)[::-1, ::-1],
+        8: lambda array: np.rot90(array, k=1),
+    }
+    transform = transforms.get(orientation)
+    return pixels if transform is None else np.ascontiguousarray(transform(pixels))
 
 
 def convert_to_rgb(image: Image.Image, data: bytes, *, name: str = "image") -> np.ndarray:
@@ -165,6 +311,8 @@ def convert_to_rgb(image: Image.Image, data: bytes, *, name: str = "image") -> n
                 value=list(samples.shape),
             )
         pixels = scale_16_to_8_bit(samples)
+        # Freed before compositing: 128 MiB for a 4096 x 4096 RGBA tile.
+        del samples
         return composite_on_white(pixels) if pixels.shape[2] == 4 else pixels
 
     image.load()
@@ -184,16 +332,28 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     Each channel becomes ``round((c * a + 255 * (255 - a)) / 255)``. The division never ends in exactly
     one half, so integer rounding is exact and equals Pillow's ``Image.alpha_composite`` on white.
     """
-    colour = rgba[:, :, :3].astype(np.uint32)
-    alpha = rgba[:, :, 3:4].astype(np.uint32)
-    blended = (colour * alpha + 255 * (255 - alpha) + 127) // 255
-    return np.ascontiguousarray(blended.astype(np.uint8))
+    rgb = np.empty((*rgba.shape[:2], 3), dtype=np.uint8)
+    for top in range(0, rgba.shape[0], ROWS_PER_CHUNK):
+        rows = rgba[top : top + ROWS_PER_CHUNK]
+        colour = rows[:, :, :3].astype(np.uint32)
+        alpha = rows[:, :, 3:4].astype(np.uint32)
+        rgb[top : top + ROWS_PER_CHUNK] = (colour * alpha + 255 * (255 - alpha) + 127) // 255
+    return rgb
 
 
 def scale_16_to_8_bit(samples: np.ndarray) -> np.ndarray:
-    """Map 16-bit samples to 8 bits by ``round(v / 257)``: 0 to 0, 65535 to 255, and 257 * k to k."""
-    values = samples.astype(np.uint32)
-    return ((values + 128) // 257).astype(np.uint8)
+    """Map 16-bit samples to 8 bits by ``round(v / 257)``: 0 to 0, 65535 to 255, and 257 * k to k.
+
+    The rows are converted :data:`ROWS_PER_CHUNK` at a time, so the only full-size allocation is the uint8
+    result. ``(v + 128) // 257`` equals ``round(v / 257)`` because 257 is odd, so no quotient ends in one half.
+    """
+    scaled = np.empty(samples.shape, dtype=np.uint8)
+    for top in range(0, samples.shape[0], ROWS_PER_CHUNK):
+        rows = samples[top : top + ROWS_PER_CHUNK].astype(np.uint32)
+        rows += 128
+        rows //= 257
+        scaled[top : top + ROWS_PER_CHUNK] = rows
+    return scaled
 
 
 def _bits_per_sample(image: Image.Image, data: bytes) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,7 +27,14 @@ class StudentSettings(BaseSettings):
 
     checkpoint_dir: Path = Field(
         default=Path("runs/student"),
-        description="Folder of the exported student (model.safetensors, config.json, README.md), as `unite distill` writes it.",
+        description="Folder of the exported student (model.safetensors, config.json, README.md), as `unite distill` writes it, "
+        "or a publish root whose `current` link names one. The onnx runtime reads model.onnx and config.json from it instead.",
+    )
+    runtime: Literal["torch", "onnx"] = Field(
+        default="torch",
+        description="How the student runs: 'torch' loads model.safetensors with torch and timm. 'onnx' runs model.onnx "
+        "(written by `unite export-onnx CHECKPOINT --out CHECKPOINT/model.onnx`) with onnxruntime and imports no torch, "
+        "and teacher-space output then reads mimic_projector.safetensors with numpy.",
     )
     host: str = Field(default="127.0.0.1", description="Address to bind. Use 0.0.0.0 only inside a container.")
     port: int = Field(default=8200, ge=1, le=65535, description="TCP port to bind.")
@@ -70,6 +78,12 @@ class StudentSettings(BaseSettings):
         ge=224 * 224,
         description="Largest tile accepted, in pixels (width x height), read from the image header before decoding.",
     )
+    max_concurrent_decodes: int = Field(
+        default=2,
+        ge=1,
+        description="Tile requests whose tiles are decoded at once; later ones wait. Each request decodes one tile "
+        "at a time, and a 4096 x 4096 16-bit RGBA tile takes about 230 MB to decode.",
+    )
     max_concurrent_slide_jobs: int = Field(default=1, ge=1, description="Slide jobs that run at once; later jobs wait in order.")
     max_queued_slide_jobs: int = Field(
         default=16,
@@ -108,7 +122,11 @@ class StudentSettings(BaseSettings):
         description="Seconds a stopping server waits for running slide jobs to stop (they stop between batches of tiles) "
         "before it marks them to resume at the next start.",
     )
-    device: str = Field(default="cpu", description="Torch device of the student: 'cpu', 'cuda' or 'cuda:N'.")
+    device: str = Field(
+        default="cpu",
+        description="Device of the student: 'cpu', 'cuda' or 'cuda:N'. The onnx runtime maps 'cuda' to onnxruntime's "
+        "CUDAExecutionProvider, which the onnxruntime-gpu package provides.",
+    )
     reload_interval_s: float = Field(
         default=5.0,
         ge=0,

@@ -35,32 +35,36 @@ pixels that the teacher embedded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from shared.checkpoint import LoadedStudent
 from shared.errors import InvalidRequestError, ModelNotFoundError, RequestTooLargeError
 from shared.imaging import decode_base64, decode_tile, prepare_tile, prepare_tile_at_mpp
 from shared.protocol import MAX_TILE_MPP, MIN_TILE_MPP, EmbeddingRequest, EmbeddingResponse, ErrorResponse
 from student_server.engine import EngineResult
-from student_server.model import StudentModel, check_teacher_space, embed_with
+from student_server.model import Student, StudentModel, check_teacher_space, embed_with
+from student_server.onnx_runtime import LinearProjector
 from student_server.settings import StudentSettings
+from student_server.uploads import new_multipart_parser
 
 try:
     from python_multipart.exceptions import ParseError
-    from python_multipart.multipart import MultipartParser, parse_options_header
+    from python_multipart.multipart import parse_options_header
 except ImportError:  # python-multipart before 0.0.13 installs the package as `multipart`
     from multipart.exceptions import ParseError
-    from multipart.multipart import MultipartParser, parse_options_header
+    from multipart.multipart import parse_options_header
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +97,8 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> JSONRes
     teacher_space = resolve_model(body.model, request.app.state.student)
     check_tile_count(len(body.input), settings)
 
-    tiles = await run_in_threadpool(prepare_base64_tiles, body, settings.max_image_pixels)
+    async with decode_slots(request):
+        tiles = await run_in_threadpool(prepare_base64_tiles, body, settings.max_image_pixels)
     result = await embed_tiles(request, tiles, teacher_space=teacher_space)
     return embeddings_response(result, settings)
 
@@ -134,7 +139,8 @@ async def upload_embeddings(request: Request) -> JSONResponse:
 
     names = [f"{FILE_FIELD}[{index}]" for index in range(len(form.files))]
     items = [(data, mpp) for data in form.files]
-    tiles = await run_in_threadpool(prepare_tiles, items, names, settings.max_image_pixels)
+    async with decode_slots(request):
+        tiles = await run_in_threadpool(prepare_tiles, items, names, settings.max_image_pixels)
     result = await embed_tiles(request, tiles, teacher_space=teacher_space)
     return embeddings_response(result, settings)
 
@@ -142,7 +148,7 @@ async def upload_embeddings(request: Request) -> JSONResponse:
 # Models
 
 
-def served_model_names(student: LoadedStudent, projector: torch.nn.Linear | None) -> tuple[list[str], list[str]]:
+def served_model_names(student: Student, projector: torch.nn.Linear | LinearProjector | None) -> tuple[list[str], list[str]]:
     """Return the names that select the student's own output and those that select teacher-space output.
 
     The second list is empty when the export has no mimic projector.
@@ -208,6 +214,23 @@ def check_tile_count(count: int, settings: StudentSettings) -> None:
             limit=settings.max_tiles_per_request,
             value=count,
         )
+
+
+def decode_slots(request: Request) -> asyncio.Semaphore:
+    """Return the app's semaphore of ``max_concurrent_decodes`` slots, held while a request's tiles are decoded.
+
+    A decoded tile can take far more memory than its file (a 130 KB PNG of a 4096 x 4096 16-bit RGBA tile
+    takes about 230 MB to decode), so the number of requests decoding at once is bounded, and each decodes
+    one tile at a time.
+    """
+    state = request.app.state
+    slots = getattr(state, "decode_slots", None)
+    if slots is None:
+        # Created on the event loop's thread with no await before the assignment, so two requests cannot
+        # create two semaphores.
+        slots = asyncio.Semaphore(state.settings.max_concurrent_decodes)
+        state.decode_slots = slots
+    return slots
 
 
 def prepare_tiles(items: list[tuple[bytes, float | None]], names: list[str], max_pixels: int) -> np.ndarray:
@@ -309,7 +332,7 @@ async def receive_tile_form(request: Request, *, max_bytes: int, max_files: int)
     boundary = _multipart_boundary(request.headers.get("content-type"))
     receiver = _TileFormReceiver(max_bytes=max_bytes, max_files=max_files)
     receiver.count_declared(request.headers.get("content-length"))
-    parser = MultipartParser(boundary, receiver.callbacks())
+    parser = new_multipart_parser(boundary, receiver.callbacks())
     try:
         async for chunk in request.stream():
             receiver.count_received(len(chunk))

@@ -20,7 +20,7 @@ from teacher_gateway.settings import GatewaySettings
 from test_distiller import _lung_tiles, _write_shards
 from unite_cli.main import build_parser, main
 
-SUBCOMMANDS = ["fetch-sample", "tile", "teach", "distill", "distill-worker", "export-onnx", "embed", "pool", "bench", "serve-gateway", "serve-student", "demo"]
+SUBCOMMANDS = ["fetch-sample", "tile", "teach", "distill", "distill-worker", "export-onnx", "embed", "pool", "bench", "evaluate", "serve-gateway", "serve-student", "demo"]
 
 
 def test_every_subcommand_has_a_help_test():

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import io
 import struct
+import tracemalloc
 import zlib
 
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image
+from PIL import Image, ImageOps
 
 from shared.errors import ImageError
 from shared.imaging import (
     MAX_ASPECT_RATIO,
+    ROWS_PER_CHUNK,
     MIN_TILE_SIDE,
+    PNG_SIGNATURE,
     TARGET_MPP,
     composite_on_white,
     convert_to_rgb,
@@ -313,3 +316,143 @@ def test_mpp_larger_tile_cropped_then_downscaled():
     expected = np.asarray(Image.fromarray(np.ascontiguousarray(tile[76:524, 76:524])).resize((224, 224), Image.BICUBIC))
     assert prepared.shape == (224, 224, 3)
     assert np.abs(prepared[4:-4, 4:-4].astype(int) - expected[4:-4, 4:-4]).max() <= 1
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _zero_rgba64_png(side: int) -> bytes:
+    """Return a PNG of ``side`` x ``side`` RGBA pixels at 16 bits per channel, all zero: a few KB that decode to many MB."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + side * 8)
+    data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 16, 6, 0, 0, 0)
+    return PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+
+
+def _jpeg_declaring(data: bytes, width: int, height: int) -> bytes:
+    """Return the JPEG ``data`` with the size in its SOF0 header replaced, so the scan is too short for it."""
+    start = data.index(b"\xff\xc0")
+    return data[: start + 5] + struct.pack(">HH", height, width) + data[start + 9 :]
+
+
+def _photo_tile(size: tuple[int, int] = (96, 64)) -> Image.Image:
+    rng = np.random.default_rng(11)
+    pixels = rng.integers(0, 256, size=(size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).resize(size, Image.BICUBIC)
+
+
+def test_scale_16_bit_every_value_across_chunks():
+    rows = ROWS_PER_CHUNK + 1
+    samples = np.arange(rows * 256, dtype=np.uint32).reshape(rows, 256) % 65536
+    samples = samples.astype(np.uint16)
+
+    expected = np.round(samples.astype(np.float64) / 257).astype(np.uint8)
+
+    assert np.array_equal(scale_16_to_8_bit(samples), expected)
+
+
+def test_composite_across_chunks_matches_formula():
+    rgba = np.random.default_rng(12).integers(0, 256, size=(ROWS_PER_CHUNK + 3, 5, 4), dtype=np.uint8)
+    colour = rgba[:, :, :3].astype(np.float64)
+    alpha = rgba[:, :, 3:4].astype(np.float64)
+
+    expected = np.round((colour * alpha + 255 * (255 - alpha)) / 255).astype(np.uint8)
+
+    assert np.array_equal(composite_on_white(rgba), expected)
+
+
+def test_16_bit_rgba_decode_peak_memory():
+    side = 2048
+    data = _zero_rgba64_png(side)
+    decoded_16_bit_bytes = side * side * 4 * 2
+
+    tracemalloc.start()
+    try:
+        tile = decode_tile(data, convert_modes=True, max_pixels=side * side)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert tile.shape == (side, side, 3)
+    assert (tile == 255).all()
+    # The imagecodecs decode is 1x, the uint8 RGBA and RGB copies 0.9x. Scaling the whole array through
+    # uint32 took at least 5x.
+    assert peak < 3 * decoded_16_bit_bytes, f"peak {peak / 2**20:.0f} MiB for {len(data)} bytes of PNG"
+
+
+def test_short_jpeg_scan_rejected():
+    data = _encode(_photo_tile((224, 224)), "JPEG", quality=90)
+    lying = _jpeg_declaring(data, 2048, 2048)
+
+    for convert_modes in (False, True):
+        with pytest.raises(ImageError, match="ends before the 2048 x 2048 pixels"):
+            decode_tile(lying, convert_modes=convert_modes)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"quality": 90}, {"quality": 90, "progressive": True}, {"quality": 75, "subsampling": 0}, {"quality": 90, "optimize": True}],
+    ids=["baseline", "progressive", "no-subsampling", "optimised"],
+)
+def test_complete_jpeg_still_accepted(options):
+    data = _encode(_photo_tile(), "JPEG", **options)
+
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    assert np.array_equal(decode_image(data), expected)
+    assert np.array_equal(decode_tile(data, convert_modes=True), expected)
+
+
+def test_mpo_with_second_frame_still_accepted():
+    first, second = _photo_tile(), _photo_tile().transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    data = _encode(first, "MPO", save_all=True, append_images=[second])
+
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    assert np.array_equal(decode_image(data), expected)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_applied_to_tiles(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    for image_format in ("JPEG", "PNG"):
+        data = _encode(_photo_tile(), image_format, exif=exif)
+
+        expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+
+        assert np.array_equal(decode_tile(data, convert_modes=True), expected), image_format
+
+
+def test_gateway_decode_keeps_stored_orientation():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _encode(_photo_tile(), "PNG", exif=exif)
+
+    assert decode_image(data).shape == (64, 96, 3)
+    assert decode_tile(data, convert_modes=True).shape == (96, 64, 3)
+
+
+def test_missing_image_data_message_names_header():
+    header = struct.pack(">IIBBBBB", 224, 224, 8, 2, 0, 0, 0)
+    header_only_png = PNG_SIGNATURE + _png_chunk(b"IHDR", header)
+    zero_size_png = PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0)) + _png_chunk(b"IEND", b"")
+    tiff = io.BytesIO()
+    tifffile.imwrite(tiff, np.zeros((64, 64, 3), dtype=np.uint8), photometric="rgb")
+    truncated_tiff = tiff.getvalue()[:12]
+    cases = [(header_only_png, "PNG"), (zero_size_png, "PNG"), (truncated_tiff, "TIFF")]
+
+    for data, image_format in cases:
+        with pytest.raises(ImageError) as raised:
+            decode_tile(data, convert_modes=True)
+        message = str(raised.value)
+        assert f"start with a {image_format} header, but the image data after it is missing or invalid" in message
+        assert "no PNG" not in message
+
+
+def test_not_an_image_message_unchanged():
+    with pytest.raises(ImageError, match="they start with no PNG, JPEG or TIFF header"):
+        decode_tile(b"GIF89a not really", convert_modes=True)

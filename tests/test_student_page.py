@@ -293,8 +293,8 @@ def test_page_with_api_key(keyed_base_url, shared_data, tmp_path):
         upload_message = upload.json()["error"]["message"]
 
         with open_page(keyed_base_url, tmp_path) as page:
-            page.wait_for_function("() => document.getElementById('server-status').textContent.startsWith('Not ready')")
-            assert page.locator("#server-status").inner_text() == f"Not ready: {message}"
+            page.wait_for_function("() => document.getElementById('server-status').textContent.startsWith('Unauthorized')")
+            assert page.locator("#server-status").inner_text() == f"Unauthorized: {message} Enter the key in the API key field."
             page.set_input_files("#file-input", str(tile))
             card = wait_for_card(page, ".tile-card", "false", TILE_TIMEOUT_MS)
             assert card.locator(".error").inner_text() == upload_message
@@ -308,3 +308,29 @@ def test_page_with_api_key(keyed_base_url, shared_data, tmp_path):
             job = keyed_client.get(f"/v1/jobs/{card.get_attribute('data-job-id')}", headers={"X-API-Key": LAB_KEY}).json()
             assert page.locator(".map-point").count() == job["num_patches"]
             assert page.evaluate("() => document.querySelector('.slide-card .overlay').naturalWidth") > 0
+
+
+@needs_browser
+def test_page_tiles_get_own_results(page, client, shared_data, tmp_path):
+    good = lung_tile_png(shared_data, tmp_path)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is not a PNG file")
+    with broken.open("rb") as file:
+        message = client.post("/v1/embeddings/upload", files={"file": ("broken.png", file, "image/png")}).json()["error"]["message"]
+
+    page.set_input_files("#file-input", [str(good), str(broken)])
+    page.wait_for_function(
+        """() => {
+            const cards = document.querySelectorAll('.tile-card');
+            return cards.length === 2 && [...cards].every((card) => ['done', 'failed'].includes(card.dataset.status));
+        }""",
+        timeout=TILE_TIMEOUT_MS,
+    )
+    good_card = page.locator(".tile-card", has_text="lung-tile.png")
+    broken_card = page.locator(".tile-card", has_text="broken.png")
+
+    assert good_card.get_attribute("data-status") == "done"
+    assert good_card.locator(".error").is_hidden()
+    assert summary_value(good_card, "Dimension") == "384"
+    assert broken_card.get_attribute("data-status") == "failed"
+    assert broken_card.locator(".error").inner_text() == message

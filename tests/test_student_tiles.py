@@ -12,8 +12,11 @@ from __future__ import annotations
 import base64
 import io
 import struct
+import threading
+import time
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -23,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
+import student_server.tiles_api as tiles_api
 from servers import run_app
 from shared.checkpoint import load_mimic_projector, save_student
 from shared.imaging import decode_image
@@ -363,3 +367,59 @@ def test_teacher_space_without_projector_422(tmp_path, tile):
     error = assert_error(response, 422, "teacher_space_unavailable")
     assert "mimic projector" in error["message"]
     assert [entry["space"] for entry in models] == ["student"]
+
+
+def test_short_jpeg_scan_422(client, tile):
+    data = encode(Image.fromarray(tile), "JPEG")
+    start = data.index(b"\xff\xc0")
+    lying = data[: start + 5] + struct.pack(">HH", 2048, 2048) + data[start + 9 :]
+
+    error = assert_error(upload(client, [lying]), 422, "invalid_image")
+
+    assert "file[0]: the JPEG data ends before the 2048 x 2048 pixels" in error["message"]
+
+
+def test_exif_orientation_applied(client, tile):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = np.ascontiguousarray(np.rot90(tile, k=1))
+
+    sent = upload(client, [_png_with_exif(stored, exif)])
+    direct = upload(client, [rgb_png(tile)])
+
+    assert_same_embeddings(sent, direct)
+
+
+def _png_with_exif(pixels: np.ndarray, exif: Image.Exif) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", exif=exif)
+    return buffer.getvalue()
+
+
+def test_concurrent_decodes_bounded(checkpoint, tmp_path, tile, monkeypatch):
+    lock = threading.Lock()
+    in_flight = [0, 0]  # now, maximum
+    real_decode = tiles_api.decode_tile
+
+    def counting_decode(*args, **kwargs):
+        with lock:
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight[1], in_flight[0])
+        try:
+            time.sleep(0.2)
+            return real_decode(*args, **kwargs)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(tiles_api, "decode_tile", counting_decode)
+    settings = StudentSettings(
+        checkpoint_dir=checkpoint, max_concurrent_decodes=2, jobs_dir=tmp_path / "jobs", upload_dir=tmp_path / "uploads"
+    )
+    data = rgb_png(tile)
+    with run_app(create_app(settings)) as base_url, httpx.Client(base_url=base_url, timeout=120) as http:
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            responses = list(pool.map(lambda _: upload(http, [data, data]), range(6)))
+
+    assert [response.status_code for response in responses] == [200] * 6
+    assert in_flight[1] == 2

@@ -7,8 +7,6 @@ const API_KEY_STORAGE = "unite-student-api-key";
 const TILE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".tif", ".tiff"];
 // A TIFF up to this size is a tile; a larger one is a slide. PNG and JPEG files are always tiles.
 const MAX_TIFF_TILE_BYTES = 8 * 1024 * 1024;
-// Tiles per POST /v1/embeddings/upload request, well under the server's default limit of 256.
-const TILES_PER_REQUEST = 16;
 const POLL_INTERVAL_MS = 500;
 const SLOW_POLL_INTERVAL_MS = 2000;
 const MAX_POLL_FAILURES = 10;
@@ -20,7 +18,13 @@ let cardCount = 0;
 
 // API calls
 
-class ApiError extends Error {}
+// An error of an API call, with the HTTP status (0 when the server could not be reached).
+class ApiError extends Error {
+  constructor(message, status = 0) {
+    super(message);
+    this.status = status;
+  }
+}
 
 function apiKey() {
   return sessionStorage.getItem(API_KEY_STORAGE) || "";
@@ -52,7 +56,7 @@ async function apiFetch(path, options = {}) {
     throw new ApiError(`could not reach the server for ${path}: ${networkError.message}`);
   }
   if (!response.ok) {
-    throw new ApiError(errorMessageOf(response.status, response.statusText, await response.text()));
+    throw new ApiError(errorMessageOf(response.status, response.statusText, await response.text()), response.status);
   }
   return response;
 }
@@ -84,7 +88,7 @@ function postWithProgress(path, formData, onProgress) {
       if (request.status >= 200 && request.status < 300) {
         resolve(JSON.parse(request.responseText));
       } else {
-        reject(new ApiError(errorMessageOf(request.status, request.statusText, request.responseText)));
+        reject(new ApiError(errorMessageOf(request.status, request.statusText, request.responseText), request.status));
       }
     });
     request.addEventListener("error", () => reject(new ApiError(`could not reach the server for ${path}.`)));
@@ -155,8 +159,9 @@ function handleFiles(fileList) {
   const files = Array.from(fileList);
   const tiles = files.filter(isTile);
   const slides = files.filter((file) => !isTile(file));
-  for (let start = 0; start < tiles.length; start += TILES_PER_REQUEST) {
-    embedTiles(tiles.slice(start, start + TILES_PER_REQUEST));
+  // One request per tile, so each card shows its own tile's embedding or error.
+  for (const tile of tiles) {
+    embedTile(tile);
   }
   for (const slide of slides) {
     embedSlide(slide);
@@ -165,35 +170,27 @@ function handleFiles(fileList) {
 
 // Tiles
 
-async function embedTiles(files) {
-  const cards = files.map((file) => newCard("tile-template", `Tile ${file.name}`));
+async function embedTile(file) {
+  const card = newCard("tile-template", `Tile ${file.name}`);
   const form = new FormData();
-  for (const file of files) {
-    form.append("file", file);
-  }
+  form.append("file", file);
   if (optionValue("embedding-space") === "teacher-space") {
     form.append("model", "teacher-space");
   }
   if (optionValue("mpp")) {
     form.append("mpp", optionValue("mpp"));
   }
-  for (const card of cards) {
-    card.dataset.status = "embedding";
-  }
+  card.dataset.status = "embedding";
 
   let response;
   try {
     response = await apiJson("/v1/embeddings/upload", { method: "POST", body: form });
   } catch (error) {
-    for (const card of cards) {
-      card.dataset.status = "failed";
-      showError($(".error", card), error.message);
-    }
+    card.dataset.status = "failed";
+    showError($(".error", card), error.message);
     return;
   }
-  for (const item of response.data) {
-    showTileEmbedding(cards[item.index], item.embedding, response);
-  }
+  showTileEmbedding(card, response.data[0].embedding, response);
 }
 
 function showTileEmbedding(card, embedding, response) {
@@ -503,7 +500,10 @@ async function showServerStatus() {
     await apiJson("/readyz");
     status.textContent = "The server is ready.";
   } catch (error) {
-    status.textContent = `Not ready: ${error.message}`;
+    status.textContent =
+      error.status === 401
+        ? `Unauthorized: ${error.message} Enter the key in the API key field.`
+        : `Not ready: ${error.message}`;
   }
 }
 
