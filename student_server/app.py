@@ -34,7 +34,6 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client.core import Metric
 
-from shared.checkpoint import LoadedStudent
 from shared.errors import NotReadyError
 from shared.http import install_error_handling
 from shared.protocol import STUDENT_SERVICE, ErrorResponse
@@ -45,7 +44,7 @@ from student_server.errors import JobNotFoundError, QueueFullError
 from student_server.jobs import STATUSES as JOB_STATUSES
 from student_server.jobs import JobManager
 from student_server.metrics import CONTENT_TYPE, RequestMetricsMiddleware, StudentMetrics, gauge
-from student_server.model import StudentModel
+from student_server.model import Student, StudentModel
 from student_server.settings import StudentSettings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -159,7 +158,7 @@ def get_student_model(request: Request) -> StudentModel:
     return request.app.state.student
 
 
-def require_student(request: Request) -> LoadedStudent:
+def require_student(request: Request) -> Student:
     """Return the loaded student, or raise :class:`NotReadyError` (503) with the reason there is none.
 
     The message gives the public reason, which names settings but no server path.
@@ -173,7 +172,7 @@ def require_student(request: Request) -> LoadedStudent:
 
 SettingsDep = Annotated[StudentSettings, Depends(get_student_settings)]
 ModelDep = Annotated[StudentModel, Depends(get_student_model)]
-StudentDep = Annotated[LoadedStudent, Depends(require_student)]
+StudentDep = Annotated[Student, Depends(require_student)]
 
 # Routes that need an API key when the server has a keys file.
 KEYED = [Depends(require_api_key)]

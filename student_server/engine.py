@@ -24,21 +24,25 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from shared.checkpoint import LoadedStudent
 from shared.errors import NotReadyError, UniteError
 from shared.imaging import MODEL_INPUT_SIZE
 from student_server.errors import QueueFullError
 from student_server.metrics import StudentMetrics
-from student_server.model import StudentModel, check_teacher_space, embed_with, project
+from student_server.model import Student, StudentModel, check_teacher_space, embed_with, project
+from student_server.onnx_runtime import LinearProjector
 from student_server.settings import StudentSettings
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
-Snapshot = tuple[LoadedStudent, "torch.nn.Linear | None"]
+# A served student and its projector, as StudentModel.snapshot returns them.
+Snapshot = tuple[Student, "torch.nn.Linear | LinearProjector | None"]
 
 
 @dataclass(frozen=True)

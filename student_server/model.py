@@ -13,6 +13,12 @@ student served and is logged once per export.
 An export with a mimic projector also gets teacher-space output: the projector maps the student's
 embeddings to the teacher's space, 1536-d for a UNI2-h teacher.
 
+The setting ``runtime`` picks how the student runs. ``torch`` (:mod:`student_server.torch_runtime`)
+loads model.safetensors. ``onnx`` (:mod:`student_server.onnx_runtime`) runs model.onnx with onnxruntime,
+and this module then never imports torch, because the torch runtime is imported only when it is chosen.
+:func:`embed_with` and :func:`project` pick the runtime by the type of the student and projector, so a
+snapshot always runs on the runtime that loaded it.
+
 Why no student is loaded is kept twice: ``reason`` names the checkpoint folder and the loader's error
 for the log, and ``public_reason`` names only the setting to change, because it goes to HTTP clients.
 """
@@ -24,19 +30,33 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 
-from shared.checkpoint import CHECKPOINT_WEIGHTS, LoadedStudent, load_mimic_projector, load_student
 from shared.errors import ModelError, NotReadyError
-from shared.models.inference import embed_tiles
 from shared.publish import resolve_checkpoint_dir
 from student_server.errors import TeacherSpaceUnavailable
+from student_server.onnx_runtime import ONNX_WEIGHTS, LinearProjector, OnnxStudent, embed_onnx, load_onnx_export
 from student_server.metrics import StudentMetrics
 from student_server.settings import StudentSettings
 
+if TYPE_CHECKING:
+    import torch
+
+    from shared.checkpoint import LoadedStudent
+
 logger = logging.getLogger(__name__)
+
+
+class Student(Protocol):
+    """A loaded student of either runtime, ``LoadedStudent`` (torch) or :class:`OnnxStudent`, as the server reads it."""
+
+    name: str
+    sha256: str
+    config: dict[str, Any]
+    folder: Path
+    embed_dim: int
 
 
 @dataclass(frozen=True)
@@ -52,8 +72,8 @@ class ExportIdentity:
 class ServedStudent:
     """A loaded student with its projector and the identity of the export they came from."""
 
-    student: LoadedStudent
-    projector: torch.nn.Linear | None
+    student: LoadedStudent | OnnxStudent
+    projector: torch.nn.Linear | LinearProjector | None
     identity: ExportIdentity
 
 
@@ -77,13 +97,13 @@ class StudentModel:
         self._last_attempt: float | None = None
 
     @property
-    def loaded(self) -> LoadedStudent | None:
+    def loaded(self) -> Student | None:
         """The served student, or None before the first successful load."""
         served = self._served
         return None if served is None else served.student
 
     @property
-    def mimic_projector(self) -> torch.nn.Linear | None:
+    def mimic_projector(self) -> torch.nn.Linear | LinearProjector | None:
         """The served export's student-to-teacher projector, or None."""
         served = self._served
         return None if served is None else served.projector
@@ -94,7 +114,7 @@ class StudentModel:
         projector = self.mimic_projector
         return None if projector is None else projector.out_features
 
-    def snapshot(self) -> tuple[LoadedStudent, torch.nn.Linear | None]:
+    def snapshot(self) -> tuple[Student, torch.nn.Linear | LinearProjector | None]:
         """Return the served student and its projector as one consistent pair.
 
         Raises :class:`NotReadyError` (503) with the public reason when no student is loaded.
@@ -104,7 +124,7 @@ class StudentModel:
             raise NotReadyError(f"the student server is not ready: {self.public_reason.rstrip('.')}.")
         return served.student, served.projector
 
-    def ensure_loaded(self) -> LoadedStudent | None:
+    def ensure_loaded(self) -> Student | None:
         """Return the served student, first trying to load one if none is and the retry interval has passed."""
         if self._served is not None:
             return self._served.student
@@ -122,7 +142,7 @@ class StudentModel:
         with self._load_lock:
             self._last_attempt = time.monotonic()
             folder = resolve_checkpoint_dir(self.settings.checkpoint_dir)
-            weights = folder / CHECKPOINT_WEIGHTS
+            weights = folder / weights_file(self.settings.runtime)
             try:
                 stat = weights.stat()
             except OSError:
@@ -159,21 +179,23 @@ class StudentModel:
     def _load(self, identity: ExportIdentity) -> bool:
         folder = identity.folder
         device = self.settings.device
+        runtime = self.settings.runtime
         try:
-            student = load_student(folder, device=device)
-            projector = load_mimic_projector(folder, device=device)
+            student, projector = load_export(folder, runtime=runtime, device=device)
         except ModelError as error:
+            export_again = "Export the ONNX file again with `unite export-onnx`" if runtime == "onnx" else "Export the student again with `unite distill`"
             self._record_failure(
                 identity,
-                f"cannot load the student checkpoint at {folder}: {error.message}",
+                f"cannot load the student checkpoint at {folder} with the {runtime} runtime: {error.message}",
                 public_reason=(
                     "the student checkpoint in the configured folder (setting UNITE_STUDENT_CHECKPOINT_DIR) cannot be "
-                    "loaded, and the server log has the cause. Export the student again with `unite distill`"
+                    f"loaded, and the server log has the cause. {export_again}"
                 ),
             )
             return False
         except (RuntimeError, AssertionError) as error:
-            # torch raises these when the configured device does not exist, for example CUDA on a CPU-only build.
+            # torch raises these when the configured device does not exist, for example CUDA on a CPU-only build,
+            # and the onnx runtime raises RuntimeError when onnxruntime has no provider for the device.
             self._record_failure(
                 identity,
                 f"cannot load the student checkpoint at {folder} onto device {device!r} ({error}). "
@@ -195,10 +217,11 @@ class StudentModel:
         if self.metrics is not None:
             self.metrics.reloads.labels("success").inc()
         logger.info(
-            "serving student %s (checkpoint sha256 %s) from %s on %s, teacher-space output %s%s",
+            "serving student %s (checkpoint sha256 %s) from %s with the %s runtime on %s, teacher-space output %s%s",
             student.name,
             student.sha256,
             folder,
+            runtime,
             device,
             "none" if projector is None else f"{projector.out_features}-d",
             "" if previous is None else f", replacing {previous.student.name} (sha256 {previous.student.sha256})",
@@ -216,12 +239,17 @@ class StudentModel:
 
     def _set_missing_reason(self) -> None:
         folder = self.settings.checkpoint_dir
+        weights = weights_file(self.settings.runtime)
+        if self.settings.runtime == "onnx":
+            export = f"run `unite export-onnx CHECKPOINT --out CHECKPOINT/{ONNX_WEIGHTS}` on a student that `unite distill` exported"
+        else:
+            export = "run `unite distill` to export a student"
         self._set_reason(
-            f"no student checkpoint at {folder}: run `unite distill` to export one, "
+            f"no student checkpoint at {folder} ({weights} not found): {export}, "
             "or set UNITE_STUDENT_CHECKPOINT_DIR to an exported student folder or a publish root",
             public_reason=(
-                f"no student checkpoint is loaded: the configured checkpoint folder has no {CHECKPOINT_WEIGHTS}. "
-                "Run `unite distill` to export a student, or set UNITE_STUDENT_CHECKPOINT_DIR to an exported student folder"
+                f"no student checkpoint is loaded: the configured checkpoint folder has no {weights}. "
+                f"To serve one, {export}, or set UNITE_STUDENT_CHECKPOINT_DIR to an exported student folder"
             ),
         )
 
@@ -233,7 +261,25 @@ class StudentModel:
         self.public_reason = public_reason
 
 
-def check_teacher_space(student: LoadedStudent, projector: torch.nn.Linear | None, teacher_space: bool) -> None:
+def weights_file(runtime: str) -> str:
+    """Return the name of the file that ``runtime`` loads and whose changes trigger a reload."""
+    if runtime == "onnx":
+        return ONNX_WEIGHTS
+    from student_server.torch_runtime import WEIGHTS_FILE
+
+    return WEIGHTS_FILE
+
+
+def load_export(folder: Path, *, runtime: str, device: str) -> tuple[Student, torch.nn.Linear | LinearProjector | None]:
+    """Load the student in ``folder`` and its mimic projector (or None) with ``runtime`` onto ``device``."""
+    if runtime == "onnx":
+        return load_onnx_export(folder, device=device)
+    from student_server.torch_runtime import load_torch_export
+
+    return load_torch_export(folder, device=device)
+
+
+def check_teacher_space(student: Student, projector: torch.nn.Linear | LinearProjector | None, teacher_space: bool) -> None:
     """Raise :class:`TeacherSpaceUnavailable` (422) when teacher-space output is requested from an export without a projector."""
     if teacher_space and projector is None:
         raise TeacherSpaceUnavailable(
@@ -245,20 +291,26 @@ def check_teacher_space(student: LoadedStudent, projector: torch.nn.Linear | Non
 
 
 def embed_with(
-    student: LoadedStudent, projector: torch.nn.Linear | None, tiles: np.ndarray, *, teacher_space: bool, device: str
+    student: Student, projector: torch.nn.Linear | LinearProjector | None, tiles: np.ndarray, *, teacher_space: bool, device: str
 ) -> np.ndarray:
     """Embed one batch with ``student`` (and ``projector`` for teacher-space output) as (N, D) float32."""
     check_teacher_space(student, projector, teacher_space)
-    embeddings = embed_tiles(student.model, tiles, batch_size=max(len(tiles), 1), device=device)
+    if isinstance(student, OnnxStudent):
+        embeddings = embed_onnx(student, tiles)
+    else:
+        from student_server.torch_runtime import embed_torch
+
+        embeddings = embed_torch(student, tiles, device=device)
     if teacher_space:
         embeddings = project(projector, embeddings, device=device)
     return embeddings
 
 
-def project(projector: torch.nn.Linear, embeddings: np.ndarray, *, device: str) -> np.ndarray:
+def project(projector: torch.nn.Linear | LinearProjector, embeddings: np.ndarray, *, device: str) -> np.ndarray:
     """Map student embeddings to the teacher's space with the mimic projector, in float32."""
-    # In float32: the projector is one small matrix product, and the output is compared with the teacher's.
-    with torch.inference_mode():
-        projected = projector(torch.from_numpy(embeddings).to(device))
-    return projected.float().cpu().numpy()
+    if isinstance(projector, LinearProjector):
+        return projector(embeddings)
+    from student_server.torch_runtime import project_torch
+
+    return project_torch(projector, embeddings, device=device)
 

@@ -35,23 +35,24 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
-from shared.checkpoint import LoadedStudent, load_student
 from shared.errors import ConfigError, ModelError, UniteError
 from shared.features import trident_attrs, write_features
 from shared.jobs import format_count
-from shared.models.inference import embed_tiles
 from shared.pooling import POOLING_METHODS, pool_patch_features
 from shared.slides.grid import PatchGrid
 from shared.slides.overlay import save_overlay, save_thumbnail
 from shared.slides.reader import open_slide
 from shared.slides.tiling import TiledSlide, iter_tiles, tile_slide, validate_read_workers
 from student_server.errors import TooManyPatchesError
+
+if TYPE_CHECKING:
+    from shared.checkpoint import LoadedStudent
 
 logger = logging.getLogger(__name__)
 
@@ -136,15 +137,20 @@ class SlidePipelineResult:
 
 
 class LocalEmbedder:
-    """A :class:`TileEmbedder` over an exported student loaded in this process, for embedding without a server."""
+    """A :class:`TileEmbedder` over an exported student loaded in this process with torch, for embedding without a server."""
 
     def __init__(self, checkpoint_dir: Path, *, device: str = "cpu", batch_size: int = 32) -> None:
+        # Imported here, so the student server's slide jobs run without torch under the onnx runtime.
+        from shared.checkpoint import load_student
+
         self.student: LoadedStudent = load_student(Path(checkpoint_dir), device=device)
         self.device = device
         self.batch_size = batch_size
 
     def embed_tiles(self, tiles: np.ndarray) -> tuple[np.ndarray, str, str]:
         """Embed tiles with the loaded student, as :meth:`TileEmbedder.embed_tiles` describes."""
+        from shared.models.inference import embed_tiles
+
         embeddings = embed_tiles(self.student.model, tiles, batch_size=self.batch_size, device=self.device)
         return embeddings, self.student.name, self.student.sha256
 
