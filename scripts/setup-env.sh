@@ -31,6 +31,21 @@ if [[ ! -f "$venv/.complete" ]]; then
   touch "$venv/.complete"
 fi
 
+# The optional 'distributed' extra of pyproject.toml (Ray Data, for `unite embed --engine ray` and its
+# tests), installed once per venv. A failed install leaves the venv usable, and those tests are skipped.
+# Set UNITE_SKIP_DISTRIBUTED=1 to leave it out.
+if [[ "${UNITE_SKIP_DISTRIBUTED:-0}" != 1 && ! -f "$venv/.complete-distributed" ]]; then
+  log="$root/$key.install-distributed.log"
+  if "$venv/bin/python" -c 'import sys, tomllib; print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["distributed"]))' \
+      "$repo/pyproject.toml" >"$root/$key.distributed.txt" 2>"$log" \
+    && "$venv/bin/python" -m pip install -r "$root/$key.distributed.txt" >>"$log" 2>&1; then
+    touch "$venv/.complete-distributed"
+  else
+    tail -n 5 "$log" >&2
+    echo "Installing the optional 'distributed' extra (Ray) failed, so the Ray engine and its tests are unavailable; the full log is $log." >&2
+  fi
+fi
+
 # The project itself is reinstalled every time, because the venv may last served another checkout.
 if ! output=$("$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo" 2>&1); then
   echo "$output" >&2

@@ -97,6 +97,20 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="embed again the slides whose state records a failure with the same options (default: leave them failed)",
     )
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="'local' embeds in this process; 'ray' runs tiling tasks and --workers student actors on the Ray cluster "
+        "at RAY_ADDRESS, or on a new local one, with the same outputs (needs the 'distributed' extra) (default: local)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="student actors of --engine ray, each on one GPU with --device cuda (default: 1; the local engine takes no --workers)",
+    )
 
 
 def run_embed(args: argparse.Namespace) -> int:
@@ -174,6 +188,7 @@ def embed_slide_job(job: Job, out_dir: Path, *, embedder: TileEmbedder, options:
 
 
 def _run_embed(args: argparse.Namespace) -> int:
+    from shared.errors import ConfigError
     from shared.jobs import run_jobs
     from shared.slides.sources import collect_slides
     from shared.slides.tile_job import TileOptions, slide_jobs
@@ -185,6 +200,10 @@ def _run_embed(args: argparse.Namespace) -> int:
     options.validate()
     mpp, mpp_table = resolution_overrides(args)
     slides = collect_slides(args.sources, recursive=args.recursive, exclude=output_folders(args.out))
+    if args.engine == "ray":
+        return _run_embed_on_ray(args, slides, mpp if mpp_table is None else mpp_table)
+    if args.workers is not None:
+        raise ConfigError(f"--workers {args.workers} applies only to --engine ray; the local engine embeds in one process.", value=args.workers)
     embedder = _load_embedder(args)
 
     # The recorded options are those that shape the outputs: the grid (the defaults of unite tile), the
@@ -198,6 +217,27 @@ def _run_embed(args: argparse.Namespace) -> int:
         functools.partial(embed_slide_job, embedder=embedder, options=options),
         out_dir=args.out,
         workers=1,
+        retry_failed=args.retry_failed,
+        progress=sys.stderr.isatty(),
+    )
+    print(summary.format("slide"))
+    return summary.exit_status
+
+
+def _run_embed_on_ray(args: argparse.Namespace, slides: list, mpp_overrides: object) -> int:
+    from unite_cli.embed_ray import run_distributed_embed
+
+    summary = run_distributed_embed(
+        slides,
+        args.checkpoint,
+        args.out,
+        workers=1 if args.workers is None else args.workers,
+        batch_size=args.batch_size,
+        mpp_overrides=mpp_overrides,
+        pooling=args.pooling,
+        read_workers=args.read_workers,
+        max_patches=args.max_patches,
+        device=args.device,
         retry_failed=args.retry_failed,
         progress=sys.stderr.isatty(),
     )
