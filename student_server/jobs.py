@@ -17,12 +17,17 @@ At most ``max_concurrent_slide_jobs`` jobs run at once, each in its own thread, 
 ``max_queued_slide_jobs`` wait. A submission beyond that raises :class:`JobQueueFullError` (503 with
 Retry-After). The manager also runs :class:`student_server.housekeeping.Housekeeper`, which removes
 old finished jobs.
+
+One server owns a jobs folder: :meth:`JobManager.start` takes an exclusive ``fcntl.flock`` lock on
+``jobs_dir/server.lock`` and holds it until :meth:`JobManager.stop`, so a second server started on the
+same folder fails at start instead of running the first server's jobs again.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -36,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from shared.errors import NotReadyError, UniteError
+from shared.errors import ConfigError, NotReadyError, UniteError
 from shared.http import shorten_echoed
 from shared.slides.reader import MPP_OVERRIDE_HINT
 from student_server.errors import JobNotFinishedError, JobNotFoundError, JobQueueFullError
@@ -54,10 +59,17 @@ FINISHED_STATUSES = frozenset({SUCCEEDED, FAILED})
 RESUMED_STATUSES = frozenset({QUEUED, RUNNING, INTERRUPTED})
 
 RECORD_FILE = "job.json"
+# Locked by the server that owns the jobs folder. It is never deleted, because deleting a lock file that
+# another process has open would let two processes lock the same folder.
+LOCK_FILE = "server.lock"
 OUTPUTS_DIR = "outputs"
 # Stored uploads are named upload-<job id><extension>, a name that no message text contains by chance.
 UPLOAD_PREFIX = "upload-"
 MPP_FIELD_HINT = "the field 'mpp' (µm per level-0 pixel) of POST /v1/slides"
+# NOTE: this must match the hint of the not_brightfield error in shared.slides.tissue.detect_tissue word
+# for word. tests/test_student_jobs.py checks that a job's error names the field instead.
+FLUORESCENCE_CALL_HINT = "allow_fluorescence=True (--allow-fluorescence on the command line)"
+FLUORESCENCE_FIELD_HINT = "the field 'allow_fluorescence': true of POST /v1/slides"
 
 SlidePipeline = Callable[..., Any]
 
@@ -156,6 +168,7 @@ class JobManager:
         # Set once stop() gave up waiting. Results that its threads return later are not recorded.
         self._abandoned = False
         self._workers: list[threading.Thread] = []
+        self._folder_lock: int | None = None
         self.housekeeper = Housekeeper(
             self,
             upload_dir=settings.upload_dir,
@@ -167,8 +180,19 @@ class JobManager:
     # Start and stop
 
     def start(self) -> None:
-        """Load the jobs found in ``jobs_dir``, re-queue the unfinished ones and start the worker threads."""
-        self.jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Lock ``jobs_dir``, load the jobs found there, re-queue the unfinished ones and start the worker threads.
+
+        Raises :class:`ConfigError` when another server holds the lock on ``jobs_dir`` or the folder
+        cannot be used, before any job is touched.
+        """
+        self._lock_jobs_dir()
+        try:
+            self._start_locked()
+        except BaseException:
+            self._unlock_jobs_dir()
+            raise
+
+    def _start_locked(self) -> None:
         resumed = []
         for record in self._load_records():
             self._records[record.id] = record
@@ -214,7 +238,39 @@ class JobManager:
                 self._save(record)
                 logger.warning("slide job %s did not stop within %.1f s; it resumes at the next start", job_id, grace_s)
             self._running.clear()
+        self._unlock_jobs_dir()
         logger.info("slide jobs stopped: %d still queued for the next start", len(self._queue))
+
+    def _lock_jobs_dir(self) -> None:
+        """Take the exclusive lock on ``jobs_dir/server.lock`` without waiting, or raise :class:`ConfigError`."""
+        lock_path = self.jobs_dir / LOCK_FILE
+        try:
+            self.jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            file_descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            raise ConfigError(
+                f"the slide jobs folder {self.jobs_dir} cannot be used: creating {lock_path} failed ({error}). "
+                "Set UNITE_STUDENT_JOBS_DIR to a folder this user can write to.",
+                value=str(self.jobs_dir),
+            ) from error
+        try:
+            fcntl.flock(file_descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            os.close(file_descriptor)
+            raise ConfigError(
+                f"the slide jobs folder {self.jobs_dir} is in use by another student server, which has locked {lock_path}. "
+                "Two servers on one folder would run each other's jobs. Give each server its own folder with the "
+                "setting UNITE_STUDENT_JOBS_DIR, or stop the other server.",
+                value=str(self.jobs_dir),
+            ) from error
+        self._folder_lock = file_descriptor
+        logger.debug("slide jobs folder %s locked through %s", self.jobs_dir, lock_path)
+
+    def _unlock_jobs_dir(self) -> None:
+        if self._folder_lock is not None:
+            fcntl.flock(self._folder_lock, fcntl.LOCK_UN)
+            os.close(self._folder_lock)
+            self._folder_lock = None
 
     # Submission
 
@@ -412,6 +468,7 @@ class JobManager:
             batch_size=self.settings.batch_size,
             read_workers=self.settings.read_workers,
             max_patches=self.settings.max_patches_per_slide,
+            allow_fluorescence=record.options.get("allow_fluorescence", False),
         )
         logger.info("slide job %s started (attempt %d, %s)", job_id, record.attempts, record.source)
         started = time.perf_counter()
@@ -552,8 +609,13 @@ class JobManager:
 
 
 def _replace_paths(text: str, record: JobRecord, slide_path: Path) -> str:
-    # The hint goes first because it contains the word "slide".
-    replacements = [(MPP_OVERRIDE_HINT, MPP_FIELD_HINT), (str(slide_path.resolve()), record.slide_label), (str(slide_path), record.slide_label)]
+    # The hints go first, because the mpp hint contains the word "slide".
+    replacements = [
+        (MPP_OVERRIDE_HINT, MPP_FIELD_HINT),
+        (FLUORESCENCE_CALL_HINT, FLUORESCENCE_FIELD_HINT),
+        (str(slide_path.resolve()), record.slide_label),
+        (str(slide_path), record.slide_label),
+    ]
     if record.source == "upload" and slide_path.name.startswith(UPLOAD_PREFIX):
         # Some readers name only the file. Uploads stored before this naming were called "slide", a common word.
         replacements.append((slide_path.name, record.slide_label))

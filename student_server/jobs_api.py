@@ -2,7 +2,8 @@
 
 - ``POST /v1/slides``: a ``multipart/form-data`` upload (field ``file``, streamed to disk with the limit
   ``max_upload_bytes``) or a JSON body ``{"path": ...}`` naming a slide under ``data_root``. Both take
-  the options ``mpp``, ``pooling`` and ``include_patches`` (as form fields or JSON keys). Returns 202
+  the options ``mpp``, ``pooling``, ``include_patches`` and ``allow_fluorescence`` (as form fields or
+  JSON keys). Returns 202
   with the job and a ``Location`` header, or 503 with Retry-After when ``max_queued_slide_jobs`` wait.
 - ``GET /v1/jobs/{id}``: status, progress and links.
 - ``GET /v1/jobs/{id}/result``: the slide embedding and metadata as JSON, with the patch embeddings and
@@ -43,7 +44,7 @@ from student_server.uploads import receive_slide_upload
 logger = logging.getLogger(__name__)
 
 SLIDES_PATH = "/v1/slides"
-# The largest JSON body of POST /v1/slides. A path and three options fit many times over.
+# The largest JSON body of POST /v1/slides. A path and four options fit many times over.
 MAX_JSON_BYTES = 64 * 1024
 
 router = APIRouter()
@@ -59,6 +60,11 @@ class SlideJobOptions(BaseModel):
     )
     pooling: Literal[POOLINGS] = Field(default="mean", description="How the patch embeddings are pooled into the slide embedding.")
     include_patches: bool = Field(default=False, description="Default of GET /v1/jobs/{id}/result?include_patches.")
+    allow_fluorescence: bool = Field(
+        default=False,
+        description="Embed a fluorescence (dark-field) slide, taking signal above the dark background as tissue. "
+        "False: such a slide fails with reason not_brightfield.",
+    )
 
 
 class SlidePathRequest(SlideJobOptions):
@@ -96,6 +102,7 @@ _SUBMIT_BODY = {
                         "mpp": {"type": "number", "description": "Resolution override in µm per level-0 pixel."},
                         "pooling": {"type": "string", "enum": list(POOLINGS), "default": "mean"},
                         "include_patches": {"type": "boolean", "default": False},
+                        "allow_fluorescence": {"type": "boolean", "default": False},
                     },
                 }
             },

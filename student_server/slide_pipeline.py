@@ -93,13 +93,18 @@ class SlideInterrupted(UniteError):
 
 @dataclass
 class SlidePipelineOptions:
-    """Options of one slide: resolution override (µm/px), pooling, tiles per batch, reader threads and patch limit."""
+    """Options of one slide: resolution override (µm/px), pooling, tiles per batch, reader threads and patch limit.
+
+    ``allow_fluorescence`` lets a fluorescence (dark-field) slide through, with signal above the dark
+    background taken as tissue. Otherwise such a slide fails with reason ``not_brightfield``.
+    """
 
     mpp: float | None = None
     pooling: str = "mean"
     batch_size: int = 32
     read_workers: int = 2
     max_patches: int = 100_000
+    allow_fluorescence: bool = False
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid option, before the slide is opened."""
@@ -118,6 +123,11 @@ class SlidePipelineOptions:
                     limit=1,
                 )
         validate_read_workers(self.read_workers)
+        if not isinstance(self.allow_fluorescence, bool):
+            raise ConfigError(
+                f"allow_fluorescence={self.allow_fluorescence!r} must be True or False (--allow-fluorescence).",
+                value=repr(self.allow_fluorescence),
+            )
 
 
 @dataclass
@@ -177,7 +187,7 @@ def run_slide_pipeline(
     path, out_dir = Path(path), Path(out_dir)
     started = time.perf_counter()
 
-    tiled = tile_slide(path, mpp=options.mpp)
+    tiled = tile_slide(path, mpp=options.mpp, allow_fluorescence=options.allow_fluorescence)
     _check_patch_count(tiled, options.max_patches)
     tiled_at = time.perf_counter()
 

@@ -62,4 +62,5 @@ def wait_for_job(client: httpx.Client, job_id: str, *, statuses=FINISHED, timeou
 
 
 def job_folders(jobs_dir: Path) -> list[str]:
-    return sorted(path.name for path in jobs_dir.iterdir()) if jobs_dir.is_dir() else []
+    """Return the names of the folders in ``jobs_dir``. Files, such as the server's lock file, are left out."""
+    return sorted(path.name for path in jobs_dir.iterdir() if path.is_dir()) if jobs_dir.is_dir() else []

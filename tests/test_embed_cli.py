@@ -8,6 +8,7 @@ fluorescence NDPI slide is rejected because the student embeds brightfield H&E o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -142,6 +143,44 @@ def test_embed_other_checkpoint_rejected(listed_run, tmp_path, caplog):
     assert status == 2
     assert "done with other options" in caplog.text
     assert "checkpoint_sha256" in caplog.text
+
+
+def test_embed_fluorescence_option_retries_slide(slides_dir, checkpoint, tmp_path, caplog):
+    arguments = ["embed", str(slides_dir / NDPI), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), "--batch-size", "16"]
+    name = stem(NDPI)
+
+    assert main(arguments) == 1
+    failed = read_state(tmp_path / "out", name)
+    assert failed["reason"] == "not_brightfield"
+    assert "--allow-fluorescence" in failed["message"]
+
+    # The option changes the recorded options, so the failed slide runs again without --retry-failed.
+    assert main([*arguments, "--allow-fluorescence"]) == 0
+    done = read_state(tmp_path / "out", name)
+    assert done["status"] == "done"
+    assert done["attempts"] == 2
+    assert done["config"]["allow_fluorescence"] is True
+    assert done["details"]["illumination"] == "fluorescence"
+    features = read_features(tmp_path / "out" / "features" / f"{name}.h5")
+    assert features.features.shape == (done["details"]["patches"], 384)
+
+
+def test_embed_logs_mpp_override_once(slides_dir, checkpoint, tmp_path, caplog):
+    arguments = ["embed", str(slides_dir / CMU1), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), "--mpp", "0.25"]
+
+    with caplog.at_level(logging.INFO):
+        assert main(arguments) == 0
+
+    assert caplog.text.count("using the mpp override 0.2500 µm/px") == 1
+
+
+def test_embed_ray_rejects_allow_fluorescence(slides_dir, checkpoint, tmp_path, caplog):
+    arguments = ["embed", str(slides_dir / NDPI), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")]
+
+    status = main([*arguments, "--engine", "ray", "--allow-fluorescence"])
+
+    assert status == 2
+    assert "--allow-fluorescence applies only to --engine local" in caplog.text
 
 
 def test_embed_missing_checkpoint_exit_2(slides_dir, tmp_path, caplog):

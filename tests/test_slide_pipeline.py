@@ -155,6 +155,14 @@ def test_invalid_pooling_rejected(cmu1, embedder, tmp_path, pooling):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("value", ["true", 1, None])
+def test_invalid_allow_fluorescence_rejected(cmu1, embedder, tmp_path, value):
+    with pytest.raises(ConfigError, match="must be True or False"):
+        run_slide_pipeline(cmu1, tmp_path / "out", embedder, SlidePipelineOptions(allow_fluorescence=value))
+
+    assert not (tmp_path / "out").exists()
+
+
 def test_map_has_point_per_patch(mean_run, cmu1_tiled):
     result, out_dir, _ = mean_run
     grid = cmu1_tiled.grid

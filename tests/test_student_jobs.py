@@ -1,7 +1,7 @@
 """Slide jobs of the student server over real HTTP on 127.0.0.1: submit, poll, results, limits and resume.
 
-The slides are real (CMU-1-Small-Region and a BRACS crop from the shared test data), the student is a
-real export with one transformer block, and every job runs the real slide pipeline.
+The slides are real (CMU-1-Small-Region, a BRACS crop and a DAPI fluorescence NDPI from the shared test
+data), the student is a real export with one transformer block, and every job runs the real slide pipeline.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from shared.slides.tiling import tile_slide
 from student_server.app import create_app
 
 CMU1 = "CMU-1-Small-Region.svs"
+DAPI = "test3-DAPI-2.ndpi"
 BRACS = "BRACS_1640_N_3_cropped.tiff"
 CLIENT_NAME = "Doe-Jane-1970-biopsy.svs"
 
@@ -245,7 +246,7 @@ def test_path_job_under_data_root(client):
     assert response.status_code == 202, response.text
     job, _ = wait_for_job(client, response.json()["id"])
     assert job["status"] == "succeeded", job
-    assert job["options"] == {"mpp": 0.5, "pooling": "mean+max", "include_patches": False}
+    assert job["options"] == {"mpp": 0.5, "pooling": "mean+max", "include_patches": False, "allow_fluorescence": False}
     answer = client.get(job["links"]["result"]).json()
     assert answer["pooling"] == "mean+max"
     assert len(answer["slide_embedding"]) == 768
@@ -262,6 +263,48 @@ def test_path_job_without_mpp_fails_naming_field(client, data_root):
     assert "'mpp'" in job["error"]["message"]
     assert f"slides/{BRACS}" in job["error"]["message"]
     assert str(data_root) not in json.dumps(job["error"])
+
+
+def test_fluorescence_upload_fails_naming_field(client, slides_dir):
+    job_id = submit_upload(client, slides_dir / DAPI, name="dapi.ndpi").json()["id"]
+    job, _ = wait_for_job(client, job_id)
+
+    assert job["status"] == "failed"
+    assert job["error"]["reason"] == "not_brightfield"
+    message = job["error"]["message"]
+    assert "the field 'allow_fluorescence': true of POST /v1/slides" in message
+    assert "--allow-fluorescence" not in message
+    assert "allow_fluorescence=True" not in message
+
+
+def test_fluorescence_upload_allowed_succeeds(client, slides_dir):
+    response = submit_upload(client, slides_dir / DAPI, name="dapi.ndpi", allow_fluorescence="true")
+
+    assert response.status_code == 202, response.text
+    assert response.json()["options"]["allow_fluorescence"] is True
+    job, _ = wait_for_job(client, response.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert job["num_patches"] == len(tile_slide(slides_dir / DAPI, allow_fluorescence=True).grid)
+    answer = client.get(job["links"]["result"]).json()
+    assert answer["metadata"]["illumination"] == "fluorescence"
+
+
+def test_path_job_takes_allow_fluorescence_key(client):
+    response = client.post("/v1/slides", json={"path": f"slides/{BRACS}", "mpp": 0.5, "allow_fluorescence": True})
+
+    assert response.status_code == 202, response.text
+    job, _ = wait_for_job(client, response.json()["id"])
+    # The option only lets fluorescence slides through, so this brightfield slide is embedded as before.
+    assert job["status"] == "succeeded", job
+    assert job["options"]["allow_fluorescence"] is True
+    assert client.get(job["links"]["result"]).json()["metadata"]["illumination"] == "brightfield"
+
+
+def test_invalid_allow_fluorescence_422(client, slides_dir):
+    response = submit_upload(client, slides_dir / DAPI, allow_fluorescence="perhaps")
+
+    error = assert_error(response, 422, "invalid_request")
+    assert "allow_fluorescence" in error["message"]
 
 
 @pytest.mark.parametrize("escape", ["../outside.svs", "../missing.svs", "slides/../../outside.svs", "link-out.svs", "absolute"])

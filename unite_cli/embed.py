@@ -93,6 +93,12 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu", help="torch device of the student: 'cpu', 'cuda' or 'cuda:N' (default: cpu)")
     parser.add_argument(
+        "--allow-fluorescence",
+        action="store_true",
+        help="embed fluorescence (dark-field) slides, taking signal above the dark background as tissue (default: such "
+        "slides fail with reason not_brightfield; only the local engine takes it)",
+    )
+    parser.add_argument(
         "--retry-failed",
         action="store_true",
         help="embed again the slides whose state records a failure with the same options (default: leave them failed)",
@@ -195,21 +201,34 @@ def _run_embed(args: argparse.Namespace) -> int:
     from student_server.slide_pipeline import SlidePipelineOptions
 
     options = SlidePipelineOptions(
-        pooling=args.pooling, batch_size=args.batch_size, read_workers=args.read_workers, max_patches=args.max_patches
+        pooling=args.pooling,
+        batch_size=args.batch_size,
+        read_workers=args.read_workers,
+        max_patches=args.max_patches,
+        allow_fluorescence=args.allow_fluorescence,
     )
     options.validate()
     mpp, mpp_table = resolution_overrides(args)
     slides = collect_slides(args.sources, recursive=args.recursive, exclude=output_folders(args.out))
+    if args.engine == "ray" and args.allow_fluorescence:
+        # NOTE: the Ray engine tiles with the default tissue options, so it cannot embed fluorescence slides yet.
+        raise ConfigError(
+            "--allow-fluorescence applies only to --engine local, because the ray engine tiles with the default "
+            "tissue options and rejects fluorescence slides with reason not_brightfield. Embed those slides with --engine local.",
+            value="ray",
+        )
     if args.engine == "ray":
         return _run_embed_on_ray(args, slides, mpp if mpp_table is None else mpp_table)
     if args.workers is not None:
         raise ConfigError(f"--workers {args.workers} applies only to --engine ray; the local engine embeds in one process.", value=args.workers)
     embedder = _load_embedder(args)
 
-    # The recorded options are those that shape the outputs: the grid (the defaults of unite tile), the
-    # resolution override, the pooling and the checkpoint. A done slide with other options stops the run.
+    # The recorded options are those that shape the outputs: the grid (the defaults of unite tile), whether
+    # fluorescence slides are allowed, the resolution override, the pooling and the checkpoint. A done slide
+    # with other options stops the run.
+    tiling = TileOptions(allow_fluorescence=options.allow_fluorescence)
     shaping = {"pooling": options.pooling, "checkpoint_sha256": embedder.student.sha256}
-    jobs = [replace(job, config={**job.config, **shaping}) for job in slide_jobs(slides, TileOptions(), mpp=mpp, mpp_table=mpp_table)]
+    jobs = [replace(job, config={**job.config, **shaping}) for job in slide_jobs(slides, tiling, mpp=mpp, mpp_table=mpp_table)]
 
     # One worker: the student is loaded once, in this process, and each slide's reading overlaps its embedding.
     summary = run_jobs(

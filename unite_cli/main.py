@@ -25,6 +25,8 @@ from unite_cli.distill_worker import DESCRIPTION as DISTILL_WORKER_DESCRIPTION
 from unite_cli.distill_worker import add_distill_worker_arguments, run_distill_worker
 from unite_cli.embed import DESCRIPTION as EMBED_DESCRIPTION
 from unite_cli.embed import add_embed_arguments, run_embed
+from unite_cli.evaluate import DESCRIPTION as EVALUATE_DESCRIPTION
+from unite_cli.evaluate import add_evaluate_arguments, run_evaluate
 from unite_cli.pool import DESCRIPTION as POOL_DESCRIPTION
 from unite_cli.pool import add_pool_arguments, run_pool
 from unite_cli.serve_gateway import GATEWAY_OPTIONS, add_gateway_arguments
@@ -97,13 +99,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_bench_arguments(bench)
 
+    evaluate = commands.add_parser(
+        "evaluate", help="embed labelled slides with two or more served models, pool and benchmark them", description=EVALUATE_DESCRIPTION
+    )
+    add_evaluate_arguments(evaluate)
+
     gateway = commands.add_parser("serve-gateway", help="run the teacher gateway HTTP service")
     add_gateway_arguments(gateway)
 
-    student = commands.add_parser("serve-student", help="run the student embedding HTTP service")
+    student = commands.add_parser(
+        "serve-student",
+        help="run the student embedding HTTP service",
+        description="Serve tile and slide embeddings of an exported student over HTTP (docs/student-server.md). "
+        "Every setting is an environment variable UNITE_STUDENT_*, listed with its default in docs/configuration.md. "
+        "The options below override four of them. A server locks its slide jobs folder (UNITE_STUDENT_JOBS_DIR, "
+        "default $TMPDIR/unite-student-jobs) while it runs, so a second server on one machine needs its own folder. "
+        "Stop it with Ctrl-C or SIGTERM: running slide jobs resume at the next start.",
+    )
     student.add_argument("--host", default=None, help="address to bind (default: UNITE_STUDENT_HOST or 127.0.0.1)")
     student.add_argument("--port", type=int, default=None, help="port to bind (default: UNITE_STUDENT_PORT or 8200)")
     student.add_argument("--checkpoint", type=Path, default=None, help="exported student folder (default: UNITE_STUDENT_CHECKPOINT_DIR or ./runs/student)")
+    student.add_argument(
+        "--runtime",
+        choices=("torch", "onnx"),
+        default=None,
+        help="'torch' runs model.safetensors, 'onnx' runs model.onnx with onnxruntime and imports no torch (default: UNITE_STUDENT_RUNTIME or torch)",
+    )
 
     demo = commands.add_parser("demo", help="run the whole chain on one slide: tile, teach, distill, serve, embed")
     demo.add_argument("--slide", type=Path, default=None, help="slide to use (default: the CMU-1 sample slide, downloaded once)")
@@ -117,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Command-line options of the serve commands, by the settings field they set.
 _SETTINGS_OPTIONS = {
     "serve-gateway": GATEWAY_OPTIONS,
-    "serve-student": {"host": "--host", "port": "--port", "checkpoint_dir": "--checkpoint"},
+    "serve-student": {"host": "--host", "port": "--port", "checkpoint_dir": "--checkpoint", "runtime": "--runtime"},
 }
 
 
@@ -256,6 +277,10 @@ def _run(args: argparse.Namespace) -> int:
         _check_output_folder(args.out, "--out")
         return run_bench_command(args)
 
+    if args.command == "evaluate":
+        _check_output_folder(args.out, "--out")
+        return run_evaluate(args)
+
     if args.command == "serve-gateway":
         from unite_cli.serve_gateway import gateway_settings, serve_gateway
 
@@ -269,12 +294,21 @@ def _run(args: argparse.Namespace) -> int:
         from student_server.app import create_app
         from student_server.settings import StudentSettings
 
-        settings = StudentSettings(**_overrides(host=args.host, port=args.port, checkpoint_dir=args.checkpoint))
+        settings = StudentSettings(**_overrides(host=args.host, port=args.port, checkpoint_dir=args.checkpoint, runtime=args.runtime))
         _check_output_folder(settings.upload_dir, "UNITE_STUDENT_UPLOAD_DIR")
         from shared.logs import configure_logging
 
         configure_logging(settings.log_format, level=logging.getLogger().level)
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+        # The app logs each request with its path only, while uvicorn's access log would copy the query string,
+        # where a client may have put its API key. After shutdown_grace_s seconds of a shutdown (SIGTERM or
+        # SIGINT), uvicorn cancels the requests still running, such as a stalled upload, and the app stops.
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            access_log=False,
+            timeout_graceful_shutdown=settings.shutdown_grace_s,
+        )
         return 0
 
     if args.command == "demo":

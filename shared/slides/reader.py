@@ -46,6 +46,7 @@ __all__ = [
     "SlideInfo",
     "check_slide_file",
     "compute_slide_id",
+    "log_mpp_override",
     "magnification_for_mpp",
     "open_slide",
     "resolve_mpp",
@@ -341,6 +342,16 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     return Slide(handle, info)
 
 
+def log_mpp_override(info: SlideInfo) -> None:
+    """Log at INFO level that the slide's resolution comes from the caller's override, if it does.
+
+    The tiling steps call this once per slide. :func:`open_slide` does not log it, because a slide is
+    opened more than once per run (to tile it, then to read its tiles).
+    """
+    if info.mpp_source == "override":
+        logger.info("slide %s: using the mpp override %.4f µm/px", info.slide_id, info.mpp)
+
+
 # Kinds of file that are not regular files, named as `ls -l` and stat(2) name them.
 SPECIAL_FILE_KINDS = (
     (stat.S_ISFIFO, "named pipe (FIFO)"),
@@ -419,8 +430,6 @@ def _build_info(path: Path, handle: SlideHandle, reader: str, mpp_override: floa
         # openslide drops a resolution tag of n/0, which must count as present but implausible.
         properties.update(zero_denominator_resolution(path))
     mpp, mpp_source = resolve_mpp(properties, path=path, override=mpp_override, reader=reader)
-    if mpp_source == "override":
-        logger.info("slide %s: using the mpp override %.4f µm/px", slide_id, mpp)
     width, height = handle.dimensions
     vendor = properties.get(openslide.PROPERTY_NAME_VENDOR) or properties.get("tiffslide.vendor")
     return SlideInfo(

@@ -25,7 +25,7 @@ from shared.jobs import Job, JobResult, WriteError, format_count
 from shared.slides.contours import write_geojson
 from shared.slides.grid import grid_over_tissue, resolve_target_mpp, validate_grid_options
 from shared.slides.overlay import save_overlay, save_thumbnail
-from shared.slides.reader import open_slide
+from shared.slides.reader import log_mpp_override, open_slide
 from shared.slides.resolution import MppTable
 from shared.slides.sources import SlideSource
 from shared.slides.tiling import (
@@ -146,6 +146,7 @@ def tile_slide_job(job: Job, out_dir: Path, *, options: TileOptions) -> JobResul
 
     with open_slide(source.path, mpp=source.mpp) as slide:
         info = slide.info
+        log_mpp_override(info)
         tissue = detect_tissue(
             slide,
             min_area_um2=options.min_area_um2,

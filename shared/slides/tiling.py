@@ -18,7 +18,7 @@ from shared.features import patch_attrs, write_patch_coords
 from shared.jobs import format_count
 from shared.slides.grid import PatchGrid, grid_over_tissue, resolve_target_mpp, validate_grid_options
 from shared.slides.quality import BLUR_THRESHOLD, sharpness
-from shared.slides.reader import Slide, SlideInfo, open_slide
+from shared.slides.reader import Slide, SlideInfo, log_mpp_override, open_slide
 from shared.slides.tissue import TissueMask, detect_tissue
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ def tile_slide(
 
     with open_slide(path, mpp=mpp) as slide:
         info = slide.info
+        log_mpp_override(info)
         tissue = detect_tissue(
             slide,
             min_area_um2=min_area_um2,
