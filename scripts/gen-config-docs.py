@@ -66,7 +66,7 @@ SERVICES = (
         title="Student server",
         settings_class=StudentSettings,
         introduction=(
-            "Read by `unite serve-student`; `--host`, `--port` and `--checkpoint` override the matching "
+            "Read by `unite serve-student`; `--host`, `--port`, `--checkpoint` and `--runtime` override the matching "
             "variables. docs/student-server.md explains the tile rules, slide jobs and housekeeping."
         ),
     ),
@@ -208,7 +208,11 @@ def service_section(service: Service) -> str:
     config = service.settings_class.model_config
     prefix = config.get("env_prefix", "")
     delimiter = config.get("env_nested_delimiter")
-    lines = [f"## {service.title}", "", f"Class `{service.settings_class.__module__}.{service.settings_class.__name__}`, prefix `{prefix}`. {service.introduction}"]
+    lines = [
+        f"## {service.title}",
+        "",
+        f"Class `{service.settings_class.__module__}.{service.settings_class.__name__}`, prefix `{prefix}`. {service.introduction}",
+    ]
     if delimiter:
         lines += [
             "",

@@ -4,7 +4,7 @@ Each job is a folder ``jobs_dir/<id>/`` holding:
 
 - ``job.json``, the job's record (status, options, progress, error), written to a temporary name and
   renamed into place, so a killed server never leaves half a record;
-- ``slide<ext>``, the uploaded slide, deleted once the job has finished. A job submitted by path reads
+- ``upload-<id><ext>``, the uploaded slide, deleted once the job has finished. A job submitted by path reads
   the slide where it lies under the data root instead;
 - ``outputs/``, the files the slide pipeline writes: ``features.h5``, ``slide.h5``, ``result.json``,
   ``thumbnail.jpg``, ``overlay.jpg`` and ``map.json``.

@@ -97,7 +97,8 @@ class StudentSettings(BaseSettings):
     )
     jobs_dir: Path = Field(
         default_factory=lambda: Path(tempfile.gettempdir()) / "unite-student-jobs",
-        description="Folder of slide jobs: each job's state, upload and results. Jobs found here at start are resumed.",
+        description="Folder of slide jobs: each job's state, upload and results. Jobs found here at start are resumed. "
+        "Each server needs its own folder, because a running server locks it (server.lock) and a second server on it stops at start.",
     )
     retention_s: float = Field(
         default=24 * 3600.0,
