@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fake_teacher import FakeTeacher  # noqa: E402
 from gateway_helpers import block_tiles, gateway_process, remote_environment  # noqa: E402
+
 from shared.cache import EmbeddingCache  # noqa: E402
 from shared.imaging import encode_png, prepare_tile  # noqa: E402
 from teacher_gateway.teachers.remote import RemoteTeacher, RemoteTeacherConfig  # noqa: E402

@@ -99,7 +99,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed training steps (default: 3)")
     parser.add_argument("--workers", default="0,2", help="comma-separated loader worker counts to time (default: 0,2)")
     parser.add_argument("--student", default="unite", help="student of the training step (default: unite)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device of the training step: cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device of the training step: cpu or cuda (default: cuda if available)"
+    )
     args = parser.parse_args()
 
     tiles = load_tiles(args.tiles, args.count)

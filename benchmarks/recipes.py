@@ -45,8 +45,8 @@ from distiller.config import DistillConfig
 from distiller.train import distill
 from shared.agreement import bootstrap_interval, knn_overlap_chance, knn_overlap_per_tile, linear_cka
 from shared.checkpoint import load_student
-from shared.models.student import build_student
 from shared.imaging import prepare_tile, to_model_input
+from shared.models.student import build_student
 from shared.shards import shard_name, write_shard
 
 logger = logging.getLogger("benchmarks.recipes")
@@ -192,7 +192,9 @@ def parse_checkpoints(values: list[str]) -> dict[str, Path]:
     for value in values:
         recipe, separator, path = value.partition("=")
         if not separator or recipe not in RECIPES or not Path(path).is_file():
-            raise SystemExit(f"--evaluate-checkpoint {value!r} is invalid, expected RECIPE=PATH with RECIPE in {list(RECIPES)} and an existing checkpoint file.")
+            raise SystemExit(
+                f"--evaluate-checkpoint {value!r} is invalid, expected RECIPE=PATH with RECIPE in {list(RECIPES)} and an existing checkpoint file."
+            )
         checkpoints[recipe] = Path(path)
     return checkpoints
 

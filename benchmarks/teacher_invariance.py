@@ -124,9 +124,14 @@ def main() -> None:
     elapsed = time.perf_counter() - started
 
     print(f"teacher {teacher_name}; {len(tiles)} tiles from {args.tiles}; {args.draws} draws per jitter; {elapsed:.0f} s")
-    print(f"baseline: cosine between different tiles, mean {between.mean():.4f} (5th-95th percentile {np.quantile(between, 0.05):.4f}-{np.quantile(between, 0.95):.4f})")
+    print(
+        f"baseline: cosine between different tiles, mean {between.mean():.4f} "
+        f"(5th-95th percentile {np.quantile(between, 0.05):.4f}-{np.quantile(between, 0.95):.4f})"
+    )
     print(f"          cosine to each tile's most similar other tile, median {np.median(nearest):.4f}")
-    print(f"threshold: mean cosine >= {threshold:.4f}, a distance of at most {args.max_relative_distance:g} x the between-tile distance {baseline_distance:.4f}")
+    print(
+        f"threshold: mean cosine >= {threshold:.4f}, a distance of at most {args.max_relative_distance:g} x the between-tile distance {baseline_distance:.4f}"
+    )
     print()
     print(f"{'candidate':<14} {'mean cos':>9} {'5th pct':>9} {'min':>9} {'distance / baseline':>20}  verdict")
     qualified = []

@@ -20,9 +20,9 @@ header values as Latin-1 instead, so give keys ASCII characters only (``openssl 
 from __future__ import annotations
 
 import hashlib
+import tomllib
 from pathlib import Path
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from shared.errors import ConfigError, UniteError

@@ -195,8 +195,9 @@ class EmbeddingCache:
         """Move the entries of teacher ``identity`` created at or after ``since`` (Unix time) to the quarantine table.
 
         Entries whose key is in ``keep`` stay, such as the canary tiles that the drift was measured
-        against, so a restarted gateway measures the same drift again. Returns the number moved. Moved entries are no longer cache hits or exported, so the teacher embeds
-        those tiles again under a new identity. They stay in the ``quarantine`` table of the same database,
+        against, so a restarted gateway measures the same drift again. Returns the number moved.
+        Moved entries are no longer cache hits or exported, so the teacher embeds those tiles again
+        under a new identity. They stay in the ``quarantine`` table of the same database,
         with ``reason``, for inspection. One transaction, so a crash moves all of them or none.
         """
         now = time.time()

@@ -124,7 +124,8 @@ def write_patch_coords(path: Path, *, coords: np.ndarray, attrs: dict) -> Path:
 def read_features(path: Path) -> FeatureFile:
     """Read a feature file written by :func:`write_features` or by TRIDENT.
 
-    Each attribute is taken from the file root if it is there, else from ``coords``, else from ``features``. A 1-D ``features`` dataset (TRIDENT's slide features) is returned as (1, D).
+    Each attribute is taken from the file root if it is there, else from ``coords``, else from ``features``.
+    A 1-D ``features`` dataset (TRIDENT's slide features) is returned as (1, D).
     Raises :class:`CacheError` when the file is missing, is not HDF5, or lacks a valid dataset.
     """
     path = Path(path)

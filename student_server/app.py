@@ -137,7 +137,9 @@ def _scrape_time_metrics(app: FastAPI) -> Iterator[Metric]:
     yield gauge("queue_tiles", "Tiles waiting for a batch of the engine.", {}, app.state.engine.queued_tiles)
     student = app.state.student.loaded
     if student is not None:
-        yield gauge("checkpoint_info", "The served checkpoint: always 1, labelled with its sha256 and name.", {"sha256": student.sha256, "model": student.name}, 1)
+        yield gauge(
+            "checkpoint_info", "The served checkpoint: always 1, labelled with its sha256 and name.", {"sha256": student.sha256, "model": student.name}, 1
+        )
     jobs = app.state.jobs
     if jobs is not None:
         counts = dict.fromkeys(JOB_STATUSES, 0)

@@ -37,8 +37,8 @@ import numpy as np
 from shared.errors import ModelError, NotReadyError
 from shared.publish import resolve_checkpoint_dir
 from student_server.errors import TeacherSpaceUnavailable
-from student_server.onnx_runtime import ONNX_WEIGHTS, LinearProjector, OnnxStudent, embed_onnx, load_onnx_export
 from student_server.metrics import StudentMetrics
+from student_server.onnx_runtime import ONNX_WEIGHTS, LinearProjector, OnnxStudent, embed_onnx, load_onnx_export
 from student_server.settings import StudentSettings
 
 if TYPE_CHECKING:
@@ -288,6 +288,22 @@ def check_teacher_space(student: Student, projector: torch.nn.Linear | LinearPro
             "or export a student trained with a mimic loss.",
             value=student.name,
         )
+
+
+def parameter_count(student: Student, projector: torch.nn.Linear | LinearProjector | None = None) -> int | None:
+    """Count the weights of ``student``, plus those of ``projector`` when one is given for teacher-space output.
+
+    Returns None when the ONNX runtime cannot read its graph (see :attr:`OnnxStudent.parameters`).
+    """
+    if isinstance(student, OnnxStudent):
+        count = student.parameters
+    else:
+        count = sum(parameter.numel() for parameter in student.model.parameters())
+    if count is None or projector is None:
+        return count
+    if isinstance(projector, LinearProjector):
+        return count + projector.weight.size + projector.bias.size
+    return count + sum(parameter.numel() for parameter in projector.parameters())
 
 
 def embed_with(

@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ import numpy as np
 
 from shared.errors import ImageError, ModelError
 from shared.imaging import MODEL_INPUT_SIZE, prepare_tile, to_model_input
+from shared.onnx_graph import count_onnx_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,15 @@ class OnnxStudent:
     name: str
     onnx_sha256: str
     providers: list[str]
+
+    @cached_property
+    def parameters(self) -> int | None:
+        """Number of weights that compute the ``embedding`` output, or None when the onnx package cannot read the graph.
+
+        These are the elements of the graph initializers that the output depends on, so the mimic projector,
+        which feeds only ``teacher_embedding``, is left out. Read from model.onnx on first use.
+        """
+        return count_onnx_parameters(self.folder / ONNX_WEIGHTS, EMBEDDING_OUTPUT)
 
 
 @dataclass

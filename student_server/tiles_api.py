@@ -51,7 +51,7 @@ from shared.errors import InvalidRequestError, ModelNotFoundError, RequestTooLar
 from shared.imaging import decode_base64, decode_tile, prepare_tile, prepare_tile_at_mpp
 from shared.protocol import MAX_TILE_MPP, MIN_TILE_MPP, EmbeddingRequest, EmbeddingResponse, ErrorResponse
 from student_server.engine import EngineResult
-from student_server.model import Student, StudentModel, check_teacher_space, embed_with
+from student_server.model import Student, StudentModel, check_teacher_space, embed_with, parameter_count
 from student_server.onnx_runtime import LinearProjector
 from student_server.settings import StudentSettings
 from student_server.uploads import new_multipart_parser
@@ -161,7 +161,8 @@ def served_model_names(student: Student, projector: torch.nn.Linear | LinearProj
 def model_entries(model: StudentModel) -> list[dict[str, Any]]:
     """Describe the outputs of ``GET /v1/models``: the student's own and, with a mimic projector, teacher space.
 
-    Empty while no student is loaded.
+    ``parameters`` counts the weights that compute the output: the student's, plus the projector's for
+    teacher space. Empty while no student is loaded.
     """
     if model.ensure_loaded() is None:
         return []
@@ -173,9 +174,18 @@ def model_entries(model: StudentModel) -> list[dict[str, Any]]:
         "teacher": student.config.get("teacher"),
         "licence": student.config.get("teacher_licence"),
     }
-    entries = [{"id": student.name, "names": own, "dim": student.embed_dim, "space": "student", **common}]
+    entries = [{"id": student.name, "names": own, "dim": student.embed_dim, "space": "student", "parameters": parameter_count(student), **common}]
     if projector is not None:
-        entries.append({"id": teacher_space[0], "names": teacher_space, "dim": projector.out_features, "space": "teacher", **common})
+        entries.append(
+            {
+                "id": teacher_space[0],
+                "names": teacher_space,
+                "dim": projector.out_features,
+                "space": "teacher",
+                "parameters": parameter_count(student, projector),
+                **common,
+            }
+        )
     return entries
 
 

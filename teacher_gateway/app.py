@@ -261,13 +261,15 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/v1/models", responses=_ERROR_RESPONSES)
     def list_models(request: Request, service: ServiceDep, caller: CallerDep) -> dict[str, Any]:
-        """List the served teacher: its identity, embedding dimension, licence and public settings."""
+        """List the served teacher: its identity, embedding dimension, parameter count, licence and public settings."""
         teacher = service.teacher
         model: dict[str, Any] = {
             "id": teacher.identity,
             "object": "model",
             "names": request.app.state.model_names,
             "dim": teacher.dim,
+            # None (JSON null) when the count is unknown, as for a remote API.
+            "parameters": getattr(teacher, "parameters", None),
             "licence": teacher.licence,
         }
         describe = getattr(teacher, "describe", None)

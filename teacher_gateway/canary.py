@@ -209,7 +209,9 @@ class CanaryMonitor:
     def _collect(self):
         identity = self.service.teacher.identity
         labels = {"teacher": identity}
-        yield gauge("teacher_drift", "1 when the canary check found drift and the teacher is blocked, else 0.", labels, float(self.service.teacher_block is not None))
+        yield gauge(
+            "teacher_drift", "1 when the canary check found drift and the teacher is blocked, else 0.", labels, float(self.service.teacher_block is not None)
+        )
         last = self.last
         if last is not None and last.min_cosine is not None:
             yield gauge("canary_min_cosine", "Minimum cosine similarity of the last canary check that ran.", labels, last.min_cosine)

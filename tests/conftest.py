@@ -31,3 +31,13 @@ def cmu1_tiled(slides_dir: Path):
     from shared.slides import tile_slide
 
     return tile_slide(slides_dir / "CMU-1-Small-Region.svs")
+
+
+@pytest.fixture(autouse=True)
+def private_student_jobs_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give every test its own student-server jobs folder, since a running server locks its folder.
+
+    Settings built without ``jobs_dir`` read ``UNITE_STUDENT_JOBS_DIR``, so two servers in one test
+    session (or a test server beside a real one on this machine) never share the default folder.
+    """
+    monkeypatch.setenv("UNITE_STUDENT_JOBS_DIR", str(tmp_path_factory.mktemp("student-jobs")))

@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-
 from servers import run_app
+
 from shared.errors import ImageError
 from shared.imaging import decode_base64_image
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import httpx
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
-
 from fake_teacher import FakeTeacher
+from prometheus_client.parser import text_string_to_metric_families
 from servers import run_app
+
 from teacher_gateway.app import create_app
 from teacher_gateway.settings import GatewaySettings
 from teacher_gateway.teachers.remote_config import RemoteTeacherConfig

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
 from synthetic_slides import GLASS, write_tiff_slide
 
 TILE = 224

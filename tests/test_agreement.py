@@ -26,12 +26,12 @@ def _hsic_cka(x: np.ndarray, y: np.ndarray) -> float:
     """Linear CKA through HSIC with the centring matrix H: tr(K H L H) / sqrt(tr(K H K H) tr(L H L H))."""
     count = len(x)
     centring = np.eye(count) - np.ones((count, count)) / count
-    k, l = x @ x.T, y @ y.T
+    gram_k, gram_l = x @ x.T, y @ y.T
 
     def hsic(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.trace(a @ centring @ b @ centring))
 
-    return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
+    return hsic(gram_k, gram_l) / np.sqrt(hsic(gram_k, gram_k) * hsic(gram_l, gram_l))
 
 
 def _brute_force_neighbours(x: np.ndarray, k: int, metric: str) -> list[set[int]]:

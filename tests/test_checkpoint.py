@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from synthetic_slides import he_like
 
 from distiller.loss import build_loss
 from shared.checkpoint import (
@@ -27,7 +28,6 @@ from shared.errors import ModelError
 from shared.models.student import UNITE_STUDENT_KWARGS, UNITE_STUDENT_NAME, build_student, build_unite_student
 from student_server.model import StudentModel
 from student_server.settings import StudentSettings
-from synthetic_slides import he_like
 
 TEACHER = "reference-teacher@1"
 TRAINING = {

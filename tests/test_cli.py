@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 import argparse
-
 import subprocess
 import sys
-from pathlib import Path
 
 import h5py
 import httpx
 import numpy as np
 import pytest
 import torch
-
 from servers import run_app
+from test_distiller import _lung_tiles, _write_shards
+
 from teacher_gateway.app import create_app as create_gateway_app
 from teacher_gateway.settings import GatewaySettings
-from test_distiller import _lung_tiles, _write_shards
 from unite_cli.main import build_parser, main
 
-SUBCOMMANDS = ["fetch-sample", "tile", "teach", "distill", "distill-worker", "export-onnx", "embed", "pool", "bench", "evaluate", "serve-gateway", "serve-student", "demo"]
+SUBCOMMANDS = [
+    "fetch-sample",
+    "tile",
+    "teach",
+    "distill",
+    "distill-worker",
+    "export-onnx",
+    "embed",
+    "pool",
+    "bench",
+    "evaluate",
+    "serve-gateway",
+    "serve-student",
+    "demo",
+]
 
 
 def test_every_subcommand_has_a_help_test():

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from slide_data import BRACS, BRACS_MPP_ESTIMATE, CMU1, NDPI, TCGA, TCGA_MPP_ESTIMATE
+from test_slide_pipeline import save_tiny_student
 
 from shared.features import read_features
 from shared.slides import tiling
-from slide_data import BRACS, BRACS_MPP_ESTIMATE, CMU1, NDPI, TCGA, TCGA_MPP_ESTIMATE
 from student_server import slide_pipeline
 from student_server.slide_pipeline import LocalEmbedder, SlidePipelineOptions, run_slide_pipeline
-from test_slide_pipeline import save_tiny_student
 from unite_cli import embed as embed_cli
 from unite_cli.embed import OUTPUT_FOLDERS
 from unite_cli.main import build_parser, main

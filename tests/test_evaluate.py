@@ -9,15 +9,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from gateway_helpers import gateway_process, metric
 from lung_mosaics import read_tile_rows, write_lung_mosaics
 from servers import run_app
-from shared.features import read_features
-from shared.pooling import pool_patch_features
 from student_helpers import save_tiny_student
+
+from shared.features import read_features
+from shared.models.student import build_unite_student
+from shared.pooling import pool_patch_features
 from student_server.app import create_app
 from student_server.settings import StudentSettings
+from teacher_gateway.teachers.reference import DESCRIPTOR_DIM, REFERENCE_TEACHER_DIM
 from unite_cli.main import main
 
 SLIDES_PER_CLASS = 4
@@ -82,6 +84,20 @@ def expected_corners(mosaics: Path) -> dict[str, list[tuple[int, int]]]:
     return {slide_id: sorted(values) for slide_id, values in corners.items()}
 
 
+def table_row(markdown: str, metric: str) -> list[str]:
+    """Return the cells of the report table's row ``metric``, model columns only."""
+    for line in markdown.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if cells[0] == metric:
+            return cells[1:]
+    raise AssertionError(f"report.md has no table row {metric!r}")
+
+
+def throughputs(out: Path) -> dict[str, float]:
+    report = json.loads((out / "report.json").read_text())
+    return {name: model["throughput_tiles_per_s"] for name, model in report["models"].items()}
+
+
 def test_evaluate_end_to_end_and_resume(mosaics, servers, tmp_path):
     out = tmp_path / "evaluation"
     before = tiles_received(*servers)
@@ -106,6 +122,25 @@ def test_evaluate_end_to_end_and_resume(mosaics, servers, tmp_path):
     assert "| metric | teacher | student |" in markdown
     assert "student" in markdown
 
+    # Parameter counts come from each server's GET /v1/models, throughputs from timing the requests.
+    teacher_parameters = DESCRIPTOR_DIM * REFERENCE_TEACHER_DIM
+    student_parameters = sum(parameter.numel() for parameter in build_unite_student(depth=1).parameters())
+    assert report["models"]["teacher"]["parameters"] == teacher_parameters
+    assert report["models"]["student"]["parameters"] == student_parameters
+    assert table_row(markdown, "parameters") == [f"{teacher_parameters:,}", f"{student_parameters:,}"]
+    first_throughputs = throughputs(out)
+    for name, rate in first_throughputs.items():
+        assert rate is not None and rate > 0, name
+        assert f"{tile_count} tiles in requests of up to 8 over HTTP to 127.0.0.1" in report["models"][name]["throughput_note"]
+    assert table_row(markdown, "throughput (tiles/s)") == [f"{first_throughputs['teacher']:.1f}", f"{first_throughputs['student']:.1f}"]
+    assert "not given" not in markdown
+    assert "Throughput of student:" in markdown
+    # The header names the labels file and each model's host, not a temporary folder or a local port.
+    assert "- labels: labels.csv, column 'label'" in markdown
+    assert str(tmp_path) not in markdown
+    assert "127.0.0.1:" not in markdown
+    assert "served on 127.0.0.1" in markdown
+
     corners = expected_corners(mosaics)
     assert len(corners) == slide_count
     for model in ("teacher", "student"):
@@ -117,11 +152,13 @@ def test_evaluate_end_to_end_and_resume(mosaics, servers, tmp_path):
             np.testing.assert_array_equal(pooled.features[0], pool_patch_features(patches.features, "mean"))
             assert pooled.attrs["encoder"] == patches.attrs["encoder"]
 
-    # A rerun sends no tile again and writes the report again.
+    # A rerun sends no tile again and writes the report again, with the throughputs the first run stored.
     (out / "report.md").unlink()
     assert evaluate(mosaics, servers, out) == 0
     assert tiles_received(*servers) == after_first
     assert (out / "report.md").is_file()
+    assert throughputs(out) == first_throughputs
+    assert json.loads((out / "report.json").read_text())["models"]["teacher"]["parameters"] == teacher_parameters
 
     # A slide whose student features are missing goes to the student only.
     (out / "features" / "student" / "lung_n-01.h5").unlink()
@@ -129,6 +166,10 @@ def test_evaluate_end_to_end_and_resume(mosaics, servers, tmp_path):
     after_partial = tiles_received(*servers)
     assert after_partial[0] == after_first[0]
     assert after_partial[1] - after_first[1] == TILES_PER_SLIDE
+    # Only the student was sent tiles, so only its throughput is measured again, over those tiles.
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"]["teacher"]["throughput_tiles_per_s"] == first_throughputs["teacher"]
+    assert report["models"]["student"]["throughput_note"].startswith(f"{TILES_PER_SLIDE} tiles in requests of up to 8")
 
 
 def test_evaluate_tile_level(mosaics, servers, tmp_path):
@@ -149,7 +190,18 @@ def test_evaluate_unknown_slide_sends_nothing(mosaics, servers, tmp_path):
     gateway_url, student_url = servers
 
     status = main(
-        ["evaluate", str(mosaics), "--labels", str(labels), "--model", f"teacher={gateway_url}", "--model", f"student={student_url}", "--out", str(tmp_path / "out")]
+        [
+            "evaluate",
+            str(mosaics),
+            "--labels",
+            str(labels),
+            "--model",
+            f"teacher={gateway_url}",
+            "--model",
+            f"student={student_url}",
+            "--out",
+            str(tmp_path / "out"),
+        ]
     )
 
     assert status == 2

@@ -264,7 +264,9 @@ def test_probe_bootstrap_with_one_fold(lung):
     again = run_linear_probe(lung.features, lung.labels, folds, cost=1.0, bootstrap_resamples=100, seed=5)
 
     fold = folds[0]
-    direct = _direct_probe_metrics(lung.features[fold.train], lung.labels[fold.train], lung.features[fold.test], lung.labels[fold.test], cost=1.0, balanced=True)
+    direct = _direct_probe_metrics(
+        lung.features[fold.train], lung.labels[fold.train], lung.features[fold.test], lung.labels[fold.test], cost=1.0, balanced=True
+    )
     summary = result.summary["balanced_accuracy"]
     assert summary.method == "bootstrap"
     assert summary.count == 100

@@ -13,9 +13,10 @@ import h5py
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
-
 from servers import run_app
+
 from shared import protocol
 from shared.cache import CacheEntry, EmbeddingCache
 from shared.errors import TeacherError
@@ -26,7 +27,11 @@ from teacher_gateway.app import create_app
 from teacher_gateway.client import GatewayClient
 from teacher_gateway.export import export_shards
 from teacher_gateway.settings import GatewaySettings
-from teacher_gateway.teachers.reference import ReferenceTeacher
+from teacher_gateway.teachers.preprocessing import TilePreprocessing
+from teacher_gateway.teachers.reference import DESCRIPTOR_DIM, ReferenceTeacher
+from teacher_gateway.teachers.remote import RemoteTeacher
+from teacher_gateway.teachers.remote_config import RemoteTeacherConfig
+from teacher_gateway.teachers.torch_teacher import TorchTeacher
 
 MAX_TILES = 8
 
@@ -276,7 +281,11 @@ INVALID_PROVENANCE = {
     "surrogate-slide-id": ('"slide_id": "\\ud800"', "input[1].slide_id: slide_id contains the lone surrogate U+D800", "\\ud800"),
     "long-slide-id": ('"slide_id": "' + "s" * 129 + '"', "input[1].slide_id: slide_id has 129 characters, more than the maximum of 128", "s" * 100 + "..."),
     "empty-slide-id": ('"slide_id": ""', "input[1].slide_id: slide_id is empty", ""),
-    "huge-coords": ('"coords": [1000000000000000000000000000000, 1]', "input[1].coords: coords x is 1000000000000000000000000000000", "[1000000000000000000000000000000, 1]"),
+    "huge-coords": (
+        '"coords": [1000000000000000000000000000000, 1]',
+        "input[1].coords: coords x is 1000000000000000000000000000000",
+        "[1000000000000000000000000000000, 1]",
+    ),
     "int64-overflow-coords": ('"coords": [9223372036854775808, 1]', "input[1].coords: coords x is 9223372036854775808", "[9223372036854775808, 1]"),
     "negative-coords": ('"coords": [0, -5]', "input[1].coords: coords y is -5, expected a level-0 pixel coordinate", "[0, -5]"),
     "infinite-mpp": ('"mpp": Infinity', "input[1].mpp: mpp is inf, expected a finite resolution from 0.05 to 20.0", "inf"),
@@ -466,6 +475,44 @@ def test_service_routes(http, lung_jpegs):
     model = models["data"][0]
     assert (model["id"], model["dim"], model["licence"]) == (CountingTeacher.identity, 48, "CC0-1.0")
     assert http.get("/v1/cache/stats").json() == {"entries": {CountingTeacher.identity: 3}, "total": 3}
+
+
+def _tiny_torch_teacher() -> TorchTeacher:
+    # Mean colour, then 3 x 8 weights and 8 biases: 32 parameters.
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 8))
+    preprocessing = TilePreprocessing.create(teacher="tiny-torch-test-teacher/1")
+    return TorchTeacher(model, name="tiny", identity="tiny-torch-test-teacher/1", dim=8, licence="CC0-1.0", preprocessing=preprocessing, device="cpu")
+
+
+def _unreachable_remote_teacher() -> RemoteTeacher:
+    # Listing the models sends nothing to the provider, so no server needs to listen on this port.
+    return RemoteTeacher(RemoteTeacherConfig(url="http://127.0.0.1:9/v1/embeddings", model="remote-test", dim=16, licence="test"))
+
+
+@pytest.mark.parametrize(
+    ("make_teacher", "parameters"),
+    [
+        (ReferenceTeacher, DESCRIPTOR_DIM * 1536),
+        (_tiny_torch_teacher, 32),
+        (_unreachable_remote_teacher, None),
+        (CountingTeacher, None),
+    ],
+    ids=["reference", "torch", "remote", "without-attribute"],
+)
+def test_models_list_parameters(tmp_path, make_teacher, parameters):
+    teacher = make_teacher()
+    try:
+        with _gateway(tmp_path, teacher, canary_tiles=0) as http:
+            listing = http.get("/v1/models").json()
+    finally:
+        close = getattr(teacher, "close", None)
+        if callable(close):
+            close()
+
+    assert len(listing["data"]) == 1
+    model = listing["data"][0]
+    assert "parameters" in model
+    assert model["parameters"] == parameters
 
 
 def test_unknown_route_uses_error_shape(http):

@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 import pytest
-
 from gateway_helpers import block_tiles, gateway, metric, wait_for
+
 from shared.errors import TeacherError
 from shared.imaging import encode_base64_png
 from teacher_gateway.usage import CanaryCheck, UsageLedger

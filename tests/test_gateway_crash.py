@@ -12,9 +12,9 @@ from collections import Counter
 
 import httpx
 import numpy as np
-
 from fake_teacher import FakeTeacher, fake_embedding, tile_digest
 from gateway_helpers import block_tiles, gateway_process, remote_environment, wait_for
+
 from shared.cache import DATABASE_NAME, EmbeddingCache
 from shared.imaging import decode_image, encode_base64_png
 from teacher_gateway.client import GatewayClient

@@ -21,10 +21,10 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
-
 from fake_teacher import FakeTeacher
 from gateway_helpers import REPO, block_tiles, gateway, gateway_process, metric, remote_config, wait_for
 from servers import run_app
+
 from shared.errors import TeacherError
 from shared.imaging import encode_base64_png
 from teacher_gateway.app import create_app

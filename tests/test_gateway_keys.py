@@ -7,9 +7,9 @@ import time
 
 import httpx
 import pytest
-
 from fake_teacher import FakeTeacher
 from gateway_helpers import block_tiles, gateway, gateway_process, remote_environment
+
 from shared.errors import ConfigError
 from shared.imaging import encode_base64_png
 from teacher_gateway.auth import KeyStore, hash_key

@@ -12,9 +12,9 @@ import threading
 import httpx
 import numpy as np
 import pytest
-
 from fake_teacher import FakeTeacher, Fault, fake_embedding
 from gateway_helpers import block_tiles, gateway, metric, wait_for
+
 from shared.cache import EmbeddingCache
 from shared.imaging import encode_base64_png
 from teacher_gateway.client import GatewayClient, GatewayResponseError
@@ -246,7 +246,10 @@ def test_teach_dry_run_prints_plan(tmp_path, slides_dir, capsys):
         assert main(["teach", str(slide), "--gateway", url, "--dry-run", "--batch-size", "16"]) == 0
         before = capsys.readouterr().out
         calls_after_plan = len(fake.calls)
-        assert main(["teach", str(slide), "--gateway", url, "--cache-dir", str(tmp_path / "cache"), "--shards", str(tmp_path / "shards"), "--batch-size", "16"]) == 0
+        assert (
+            main(["teach", str(slide), "--gateway", url, "--cache-dir", str(tmp_path / "cache"), "--shards", str(tmp_path / "shards"), "--batch-size", "16"])
+            == 0
+        )
         capsys.readouterr()
         embedded = sum(fake.embed_counts.values())
         assert main(["teach", str(slide), "--gateway", url, "--dry-run", "--batch-size", "16"]) == 0
@@ -304,8 +307,16 @@ def test_restart_after_402_pays_no_second_canary(tmp_path):
     ("budget", "limited_by", "expected"),
     [
         (Budget(tiles=10), "budget_tiles", ["is 10 tiles (setting UNITE_GATEWAY_BUDGET_TILES)", "Raise UNITE_GATEWAY_BUDGET_TILES"]),
-        (Budget(tiles=10, from_options=frozenset({"tiles"})), "budget_tiles", ["is 10 tiles (option --budget-tiles)", "Restart the gateway with a higher --budget-tiles to continue"]),
-        (Budget(calls=2, from_options=frozenset({"calls"})), "budget_calls", ["is 2 teacher calls (option --budget-calls) and 2 are used, 1 of them by canary checks", "with a higher --budget-calls"]),
+        (
+            Budget(tiles=10, from_options=frozenset({"tiles"})),
+            "budget_tiles",
+            ["is 10 tiles (option --budget-tiles)", "Restart the gateway with a higher --budget-tiles to continue"],
+        ),
+        (
+            Budget(calls=2, from_options=frozenset({"calls"})),
+            "budget_calls",
+            ["is 2 teacher calls (option --budget-calls) and 2 are used, 1 of them by canary checks", "with a higher --budget-calls"],
+        ),
     ],
     ids=["tiles-setting", "tiles-option", "calls-option"],
 )

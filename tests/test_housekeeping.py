@@ -15,9 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from job_helpers import job_settings, save_tiny_student, wait_for_job
 from servers import run_app
+
 from student_server.app import create_app
 from student_server.housekeeping import Housekeeper, folder_bytes
 

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
-
 from servers import run_app
+
 from shared.errors import CacheError, ModelNotFoundError, NotReadyError
 from shared.http import REQUEST_ID_HEADER, install_error_handling
 

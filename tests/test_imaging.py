@@ -15,9 +15,9 @@ from PIL import Image, ImageOps
 from shared.errors import ImageError
 from shared.imaging import (
     MAX_ASPECT_RATIO,
-    ROWS_PER_CHUNK,
     MIN_TILE_SIDE,
     PNG_SIGNATURE,
+    ROWS_PER_CHUNK,
     TARGET_MPP,
     composite_on_white,
     convert_to_rgb,

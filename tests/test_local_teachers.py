@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
+from servers import run_app
 from timm.data import create_transform, resolve_data_config
 
-from servers import run_app
 from shared.errors import ConfigError, ModelError, TeacherError
 from shared.imaging import encode_base64_png
 from shared.models.uni2 import UNI2H_EMBED_DIM, UNI2H_PARAMETERS, build_uni2h

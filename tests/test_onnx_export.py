@@ -11,6 +11,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from synthetic_slides import he_like
 
 from distiller.loss import build_loss
 from distiller.onnx_export import EMBEDDING_OUTPUT, TEACHER_OUTPUT, export_onnx
@@ -18,7 +19,6 @@ from shared.checkpoint import load_mimic_projector, load_student, save_student
 from shared.errors import ConfigError
 from shared.imaging import to_model_input
 from shared.models.student import build_student
-from synthetic_slides import he_like
 from unite_cli.main import main
 
 TEACHER = "reference-teacher@1"

@@ -19,9 +19,9 @@ from email.utils import formatdate
 
 import numpy as np
 import pytest
+from fake_teacher import FakeTeacher, Fault, tile_digest
 from PIL import Image
 
-from fake_teacher import FakeTeacher, Fault, tile_digest
 from shared.cache import EmbeddingCache
 from shared.errors import ConfigError, TeacherError
 from teacher_gateway.teachers.adapters import AdapterConfig, EmbeddingsAdapter, InvalidResponseError, JsonPath

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from slide_data import CMU1, TCGA
 
 from shared.checkpoint import load_student, save_student
 from shared.errors import ConfigError, SlideError
@@ -21,7 +22,6 @@ from shared.models.inference import embed_tiles
 from shared.models.student import UNITE_STUDENT_KWARGS, UNITE_STUDENT_NAME, build_unite_student
 from shared.slides.reader import open_slide
 from shared.slides.tiling import iter_tiles
-from slide_data import CMU1, TCGA
 from student_server.errors import TooManyPatchesError
 from student_server.slide_pipeline import (
     OUTPUT_FILES,

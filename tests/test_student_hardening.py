@@ -21,10 +21,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-
 from job_helpers import job_settings, save_tiny_student, wait_for_job
+from PIL import Image
 from servers import run_app
+
 from student_server.app import create_app
 from student_server.jobs import MPP_FIELD_HINT
 

@@ -17,10 +17,10 @@ import h5py
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-
 from job_helpers import job_folders, job_settings, save_tiny_student, wait_for_job
+from PIL import Image
 from servers import run_app
+
 from shared.slides.tiling import tile_slide
 from student_server.app import create_app
 

@@ -26,6 +26,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
+from slide_data import BRACS
+from student_helpers import embeddings_body, lung_tiles, response_embeddings, scrape
 
 from distiller.onnx_export import export_onnx
 from shared.checkpoint import load_mimic_projector, load_student, save_student
@@ -33,8 +35,6 @@ from shared.errors import ModelError
 from shared.imaging import to_model_input
 from shared.models.student import UNITE_STUDENT_KWARGS, build_unite_student
 from shared.publish import publish_student
-from slide_data import BRACS
-from student_helpers import embeddings_body, lung_tiles, response_embeddings, scrape
 from student_server.model import StudentModel
 from student_server.onnx_runtime import ONNX_WEIGHTS, LinearProjector, OnnxStudent, load_onnx_export
 from student_server.settings import StudentSettings

@@ -11,11 +11,11 @@ import time
 import httpx
 import numpy as np
 import pytest
-
 from servers import run_app
+from student_helpers import direct_embeddings, lung_tiles, post_embeddings, response_embeddings, save_tiny_student, scrape
+
 from shared.api_keys import hash_key
 from shared.logs import configure_logging
-from student_helpers import direct_embeddings, lung_tiles, post_embeddings, response_embeddings, save_tiny_student, scrape
 from student_server.app import create_app
 from student_server.settings import StudentSettings
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from servers import run_app
+
 from shared.api_keys import hash_key
 from shared.checkpoint import load_student, save_student
 from shared.models.student import UNITE_STUDENT_KWARGS, build_unite_student

@@ -13,11 +13,11 @@ import time
 import httpx
 import numpy as np
 import pytest
-
 from servers import run_app
+from student_helpers import direct_embeddings, lung_tiles, post_embeddings, response_embeddings, save_tiny_student, scrape
+
 from shared.checkpoint import CHECKPOINT_WEIGHTS
 from shared.publish import publish_student
-from student_helpers import direct_embeddings, lung_tiles, post_embeddings, response_embeddings, save_tiny_student, scrape
 from student_server.app import create_app
 from student_server.settings import StudentSettings
 

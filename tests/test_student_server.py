@@ -326,6 +326,32 @@ def test_models_lists_student(client, checkpoint):
     assert models[0]["checkpoint_sha256"] == hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()
 
 
+def test_models_list_parameters(tmp_path):
+    torch.manual_seed(0)
+    student = build_unite_student()
+    projector = torch.nn.Linear(384, 96)
+    save_student(
+        student,
+        tmp_path / "student",
+        architecture="unite-vit-small-14",
+        architecture_kwargs=UNITE_STUDENT_KWARGS,
+        teacher="test-teacher/v1",
+        teacher_licence="test",
+        training={},
+        mimic_projector=projector,
+    )
+    settings = StudentSettings(checkpoint_dir=tmp_path / "student", upload_dir=tmp_path / "uploads", jobs_dir=tmp_path / "jobs")
+    with run_app(create_app(settings)) as base_url, httpx.Client(base_url=base_url, timeout=SLIDE_TIMEOUT_S) as client:
+        models = client.get("/v1/models").json()["data"]
+
+    student_parameters = sum(parameter.numel() for parameter in student.parameters())
+    by_space = {model["space"]: model for model in models}
+    assert set(by_space) == {"student", "teacher"}
+    assert by_space["student"]["parameters"] == student_parameters
+    assert by_space["teacher"]["parameters"] == student_parameters + 384 * 96 + 96
+    assert by_space["teacher"]["dim"] == 96
+
+
 def test_readyz_ready_with_checkpoint(client):
     assert client.get("/healthz").json() == {"status": "ok"}
 

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from servers import run_app
 
 import student_server.tiles_api as tiles_api
-from servers import run_app
 from shared.checkpoint import load_mimic_projector, save_student
 from shared.imaging import decode_image
 from shared.models.student import UNITE_STUDENT_KWARGS, build_unite_student

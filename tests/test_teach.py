@@ -10,11 +10,11 @@ from pathlib import Path
 
 import h5py
 import pytest
-
 from gateway_helpers import gateway
+from synthetic_slides import he_like, write_tiff_slide
+
 from shared.cache import EmbeddingCache
 from shared.slides.tiling import tile_slide
-from synthetic_slides import he_like, write_tiff_slide
 from teacher_gateway.auth import hash_key
 from unite_cli.main import main
 from unite_cli.pipeline import SlideFailure, TeachResult

@@ -76,15 +76,21 @@ def add_distill_arguments(
 
     model = parser.add_argument_group("student and loss")
     model.add_argument("--student", default=None, help="'unite' (the original ViT-S/14) or a timm model name such as vit_small_patch16_224 (default: unite)")
-    model.add_argument("--student-weights", type=Path, default=None, help="local .safetensors or .pth file to initialise the student from (default: random weights)")
+    model.add_argument(
+        "--student-weights", type=Path, default=None, help="local .safetensors or .pth file to initialise the student from (default: random weights)"
+    )
     model.add_argument("--loss", default=None, help="unite, mimic or mimic+infonce (default: mimic+infonce)")
     model.add_argument("--mimic", default=None, help="matching of the mimic losses: cosine or smooth_l1 (default: cosine)")
-    model.add_argument("--temperature", type=float, default=None, help="InfoNCE temperature, the starting value where it is learned, in [0.01, 1] (default: 0.07)")
+    model.add_argument(
+        "--temperature", type=float, default=None, help="InfoNCE temperature, the starting value where it is learned, in [0.01, 1] (default: 0.07)"
+    )
 
     schedule = parser.add_argument_group("schedule")
     schedule.add_argument("--epochs", type=int, default=None, help="passes over the training tiles (default: 1)")
     schedule.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps (default: EPOCHS full passes)")
-    schedule.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass on each device; InfoNCE negatives come from one such batch (default: 64)")
+    schedule.add_argument(
+        "--batch-size", type=int, default=None, help="tiles per forward pass on each device; InfoNCE negatives come from one such batch (default: 64)"
+    )
     schedule.add_argument("--accumulate-grad-batches", type=int, default=None, help="forward batches per optimiser step (default: 1)")
     schedule.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW (default: 5e-4)")
     schedule.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay of weight matrices (default: 0.05)")
@@ -102,7 +108,12 @@ def add_distill_arguments(
     run = parser.add_argument_group("run")
     if resume:
         run.add_argument("--resume", default=None, help="Lightning checkpoint to resume from, or 'last' for OUT/lightning/last.ckpt (default: start afresh)")
-    run.add_argument("--checkpoint-every-n-steps", type=int, default=None, help="also save OUT/lightning/last.ckpt every N optimiser steps (default: at each epoch's end only)")
+    run.add_argument(
+        "--checkpoint-every-n-steps",
+        type=int,
+        default=None,
+        help="also save OUT/lightning/last.ckpt every N optimiser steps (default: at each epoch's end only)",
+    )
     run.add_argument("--log-dir", type=Path, default=None, help="folder of the CSV and TensorBoard logs (default: OUT/logs)")
     run.add_argument(
         "--accept-teacher-licence",

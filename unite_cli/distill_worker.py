@@ -38,13 +38,21 @@ def add_distill_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add_distill_arguments(parser, out_help="worker folder: worker-state.json and one training folder per run under OUT/runs", resume=False)
     worker = parser.add_argument_group("worker")
     worker.add_argument(
-        "--publish-root", type=Path, required=True, help="folder to publish each student into (versions/ and the link current); the student server's checkpoint folder"
+        "--publish-root",
+        type=Path,
+        required=True,
+        help="folder to publish each student into (versions/ and the link current); the student server's checkpoint folder",
     )
     worker.add_argument(
-        "--min-new-tiles", type=int, default=DEFAULT_MIN_NEW_TILES, help=f"new tiles since the last training that start a training (default: {DEFAULT_MIN_NEW_TILES})"
+        "--min-new-tiles",
+        type=int,
+        default=DEFAULT_MIN_NEW_TILES,
+        help=f"new tiles since the last training that start a training (default: {DEFAULT_MIN_NEW_TILES})",
     )
     worker.add_argument("--poll-s", type=float, default=DEFAULT_POLL_S, help=f"seconds between two checks of the shards folder (default: {DEFAULT_POLL_S:.0f})")
-    worker.add_argument("--keep", type=int, default=DEFAULT_KEEP, help=f"published versions and run folders kept on disk, the current one always (default: {DEFAULT_KEEP})")
+    worker.add_argument(
+        "--keep", type=int, default=DEFAULT_KEEP, help=f"published versions and run folders kept on disk, the current one always (default: {DEFAULT_KEEP})"
+    )
     worker.add_argument(
         "--warm-start", action="store_true", help="start each new training from the published student's weights instead of --student-weights or random ones"
     )

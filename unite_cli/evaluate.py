@@ -5,7 +5,9 @@ or any compatible endpoint. Every slide is tiled once and its tiles go to each m
 (:mod:`shared.evaluation.extract`). The patch features land in ``OUT/features/NAME/SLIDE.h5``, the
 pooled slide features in ``OUT/slide_features/NAME/SLIDE.h5``, and the protocols of ``unite bench``
 write ``OUT/report.md``, ``OUT/report.json``, the figures and ``OUT/split.tsv``. Slides whose feature
-file exists for a model are not sent to it again, so the same command resumes an interrupted run. The
+file exists for a model are not sent to it again, so the same command resumes an interrupted run. Each
+model's throughput is measured while it embeds and stored with its parameter count (from the server's
+``GET /v1/models``) in ``OUT/features/NAME/model-info.json``, which a rerun that sends it no tiles reads. The
 slide, HTTP and evaluation modules are imported only when the command runs, so ``unite --help`` stays fast.
 """
 
@@ -35,7 +37,9 @@ DESCRIPTION = (
     "models side by side as unite bench does. Each slide is tiled once and its tiles are sent to every model. "
     "Writes OUT/features/NAME/SLIDE.h5 (TRIDENT layout, encoder from the server's response), "
     "OUT/slide_features/NAME/SLIDE.h5, OUT/split.tsv, OUT/report.md, OUT/report.json, OUT/metrics.png and "
-    "OUT/embeddings.png. Slides whose feature file exists for a model are not sent to it again. The API key of "
+    "OUT/embeddings.png. Slides whose feature file exists for a model are not sent to it again. Each model's throughput "
+    "(tiles per second of its embedding requests) and parameter count (from its GET /v1/models) go into the report and "
+    "OUT/features/NAME/model-info.json, which a rerun that sends the model no tiles reads. The API key of "
     "model NAME is read from UNITE_API_KEY_<NAME in capitals, other characters as _>, else from UNITE_API_KEY, "
     "and sent as a Bearer token. Exit status: 0 after the report, 1 when a slide could not be tiled (no report), "
     "2 for invalid options or a model that fails."
@@ -57,7 +61,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "--labels", type=Path, metavar="CSV", help="CSV with a slide_id column (slide file names without extension), a label column and optionally case_id"
     )
     labels.add_argument("--split", type=Path, metavar="TSV", help="Patho-Bench split TSV with case_id, slide_id, a label and fold_0 ... fold_K columns")
-    parser.add_argument("--label-column", default=None, help="label column of --labels or --split (default: 'label', or the one column that is not an id or a fold)")
+    parser.add_argument(
+        "--label-column", default=None, help="label column of --labels or --split (default: 'label', or the one column that is not an id or a fold)"
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="FOLDER", help="output folder for features, report and figures (created if missing)")
 
     add_resolution_arguments(parser)
@@ -79,10 +85,15 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=JSON",
-        help="JSON file with a model's parameters, embedding_dim, throughput_tiles_per_s and throughput_note (default: not given)",
+        help=(
+            "JSON file with a model's parameters, embedding_dim, throughput_tiles_per_s and throughput_note; its values replace "
+            "the parameter count from the server and the throughput measured while embedding (default: those two)"
+        ),
     )
     parser.add_argument("--cost", type=float, default=1.0, help="inverse L2 regularisation strength C of the linear probe (default: 1.0)")
-    parser.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=True, help="weight the probe's classes by inverse frequency (default: --balanced)")
+    parser.add_argument(
+        "--balanced", action=argparse.BooleanOptionalAction, default=True, help="weight the probe's classes by inverse frequency (default: --balanced)"
+    )
     parser.add_argument("--folds", type=int, default=5, help="folds to make without --split; 1 makes one split bootstrapped for intervals (default: 5)")
     parser.add_argument("--test-size", type=float, default=0.2, help="fraction of samples in the test set with --folds 1 (default: 0.2)")
     parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, help=f"bootstrap resamples for the intervals (default: {BOOTSTRAP_RESAMPLES})")
@@ -94,7 +105,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="k values of the retrieval metrics, each at most the smallest train set of a fold (default: 1,5,10)",
     )
     parser.add_argument("--knn-k", type=int, default=10, help="neighbours compared by the k-NN overlap (default: 10, lowered to N - 1 for fewer samples)")
-    parser.add_argument("--agreement-metric", choices=("cosine", "l2"), default="cosine", help="similarity that ranks neighbours for agreement (default: cosine)")
+    parser.add_argument(
+        "--agreement-metric", choices=("cosine", "l2"), default="cosine", help="similarity that ranks neighbours for agreement (default: cosine)"
+    )
     parser.add_argument("--map", choices=MAP_METHODS, default="pca", help="2-D map of the features in embeddings.png (default: pca)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the folds, the bootstrap and the map (default: 0)")
 
@@ -133,7 +146,7 @@ def parse_model_urls(values: list[str]) -> dict[str, str]:
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``unite evaluate`` and return its exit status (see :data:`DESCRIPTION`)."""
     from shared.evaluation.bench_inputs import parse_named_paths
-    from shared.evaluation.extract import EmbeddingsClient, api_key_for, check_encoders, describe_endpoints, pool_model_features
+    from shared.evaluation.extract import EmbeddingsClient, api_key_for, check_encoders, describe_endpoints, pool_model_features, record_model_info
     from shared.slides.sources import collect_slides
     from shared.slides.tile_job import slide_jobs
 
@@ -168,24 +181,32 @@ def run_evaluate(args: argparse.Namespace) -> int:
             clients[name] = EmbeddingsClient(name, url, batch_size=args.batch_size, timeout=args.timeout, api_key=key, api_key_source=source)
         failures, sent = _extract_all(jobs, list(clients.values()), args.out / FEATURES_FOLDER, options, args.batch_size)
         requests = {name: client.requests for name, client in clients.items()}
+        print(f"embedded {sent} slide-model pairs; embedding requests: " + ", ".join(f"{name} {count}" for name, count in requests.items()))
+        if failures:
+            for name, message in failures:
+                print(f"failed: {name}: {message}")
+            print(
+                f"{len(failures)} slides could not be tiled, so no report was written. Fix them, or remove their rows from {bench_labels.source}, "
+                "and run again."
+            )
+            return 1
+
+        slide_names = [str(slide_id) for slide_id in bench_labels.sample_ids]
+        encoders = check_encoders(args.out / FEATURES_FOLDER, list(models), slide_names)
+        measured = {name: record_model_info(args.out / FEATURES_FOLDER, client, encoders[name]) for name, client in clients.items()}
     finally:
         for client in clients.values():
             client.close()
-    print(f"embedded {sent} slide-model pairs; embedding requests: " + ", ".join(f"{name} {count}" for name, count in requests.items()))
-    if failures:
-        for name, message in failures:
-            print(f"failed: {name}: {message}")
-        print(f"{len(failures)} slides could not be tiled, so no report was written. Fix them, or remove their rows from {bench_labels.source}, and run again.")
-        return 1
+    for name, info in measured.items():
+        throughput = info["throughput_tiles_per_s"]
+        print(f"{name}: parameters {info['parameters'] or 'not listed'}, throughput " + ("not measured" if throughput is None else f"{throughput:.1f} tiles/s"))
 
-    slide_names = [str(slide_id) for slide_id in bench_labels.sample_ids]
-    encoders = check_encoders(args.out / FEATURES_FOLDER, list(models), slide_names)
     if args.level == "slide":
         folders = pool_model_features(args.out / FEATURES_FOLDER, args.out / POOLED_FOLDER, list(models), slide_names, method=args.pooling)
     else:
         folders = {name: args.out / FEATURES_FOLDER / name for name in models}
     endpoints = describe_endpoints(clients, encoders)
-    return _benchmark(args, bench_labels, folders, model_info, endpoints)
+    return _benchmark(args, bench_labels, folders, model_info, endpoints, measured)
 
 
 def _read_labels(args: argparse.Namespace):
@@ -229,8 +250,19 @@ def _extract_all(jobs, clients, features_root: Path, options, batch_size: int) -
     return failures, sent
 
 
-def _benchmark(args: argparse.Namespace, bench_labels, folders: dict[str, Path], model_info: dict[str, Path], endpoints: dict[str, str]) -> int:
-    """Run the protocols of ``unite bench`` on the features of every model and write the report into OUT."""
+def _benchmark(
+    args: argparse.Namespace,
+    bench_labels,
+    folders: dict[str, Path],
+    model_info: dict[str, Path],
+    endpoints: dict[str, str],
+    measured: dict[str, dict],
+) -> int:
+    """Run the protocols of ``unite bench`` on the features of every model and write the report into OUT.
+
+    ``measured`` holds each model's parameter count and throughput from this run, which fill what
+    ``--model-info`` leaves out.
+    """
     import numpy as np
 
     from shared.evaluation.bench import BenchOptions, run_bench
@@ -251,9 +283,13 @@ def _benchmark(args: argparse.Namespace, bench_labels, folders: dict[str, Path],
             label_column=bench_labels.label_column,
         )
     else:
-        folds_text = f"{len(bench_labels.folds)} folds from {args.split}"
+        folds_text = f"{len(bench_labels.folds)} folds from {args.split.name}"
 
     task = load_bench_task(folders, bench_labels, level=args.level, model_info=model_info)
+    feature_sets = [
+        dataclasses.replace(feature_set, info=_fill_measured(feature_set.info, measured[feature_set.name], args.out / FEATURES_FOLDER / feature_set.name))
+        for feature_set in task.feature_sets
+    ]
     options = BenchOptions(
         cost=args.cost,
         balanced=args.balanced,
@@ -264,11 +300,11 @@ def _benchmark(args: argparse.Namespace, bench_labels, folders: dict[str, Path],
         bootstrap_resamples=args.bootstrap,
         seed=args.seed,
     )
-    result = run_bench(task.feature_sets, task.labels, task.folds, options)
+    result = run_bench(feature_sets, task.labels, task.folds, options)
     cohort = f"{len(bench_labels.sample_ids)} slides in {len(np.unique(bench_labels.case_ids))} cases"
     description = {
         "level": "tile (every patch is a sample)" if args.level == "tile" else f"slide ({args.pooling} pooling of the patch features)",
-        "labels": f"{bench_labels.source}, column {bench_labels.label_column!r}",
+        "labels": f"{bench_labels.source.name}, column {bench_labels.label_column!r}",
         "cohort": cohort + (f", {len(task.labels)} tiles" if args.level == "tile" else ""),
         "folds": folds_text,
         **endpoints,
@@ -280,3 +316,26 @@ def _benchmark(args: argparse.Namespace, bench_labels, folders: dict[str, Path],
         summary = model.metrics()["linear_probe.balanced_accuracy"]
         print(f"{model.name}: balanced accuracy {summary.mean:.3f}, {model.dimension}-d")
     return 0
+
+
+def _fill_measured(info, measured: dict, folder: Path):
+    """Return ``info`` (from --model-info or the feature files) with its missing parameter count and throughput taken from ``measured``.
+
+    A throughput keeps the note that came with it, so a rate from --model-info is never described as measured here.
+    """
+    from shared.evaluation.bench_inputs import ModelInfo
+    from shared.evaluation.extract import MODEL_INFO_FILE
+
+    parameters = info.parameters
+    throughput, note = info.throughput_tiles_per_s, info.throughput_note
+    filled = []
+    if parameters is None and measured.get("parameters") is not None:
+        parameters = measured["parameters"]
+        filled.append("parameters")
+    if throughput is None and measured.get("throughput_tiles_per_s") is not None:
+        throughput, note = measured["throughput_tiles_per_s"], measured.get("throughput_note")
+        filled.append("throughput")
+    sources = [info.source] if info.source else []
+    if filled:
+        sources.append(f"{' and '.join(filled)} from unite evaluate ({folder / MODEL_INFO_FILE})")
+    return ModelInfo(parameters=parameters, throughput_tiles_per_s=throughput, throughput_note=note, source="; ".join(sources) or None)

@@ -69,7 +69,9 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     local.add_argument("--input-name", default=None, help="ONNX input name, when the model has several (default: UNITE_GATEWAY_INPUT_NAME)")
     local.add_argument("--output-name", default=None, help="ONNX output holding the embedding (default: UNITE_GATEWAY_OUTPUT_NAME)")
     local.add_argument("--input-size", type=int, default=None, help="model input side in pixels (default: UNITE_GATEWAY_INPUT_SIZE or the model's)")
-    local.add_argument("--resize-size", type=int, default=None, help="side in pixels before the centre crop (default: UNITE_GATEWAY_RESIZE_SIZE or the model's)")
+    local.add_argument(
+        "--resize-size", type=int, default=None, help="side in pixels before the centre crop (default: UNITE_GATEWAY_RESIZE_SIZE or the model's)"
+    )
     local.add_argument("--interpolation", default=None, help="resize interpolation, such as bicubic (default: UNITE_GATEWAY_INTERPOLATION or the model's)")
     local.add_argument("--mean", type=float, nargs=3, default=None, help="RGB mean in [0, 1] (default: UNITE_GATEWAY_MEAN or the model's)")
     local.add_argument("--std", type=float, nargs=3, default=None, help="RGB standard deviation (default: UNITE_GATEWAY_STD or the model's)")

@@ -72,7 +72,9 @@ def run_teach(args: argparse.Namespace) -> int:
     from shared.slides.tile_job import TileOptions, output_folders
 
     if args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size} is invalid: expected at least 1 tile per request. Pass for example 64.", value=args.batch_size, limit=1)
+        raise ConfigError(
+            f"--batch-size {args.batch_size} is invalid: expected at least 1 tile per request. Pass for example 64.", value=args.batch_size, limit=1
+        )
     options = tile_options(args)
     mpp, mpp_table = resolution_overrides(args)
     if args.patches is not None and options != TileOptions():

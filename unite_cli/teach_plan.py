@@ -9,11 +9,10 @@ module computes as the gateway does.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from collections.abc import Iterable
 
 from shared.cache import EmbeddingCache
 from shared.errors import SlideError

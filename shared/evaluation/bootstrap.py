@@ -94,7 +94,11 @@ def summarize_folds(fold_metrics: Sequence[Mapping[str, float]]) -> dict[str, Me
     need :func:`bootstrap_resample_metrics` instead.
     """
     if len(fold_metrics) < 2:
-        raise ConfigError(f"summarize_folds: {len(fold_metrics)} fold, expected at least 2. Bootstrap the test set of a single fold instead.", value=len(fold_metrics), limit=2)
+        raise ConfigError(
+            f"summarize_folds: {len(fold_metrics)} fold, expected at least 2. Bootstrap the test set of a single fold instead.",
+            value=len(fold_metrics),
+            limit=2,
+        )
     summaries = {}
     for name in fold_metrics[0]:
         values = np.array([metrics[name] for metrics in fold_metrics], dtype=np.float64)

@@ -8,11 +8,15 @@ no feature file for it yet. Each model gets one TRIDENT-layout file per slide,
 the slides left without a file. The ``encoder`` attribute is the response's ``model``, followed by
 ``sha256:<checkpoint_sha256>`` when the response names a checkpoint, as the student server does.
 
+Each client also times its embedding batches, so a run records every model's throughput beside its
+features in ``FEATURES_ROOT/MODEL/model-info.json``, with the parameter count from ``GET /v1/models``.
+
 Tiles travel with the slide's pseudonymous id, never its file name. httpx, numpy and h5py only, no torch.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -22,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -38,6 +43,9 @@ from shared.slides.tiling import TiledSlide, iter_tiles, tile_slide
 logger = logging.getLogger(__name__)
 
 EMBEDDINGS_PATH = "/v1/embeddings"
+MODELS_PATH = "/v1/models"
+# Written beside a model's patch feature files by the run that sent it tiles, and read by later runs that send none.
+MODEL_INFO_FILE = "model-info.json"
 # Read when no model-specific variable is set; the same variable `unite teach` reads.
 API_KEY_ENV = "UNITE_API_KEY"
 RETRY_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
@@ -69,7 +77,9 @@ class EmbeddingsClient:
     status 429 or 5xx, or a connection failure, is tried again up to ``max_attempts`` tries in all. The
     waits start at ``retry_wait_s`` and double, or last the server's numeric ``Retry-After`` when that
     is longer, up to :data:`MAX_RETRY_WAIT_S`. The API key goes as ``Authorization: Bearer`` and is
-    never logged. ``requests`` counts the embedding requests that succeeded.
+    never logged. ``requests`` counts the embedding requests that succeeded. ``tiles_embedded`` counts
+    the tiles of those requests and ``seconds_embedding`` the wall-clock seconds :meth:`embed` spent on
+    them: PNG encoding, the HTTP round trips (retries and their waits included) and JSON decoding.
     """
 
     def __init__(
@@ -96,6 +106,8 @@ class EmbeddingsClient:
         self.max_attempts = max_attempts
         self.retry_wait_s = retry_wait_s
         self.requests = 0
+        self.tiles_embedded = 0
+        self.seconds_embedding = 0.0
         self._api_key_source = api_key_source
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
@@ -111,6 +123,7 @@ class EmbeddingsClient:
         parts = []
         encoders = set()
         for start in range(0, len(tiles), self.batch_size):
+            started = time.perf_counter()
             inputs = []
             for index in range(start, min(start + self.batch_size, len(tiles))):
                 item: dict[str, Any] = {"image": encode_base64_png(tiles[index])}
@@ -122,6 +135,8 @@ class EmbeddingsClient:
                     item["mpp"] = float(mpp)
                 inputs.append(item)
             embeddings, encoder = self._embed_batch(inputs)
+            self.seconds_embedding += time.perf_counter() - started
+            self.tiles_embedded += len(inputs)
             parts.append(embeddings)
             encoders.add(encoder)
         if len(encoders) > 1:
@@ -131,6 +146,49 @@ class EmbeddingsClient:
                 value=sorted(encoders),
             )
         return np.concatenate(parts, axis=0), encoders.pop()
+
+    def throughput(self) -> float | None:
+        """Return the tiles embedded per second of :meth:`embed`, or None before any tile was embedded."""
+        if self.tiles_embedded == 0 or self.seconds_embedding <= 0:
+            return None
+        return self.tiles_embedded / self.seconds_embedding
+
+    def throughput_note(self) -> str:
+        """Describe how :meth:`throughput` was measured, for the report."""
+        host = urlsplit(self.url).hostname or self.url
+        return f"{self.tiles_embedded} tiles in requests of up to {self.batch_size} over HTTP to {host}, timed from PNG encoding to the decoded JSON response"
+
+    def model_parameters(self, encoder: str) -> int | None:
+        """Return the ``parameters`` of the ``GET /v1/models`` entry named by ``encoder``, or None when the server does not list it.
+
+        ``encoder`` is a feature file's encoder attribute (``MODEL`` or ``MODEL sha256:HASH``). A server
+        without the route, an entry without the field and a failed request all give None with a log line,
+        because the parameter count is optional in the report.
+        """
+        model = encoder.split(" sha256:")[0]
+        try:
+            response = self._http.get(MODELS_PATH)
+            response.raise_for_status()
+            entries = response.json().get("data")
+        except (httpx.HTTPError, ValueError, AttributeError) as error:
+            logger.warning(
+                "model %s: cannot read %s%s (%s: %s), so its parameter count is not given",
+                self.name,
+                self.url,
+                MODELS_PATH,
+                type(error).__name__,
+                error,
+            )
+            return None
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict) and (entry.get("id") == model or model in (entry.get("names") or [])):
+                parameters = entry.get("parameters")
+                if isinstance(parameters, int) and not isinstance(parameters, bool) and parameters > 0:
+                    return parameters
+                logger.info("model %s: %s%s lists no parameter count for %s", self.name, self.url, MODELS_PATH, model)
+                return None
+        logger.warning("model %s: %s%s does not list %s, so its parameter count is not given", self.name, self.url, MODELS_PATH, model)
+        return None
 
     def close(self) -> None:
         self._http.close()
@@ -351,5 +409,52 @@ def _retry_after_seconds(response: httpx.Response) -> float:
 
 
 def describe_endpoints(clients: Mapping[str, EmbeddingsClient], encoders: Mapping[str, str]) -> dict[str, str]:
-    """Return ``{"model NAME": "URL, encoder ..."}`` for the report's task description."""
-    return {f"model {name}": f"{client.url}, encoder {encoders.get(name, 'unknown')}" for name, client in clients.items()}
+    """Return ``{"model NAME": "encoder ..., served on HOST"}`` for the report's task description.
+
+    Only the host is named: a local port or a URL path means nothing to a reader of the report.
+    """
+    return {
+        f"model {name}": f"encoder {encoders.get(name, 'unknown')}, served on {urlsplit(client.url).hostname or client.url}"
+        for name, client in clients.items()
+    }
+
+
+def record_model_info(features_root: Path, client: EmbeddingsClient, encoder: str) -> dict[str, Any]:
+    """Return the parameter count and measured throughput of ``client``'s model, storing them in ``MODEL/model-info.json``.
+
+    The keys are those of a ``--model-info`` file. A run that sent the model tiles measures its
+    throughput and replaces the file. A run that sent none keeps the throughput stored for the same
+    ``encoder``, since the feature files it benchmarks came from that run. The parameter count comes
+    from the server's ``GET /v1/models``, or from the file when the server does not list it.
+    """
+    path = Path(features_root) / client.name / MODEL_INFO_FILE
+    parameters = client.model_parameters(encoder)
+    throughput = client.throughput()
+    if throughput is not None:
+        info = {"parameters": parameters, "throughput_tiles_per_s": throughput, "throughput_note": client.throughput_note()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**info, "encoder": encoder}, indent=2) + "\n", encoding="utf-8")
+        return info
+
+    stored = _read_stored_info(path, encoder)
+    return {
+        "parameters": parameters if parameters is not None else stored.get("parameters"),
+        "throughput_tiles_per_s": stored.get("throughput_tiles_per_s"),
+        "throughput_note": stored.get("throughput_note"),
+    }
+
+
+def _read_stored_info(path: Path, encoder: str) -> dict[str, Any]:
+    """Return the values stored in ``path`` for ``encoder``, or {} when the file is missing, unreadable or from another encoder."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        logger.warning("cannot read %s (%s), so the throughput it stored is not reported", path, error)
+        return {}
+    if not isinstance(stored, dict) or stored.get("encoder") != encoder:
+        logger.warning("%s was written for another encoder than %s, so the throughput it stored is not reported", path, encoder)
+        return {}
+    types = {"parameters": int, "throughput_tiles_per_s": (int, float), "throughput_note": str}
+    return {key: stored[key] for key, expected in types.items() if isinstance(stored.get(key), expected) and not isinstance(stored[key], bool)}

@@ -173,7 +173,10 @@ def make_folds(
     labels = np.asarray(labels)
     groups = np.asarray(groups)
     if labels.shape != groups.shape or labels.ndim != 1:
-        raise ConfigError(f"make_folds: labels have shape {labels.shape} and groups {groups.shape}, expected one label and one group per sample.", value=[labels.shape, groups.shape])
+        raise ConfigError(
+            f"make_folds: labels have shape {labels.shape} and groups {groups.shape}, expected one label and one group per sample.",
+            value=[labels.shape, groups.shape],
+        )
     if n_folds < 1:
         raise ConfigError(f"make_folds: n_folds is {n_folds}, expected at least 1.", value=n_folds, limit=1)
     if n_folds == 1 and not 0.0 < test_size < 1.0:

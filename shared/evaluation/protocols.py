@@ -132,7 +132,10 @@ def load_pooled_features(folder: Path, sample_ids: Sequence[str]) -> np.ndarray:
         encoders.add(feature_file.attrs.get("encoder"))
         rows.append(feature_file.features[0])
     if len(encoders) > 1:
-        raise ConfigError(f"feature files in {folder} come from several encoders ({sorted(map(str, encoders))}). Keep one encoder per folder.", value=sorted(map(str, encoders)))
+        raise ConfigError(
+            f"feature files in {folder} come from several encoders ({sorted(map(str, encoders))}). Keep one encoder per folder.",
+            value=sorted(map(str, encoders)),
+        )
     if not rows:
         raise ConfigError("load_pooled_features: no sample ids. Pass the ids of the split file.", value=0)
     return np.stack(rows)

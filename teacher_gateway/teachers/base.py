@@ -14,6 +14,9 @@ class Teacher(Protocol):
     ``identity`` names the model and its exact weights (or endpoint and declared model name, or the
     reference teacher's name and version); the cache keys embeddings by it, so two models never mix.
     ``licence`` travels into every shard and every exported student's model card.
+
+    A teacher may also have ``parameters``, its parameter count, or None when unknown (a remote API).
+    ``GET /v1/models`` lists it, and lists null for a teacher without the attribute.
     """
 
     identity: str

@@ -21,6 +21,7 @@ import numpy as np
 
 from shared.errors import ConfigError, ModelError, TeacherError
 from shared.imaging import IMAGENET_MEAN, IMAGENET_STD
+from shared.onnx_graph import count_onnx_parameters
 from teacher_gateway.teachers.options import (
     DEFAULT_BATCH_SIZE,
     check_batch_size,
@@ -46,7 +47,11 @@ _ORT_ERROR_NAMES = (
 
 
 class OnnxTeacher:
-    """An onnxruntime session behind the Teacher protocol. ``embed`` may be called from several threads."""
+    """An onnxruntime session behind the Teacher protocol. ``embed`` may be called from several threads.
+
+    ``parameters`` counts the elements of the graph's initializers that the embedding output depends on,
+    or is None when the onnx package cannot read the file.
+    """
 
     def __init__(
         self,
@@ -63,11 +68,13 @@ class OnnxTeacher:
         fixed_batch: int | None,
         errors: tuple[type[BaseException], ...],
         details: dict[str, Any],
+        parameters: int | None = None,
     ) -> None:
         self.name = "onnx"
         self.identity = identity
         self.dim = dim
         self.licence = licence
+        self.parameters = parameters
         self.preprocessing = preprocessing
         self.input_name = input_name
         self.output_name = output_name
@@ -210,6 +217,7 @@ def build_onnx_teacher(
         batch_size=batch_size,
         fixed_batch=fixed_batch,
         errors=errors,
+        parameters=count_onnx_parameters(weights_file.path, model_output.name),
         details={
             "backend": "onnx",
             "weights": weights_file.path.name,

@@ -141,6 +141,8 @@ class ReferenceTeacher:
     identity = REFERENCE_TEACHER_IDENTITY
     dim = REFERENCE_TEACHER_DIM
     licence = REFERENCE_TEACHER_LICENCE
+    # The entries of the fixed projection matrix, its only weights; none of them is trained.
+    parameters = DESCRIPTOR_DIM * REFERENCE_TEACHER_DIM
 
     def __init__(self) -> None:
         self._projection = projection_matrix()

@@ -158,6 +158,8 @@ class RemoteTeacher:
     name = "remote"
     # embed() may be called from several threads at once: the teacher caps its own concurrency.
     thread_safe = True
+    # A remote API does not disclose its model's size.
+    parameters = None
 
     def __init__(self, config: RemoteTeacherConfig) -> None:
         self.config = config

@@ -56,7 +56,8 @@ class TorchTeacher:
     """A local torch model behind the Teacher protocol.
 
     ``model`` takes an (B, 3, S, S) float32 batch normalised by ``preprocessing`` and returns (B, dim)
-    embeddings. It is moved to ``device`` and put in eval mode here.
+    embeddings. It is moved to ``device`` and put in eval mode here. ``parameters`` is the model's
+    parameter count, as ``GET /v1/models`` lists it.
     """
 
     def __init__(
@@ -86,6 +87,8 @@ class TorchTeacher:
 
         model.requires_grad_(False)
         self.model: torch.nn.Module | None = model.to(self.device).eval()
+        # Buffers (such as batch-norm statistics) are not counted.
+        self.parameters: int | None = sum(parameter.numel() for parameter in model.parameters())
         logger.info(
             "teacher %s ready on %s: %d-d embeddings, batch size %d, precision %s, preprocessing %s",
             identity,

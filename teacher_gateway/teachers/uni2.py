@@ -1,8 +1,9 @@
 """The UNI2-h teacher, from a weights file the user supplies (the weights are gated and never downloaded).
 
 The file holds the state dict of timm's UNI2-h architecture (:func:`shared.models.uni2.build_uni2h`),
-as safetensors or as a torch ``.bin``/``.pth`` file such as the one on the MahmoodLab/UNI2-h model page. The embedding is the final-norm CLS token, 1536-d. The preprocessing is
-fixed (224 px tiles, ImageNet mean and std), so the identity is the model's name and the file's hash.
+as safetensors or as a torch ``.bin``/``.pth`` file such as the one on the MahmoodLab/UNI2-h model page.
+The embedding is the final-norm CLS token, 1536-d. The preprocessing is fixed (224 px tiles, ImageNet
+mean and std), so the identity is the model's name and the file's hash.
 """
 
 from __future__ import annotations
