@@ -131,7 +131,7 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(f"the run was interrupted by {self.signal_name}")
 
 
-class _Terminated(BaseException):
+class Terminated(BaseException):
     """Raised in the main thread by the SIGTERM handler of :func:`run_jobs`.
 
     It derives from BaseException so that the ``except Exception`` around each task does not record it
@@ -426,10 +426,10 @@ def run_jobs(
             value=workers,
             limit=[1, MAX_WORKERS],
         )
-    _check_unique_names(jobs)
+    check_unique_names(jobs)
     folder = JobFolder(out_dir)
     folder.prepare()
-    _check_done_jobs_match(folder, jobs, noun)
+    check_done_jobs_match(folder, jobs, noun)
 
     run_id = uuid.uuid4().hex
     summary = JobSummary()
@@ -437,18 +437,18 @@ def run_jobs(
         "starting a run over %s in %s with %s", format_count(len(jobs), noun), folder.root, format_count(workers, "worker")
     )
     try:
-        with _sigterm_raises(), tqdm(total=len(jobs), desc=f"{noun}s", unit=noun, file=sys.stderr, disable=not progress) as bar:
+        with sigterm_raises(), tqdm(total=len(jobs), desc=f"{noun}s", unit=noun, file=sys.stderr, disable=not progress) as bar:
             if workers == 1:
                 # Log lines of the jobs run here go through tqdm, so they do not break the progress bar.
                 with logging_redirect_tqdm():
                     for job in jobs:
-                        _count(summary, bar, _run_one(job, task, folder.root, run_id, retry_failed))
+                        _count(summary, bar, run_one(job, task, folder.root, run_id, retry_failed))
             else:
                 with closing(_run_in_pool(jobs, task, folder, run_id, retry_failed, workers)) as outcomes:
                     for outcome in outcomes:
                         _count(summary, bar, outcome)
-    except (KeyboardInterrupt, _Terminated) as interruption:
-        signal_number = signal.SIGTERM if isinstance(interruption, _Terminated) else signal.SIGINT
+    except (KeyboardInterrupt, Terminated) as interruption:
+        signal_number = signal.SIGTERM if isinstance(interruption, Terminated) else signal.SIGINT
         _count_recorded_outcomes(summary, folder, jobs, run_id)
         summary.unfinished = len(jobs) - summary.total
         raise RunInterrupted(signal_number, summary) from None
@@ -477,7 +477,7 @@ def _count(summary: JobSummary, bar: tqdm, outcome: JobOutcome) -> None:
     bar.update(1)
 
 
-def _run_one(job: Job, task: Task, root: Path, run_id: str, retry_failed: bool) -> JobOutcome:
+def run_one(job: Job, task: Task, root: Path, run_id: str, retry_failed: bool) -> JobOutcome:
     """Lock the job, decide again under the lock whether it must run, run it and record the result."""
     folder = JobFolder(root)
     try:
@@ -490,7 +490,7 @@ def _run_one(job: Job, task: Task, root: Path, run_id: str, retry_failed: bool) 
 
     with lock:
         previous = folder.read_state(job.name)
-        skip = _outcome_without_running(folder, job, previous, retry_failed)
+        skip = outcome_without_running(folder, job, previous, retry_failed)
         if skip is not None:
             return skip
 
@@ -543,7 +543,7 @@ def _write_failed(job: Job, error: WriteError) -> JobOutcome:
     return JobOutcome(job.name, "failed", WRITE_FAILED, error.message)
 
 
-def _outcome_without_running(folder: JobFolder, job: Job, state: JobState | None, retry_failed: bool) -> JobOutcome | None:
+def outcome_without_running(folder: JobFolder, job: Job, state: JobState | None, retry_failed: bool) -> JobOutcome | None:
     """Return the outcome of a job that must not run, else None.
 
     A job must not run when it is done with the same options and its outputs exist, when it failed
@@ -590,7 +590,7 @@ def _run_in_pool(
         suspects: list[Job] = []
         waiting: list[Job] = []
         with _worker_pool(min(workers, len(queue))) as pool:
-            futures = {pool.submit(_run_one, job, task, folder.root, run_id, retry_failed): job for job in queue}
+            futures = {pool.submit(run_one, job, task, folder.root, run_id, retry_failed): job for job in queue}
             for future in as_completed(futures):
                 try:
                     yield future.result()
@@ -610,7 +610,7 @@ def _run_alone(job: Job, task: Task, folder: JobFolder, run_id: str, retry_faile
     """Run one job in its own worker process, and record it as failed if that process dies."""
     with _worker_pool(1) as pool:
         try:
-            return pool.submit(_run_one, job, task, folder.root, run_id, retry_failed).result()
+            return pool.submit(run_one, job, task, folder.root, run_id, retry_failed).result()
         except BrokenProcessPool:
             pass
 
@@ -723,8 +723,8 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 @contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Make SIGTERM raise :class:`_Terminated` in the main thread while the block runs.
+def sigterm_raises() -> Iterator[None]:
+    """Make SIGTERM raise :class:`Terminated` in the main thread while the block runs.
 
     Nothing changes when this is not the main thread (only it may set handlers) or when the program
     has its own SIGTERM handler, which then decides what a SIGTERM does.
@@ -740,13 +740,14 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 def _raise_terminated(signal_number: int, frame: object) -> None:
-    raise _Terminated()
+    raise Terminated()
 
 
 # Checks of names, options and state records.
 
 
-def _check_unique_names(jobs: Sequence[Job]) -> None:
+def check_unique_names(jobs: Sequence[Job]) -> None:
+    """Raise :class:`ConfigError` when two jobs have the same name, because they would share one state record."""
     sources_by_name: dict[str, str] = {}
     for job in jobs:
         earlier = sources_by_name.get(job.name)
@@ -759,7 +760,7 @@ def _check_unique_names(jobs: Sequence[Job]) -> None:
             )
 
 
-def _check_done_jobs_match(folder: JobFolder, jobs: Sequence[Job], noun: str) -> None:
+def check_done_jobs_match(folder: JobFolder, jobs: Sequence[Job], noun: str) -> None:
     """Raise :class:`ConfigError` when a done job was made with other options than this run's."""
     conflicts = []
     for job in jobs:

@@ -188,7 +188,7 @@ def run_slide_pipeline(
     started = time.perf_counter()
 
     tiled = tile_slide(path, mpp=options.mpp, allow_fluorescence=options.allow_fluorescence)
-    _check_patch_count(tiled, options.max_patches)
+    check_patch_count(tiled, options.max_patches)
     tiled_at = time.perf_counter()
 
     features, model, sha256 = _embed_slide(path, tiled.grid, embedder, options, progress, should_stop)
@@ -196,9 +196,9 @@ def run_slide_pipeline(
 
     encoder = f"{model} sha256:{sha256}"
     pooled = pool_features(features, options.pooling)
-    metadata = _metadata(tiled, options.pooling, pooled.shape[1])
+    metadata = slide_metadata(tiled, options.pooling, pooled.shape[1])
     timings = {"tiling_s": tiled_at - started, "embedding_s": embedded_at - tiled_at}
-    outputs = _write_outputs(out_dir, tiled, features, pooled, encoder=encoder, model=model, sha256=sha256, metadata=metadata, timings=timings)
+    outputs = write_outputs(out_dir, tiled, features, pooled, encoder=encoder, model=model, sha256=sha256, metadata=metadata, timings=timings)
     timings["writing_s"] = time.perf_counter() - embedded_at
     timings["total_s"] = time.perf_counter() - started
 
@@ -258,7 +258,8 @@ def embedding_map(features: np.ndarray, coords: np.ndarray, patch_size_level0: i
     return {"points": points, "method": "pca", "clusters": clusters}
 
 
-def _check_patch_count(tiled: TiledSlide, max_patches: int) -> None:
+def check_patch_count(tiled: TiledSlide, max_patches: int) -> None:
+    """Raise :class:`TooManyPatchesError` when the tiled slide has more than ``max_patches`` tissue patches."""
     count = len(tiled.grid)
     if count > max_patches:
         raise TooManyPatchesError(
@@ -379,7 +380,7 @@ def _check_embeddings(embeddings: np.ndarray, count: int, earlier: list[np.ndarr
         )
 
 
-def _metadata(tiled: TiledSlide, pooling: str, pooled_dim: int) -> dict[str, Any]:
+def slide_metadata(tiled: TiledSlide, pooling: str, pooled_dim: int) -> dict[str, Any]:
     """Return the slide's resolution, size, grid and tissue facts; never its path or file name."""
     info, grid = tiled.info, tiled.grid
     return {
@@ -401,7 +402,7 @@ def _metadata(tiled: TiledSlide, pooling: str, pooled_dim: int) -> dict[str, Any
     }
 
 
-def _write_outputs(
+def write_outputs(
     out_dir: Path,
     tiled: TiledSlide,
     features: np.ndarray,

@@ -54,7 +54,7 @@ from student_server.engine import EngineResult
 from student_server.model import Student, StudentModel, check_teacher_space, embed_with, parameter_count
 from student_server.onnx_runtime import LinearProjector
 from student_server.settings import StudentSettings
-from student_server.uploads import new_multipart_parser
+from student_server.uploads import FormPartHeaders, new_multipart_parser
 
 try:
     from python_multipart.exceptions import ParseError
@@ -374,29 +374,27 @@ def _multipart_boundary(content_type: str | None) -> bytes:
     return boundary
 
 
-class _TileFormReceiver:
+class _TileFormReceiver(FormPartHeaders):
     """Callbacks of the multipart parser: ``file`` parts into a list of bytes, the other parts into ``fields``."""
 
     def __init__(self, *, max_bytes: int, max_files: int) -> None:
+        super().__init__()
         self.max_bytes = max_bytes
         self.max_files = max_files
         self.body_bytes = 0
         self.files: list[bytes] = []
         self.fields: dict[str, str] = {}
         self.finished = False
-        self._headers: dict[str, str] = {}
-        self._header_name = bytearray()
-        self._header_value = bytearray()
         self._field_name: str | None = None
         self._value = bytearray()
         self._in_file = False
 
     def callbacks(self) -> dict:
         return {
-            "on_part_begin": self._on_part_begin,
-            "on_header_field": self._on_header_field,
-            "on_header_value": self._on_header_value,
-            "on_header_end": self._on_header_end,
+            "on_part_begin": self.start_part,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
             "on_headers_finished": self._on_headers_finished,
             "on_part_data": self._on_part_data,
             "on_part_end": self._on_part_end,
@@ -441,26 +439,8 @@ class _TileFormReceiver:
             value=size,
         )
 
-    def _on_part_begin(self) -> None:
-        self._headers = {}
-
-    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_name += data[start:end]
-
-    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
-
-    def _on_header_end(self) -> None:
-        name = self._header_name.decode("latin-1").strip().lower()
-        self._headers[name] = self._header_value.decode("latin-1")
-        self._header_name.clear()
-        self._header_value.clear()
-
     def _on_headers_finished(self) -> None:
-        disposition, options = parse_options_header(self._headers.get("content-disposition"))
-        name = options.get(b"name", b"").decode("utf-8", errors="replace")
-        if disposition != b"form-data" or not name:
-            raise InvalidRequestError("a form part has no Content-Disposition form-data header with a name.")
+        name, _options = self.form_part_name()
         self._value = bytearray()
         if name == FILE_FIELD:
             if len(self.files) >= self.max_files:

@@ -133,10 +133,52 @@ def _check_declared_length(content_length: str | None, max_bytes: int) -> None:
         )
 
 
-class _MultipartReceiver:
+class FormPartHeaders:
+    """Header callbacks of python-multipart's push parser, shared by the slide and the tile receivers.
+
+    A subclass calls :meth:`start_part` from its ``on_part_begin`` callback, registers the three
+    ``on_header_*`` methods, and reads the part's field name with :meth:`form_part_name` once the
+    headers are finished.
+    """
+
+    def __init__(self) -> None:
+        self._headers: dict[str, str] = {}
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+
+    def start_part(self) -> None:
+        """Forget the headers of the previous part."""
+        self._headers = {}
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        name = self._header_name.decode("latin-1").strip().lower()
+        self._headers[name] = self._header_value.decode("latin-1")
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def form_part_name(self) -> tuple[str, dict[bytes, bytes]]:
+        """Return the current part's form field name and its Content-Disposition options.
+
+        Raises :class:`InvalidRequestError` (422) when the part has no ``form-data`` disposition with a name.
+        """
+        disposition, options = parse_options_header(self._headers.get("content-disposition"))
+        name = options.get(b"name", b"").decode("utf-8", errors="replace")
+        if disposition != b"form-data" or not name:
+            raise InvalidRequestError("a form part has no Content-Disposition form-data header with a name.")
+        return name, options
+
+
+class _MultipartReceiver(FormPartHeaders):
     """Callbacks of the multipart parser: the file part goes to disk, the other parts into ``fields``."""
 
     def __init__(self, upload_dir: Path, max_bytes: int) -> None:
+        super().__init__()
         self.upload_dir = upload_dir
         self.max_bytes = max_bytes
         self.body_bytes = 0
@@ -149,18 +191,15 @@ class _MultipartReceiver:
         self._file: BinaryIO | None = None
         self._file_done = False
 
-        self._headers: dict[str, str] = {}
-        self._header_name = bytearray()
-        self._header_value = bytearray()
         self._field_name: str | None = None
         self._field_value = bytearray()
 
     def callbacks(self) -> dict:
         return {
             "on_part_begin": self._on_part_begin,
-            "on_header_field": self._on_header_field,
-            "on_header_value": self._on_header_value,
-            "on_header_end": self._on_header_end,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
             "on_headers_finished": self._on_headers_finished,
             "on_part_data": self._on_part_data,
             "on_part_end": self._on_part_end,
@@ -208,25 +247,10 @@ class _MultipartReceiver:
                 limit=MAX_PARTS,
                 value=self.parts,
             )
-        self._headers = {}
-
-    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_name += data[start:end]
-
-    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
-
-    def _on_header_end(self) -> None:
-        name = self._header_name.decode("latin-1").strip().lower()
-        self._headers[name] = self._header_value.decode("latin-1")
-        self._header_name.clear()
-        self._header_value.clear()
+        self.start_part()
 
     def _on_headers_finished(self) -> None:
-        disposition, options = parse_options_header(self._headers.get("content-disposition"))
-        name = options.get(b"name", b"").decode("utf-8", errors="replace")
-        if disposition != b"form-data" or not name:
-            raise InvalidRequestError("a form part has no Content-Disposition form-data header with a name.")
+        name, options = self.form_part_name()
         if name != FILE_FIELD:
             if name in self.fields:
                 raise InvalidRequestError(f"the form field {name!r} occurs twice.", value=name)

@@ -43,14 +43,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="a model's name and its folder of ID.h5 feature files; repeat for each model, at least twice",
     )
 
-    labels = parser.add_mutually_exclusive_group(required=True)
-    labels.add_argument(
-        "--labels", type=Path, metavar="CSV", help="CSV with a slide_id or case_id column (the file names) and a label column; folds are made here"
-    )
-    labels.add_argument("--split", type=Path, metavar="TSV", help="Patho-Bench split TSV with case_id, slide_id, a label and fold_0 ... fold_K columns")
-    parser.add_argument(
-        "--label-column", default=None, help="label column of --labels or --split (default: 'label', or the one column that is not an id or a fold)"
-    )
+    add_label_arguments(parser, labels_help="CSV with a slide_id or case_id column (the file names) and a label column; folds are made here")
     parser.add_argument("--out", type=Path, required=True, metavar="FOLDER", help="output folder for the report and figures (created if missing)")
     parser.add_argument(
         "--level",
@@ -68,6 +61,22 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the feature files' attributes; values given nowhere are reported as not given)",
     )
 
+    add_probe_arguments(parser)
+    add_agreement_arguments(parser)
+
+
+def add_label_arguments(parser: argparse.ArgumentParser, *, labels_help: str) -> None:
+    """Add the required choice of ``--labels`` (described by ``labels_help``) or ``--split``, and ``--label-column``."""
+    labels = parser.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", type=Path, metavar="CSV", help=labels_help)
+    labels.add_argument("--split", type=Path, metavar="TSV", help="Patho-Bench split TSV with case_id, slide_id, a label and fold_0 ... fold_K columns")
+    parser.add_argument(
+        "--label-column", default=None, help="label column of --labels or --split (default: 'label', or the one column that is not an id or a fold)"
+    )
+
+
+def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of the linear probe, the folds made here and the bootstrap intervals."""
     parser.add_argument("--cost", type=float, default=1.0, help="inverse L2 regularisation strength C of the linear probe (default: 1.0)")
     parser.add_argument(
         "--balanced", action=argparse.BooleanOptionalAction, default=True, help="weight the probe's classes by inverse frequency (default: --balanced)"
@@ -76,6 +85,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-size", type=float, default=0.2, help="fraction of samples in the test set with --folds 1 (default: 0.2)")
     parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, help=f"bootstrap resamples for the intervals (default: {BOOTSTRAP_RESAMPLES})")
 
+
+def add_agreement_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of the agreement metrics, the 2-D map method and the seed."""
     parser.add_argument("--knn-k", type=int, default=10, help="neighbours compared by the k-NN overlap (default: 10, lowered to N - 1 for fewer samples)")
     parser.add_argument(
         "--agreement-metric", choices=("cosine", "l2"), default="cosine", help="similarity that ranks neighbours for agreement (default: cosine)"

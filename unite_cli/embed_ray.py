@@ -10,7 +10,7 @@ The run is a Ray Data pipeline of three stages:
    device, that replace the tiles by their embeddings.
 3. Writing, in the driver: rows are grouped by slide as they stream in, and once every patch of a slide
    has arrived its outputs are written with the same code as ``unite embed``
-   (:func:`student_server.slide_pipeline._write_outputs`) and renamed into place, and its state record
+   (:func:`student_server.slide_pipeline.write_outputs`) and renamed into place, and its state record
    is written by the job runner of :mod:`shared.jobs`.
 
 Because the state records and the outputs are the same, a Ray run and a single-process run skip each
@@ -45,8 +45,8 @@ import numpy as np
 
 from shared.errors import CacheError, ConfigError, ModelError, UniteError
 
-# NOTE: the names with a leading underscore are internals of shared.jobs, used so that a Ray run decides what
-# to skip, locks slides and records their state exactly as run_jobs does. They would be better made public there.
+# The job steps of shared.jobs (check_*, outcome_without_running, run_one, sigterm_raises) make a Ray run decide
+# what to skip, lock slides and record their state exactly as run_jobs does.
 from shared.jobs import (
     INTERNAL_ERROR,
     Job,
@@ -54,14 +54,14 @@ from shared.jobs import (
     JobResult,
     JobSummary,
     RunInterrupted,
+    Terminated,
     WriteError,
-    _check_done_jobs_match,
-    _check_unique_names,
-    _outcome_without_running,
-    _run_one,
-    _sigterm_raises,
-    _Terminated,
+    check_done_jobs_match,
+    check_unique_names,
     format_count,
+    outcome_without_running,
+    run_one,
+    sigterm_raises,
 )
 from shared.slides.resolution import MppTable
 from shared.slides.sources import SlideSource
@@ -195,15 +195,15 @@ def run_distributed_embed(
     shaping = {"pooling": options.pooling, "checkpoint_sha256": sha256}
     jobs = [replace(job, config={**job.config, **shaping}) for job in slide_jobs(list(slides), TileOptions(), mpp=mpp, mpp_table=mpp_table)]
 
-    _check_unique_names(jobs)
+    check_unique_names(jobs)
     folder = JobFolder(out)
     folder.prepare()
-    _check_done_jobs_match(folder, jobs, "slide")
+    check_done_jobs_match(folder, jobs, "slide")
 
     summary = JobSummary()
     pending = []
     for job in jobs:
-        outcome = _outcome_without_running(folder, job, folder.read_state(job.name), retry_failed)
+        outcome = outcome_without_running(folder, job, folder.read_state(job.name), retry_failed)
         if outcome is None:
             pending.append(job)
         else:
@@ -217,12 +217,12 @@ def run_distributed_embed(
 
     started_ray = _start_ray(ray, address, num_cpus)
     try:
-        with _sigterm_raises():
+        with sigterm_raises():
             _run_pipeline(ray, pending, folder, summary, checkpoint=Path(checkpoint), sha256=sha256, model_name=model_name,
                           options=options, workers=workers, device=device, resources=resources, retry_failed=retry_failed,
                           progress=progress)
-    except (KeyboardInterrupt, _Terminated) as interruption:
-        signal_number = signal.SIGTERM if isinstance(interruption, _Terminated) else signal.SIGINT
+    except (KeyboardInterrupt, Terminated) as interruption:
+        signal_number = signal.SIGTERM if isinstance(interruption, Terminated) else signal.SIGINT
         summary.unfinished = len(jobs) - summary.total
         raise RunInterrupted(signal_number, summary) from None
     finally:
@@ -357,7 +357,7 @@ def _run_pipeline(
     finished: set[str] = set()
 
     def finish(name: str, task: Any) -> None:
-        outcome = _run_one(jobs_by_name[name], task, folder.root, run_id, retry_failed)
+        outcome = run_one(jobs_by_name[name], task, folder.root, run_id, retry_failed)
         summary.add(outcome)
         finished.add(name)
 
@@ -426,7 +426,7 @@ def decode_slides(
     """
     from shared.slides.reader import open_slide
     from shared.slides.tiling import iter_tiles, tile_slide
-    from student_server.slide_pipeline import _check_patch_count
+    from student_server.slide_pipeline import check_patch_count
 
     for name, path, mpp in zip(slides["name"].tolist(), slides["path"].tolist(), slides["mpp"].tolist(), strict=True):
         mpp = None if math.isnan(mpp) else mpp
@@ -437,7 +437,7 @@ def decode_slides(
         try:
             started = time.perf_counter()
             tiled = tile_slide(path, mpp=mpp)
-            _check_patch_count(tiled, max_patches)
+            check_patch_count(tiled, max_patches)
             _write_pickle(work_dir / TILED_FILE, {"tiled": tiled, "tiling_s": time.perf_counter() - started})
             total = len(tiled.grid)
             start = 0
@@ -503,7 +503,7 @@ class StudentEmbedder:
         return {key: batch[key] for key in ("slide", "row", "patches", "coords")} | {"features": features}
 
 
-# Stage 3: writing, in the driver through shared.jobs._run_one.
+# Stage 3: writing, in the driver through shared.jobs.run_one.
 
 
 class _SlideWriter:
@@ -516,7 +516,7 @@ class _SlideWriter:
         self.pooling = pooling
 
     def __call__(self, job: Job, out_dir: Path) -> JobResult:
-        from student_server.slide_pipeline import OUTPUT_FILES, _metadata, _write_outputs, pool_features
+        from student_server.slide_pipeline import OUTPUT_FILES, pool_features, slide_metadata, write_outputs
 
         started = time.perf_counter()
         work_dir = Path(out_dir) / WORK_FOLDER / job.name
@@ -528,10 +528,10 @@ class _SlideWriter:
 
         encoder = f"{self.model_name} sha256:{self.sha256}"
         pooled = pool_features(features, self.pooling)
-        metadata = _metadata(tiled, self.pooling, pooled.shape[1])
+        metadata = slide_metadata(tiled, self.pooling, pooled.shape[1])
         timings = {"tiling_s": tiled_record["tiling_s"]}
         try:
-            _write_outputs(work_dir, tiled, features, pooled, encoder=encoder, model=self.model_name, sha256=self.sha256,
+            write_outputs(work_dir, tiled, features, pooled, encoder=encoder, model=self.model_name, sha256=self.sha256,
                            metadata=metadata, timings=timings)
             for kind, path in paths.items():
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from shared.errors import ConfigError
 from shared.pooling import POOLING_METHODS
-from unite_cli.bench import BOOTSTRAP_RESAMPLES, LEVELS, MAP_METHODS
+from unite_cli.bench import LEVELS, add_agreement_arguments, add_label_arguments, add_probe_arguments
 from unite_cli.slide_options import add_resolution_arguments, add_slide_source_arguments, add_tiling_arguments, resolution_overrides, tile_options
 
 logger = logging.getLogger(__name__)
@@ -56,14 +56,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=URL",
         help="a model's name and the base URL of its embeddings server, e.g. teacher=http://127.0.0.1:8100; repeat for each model, at least twice",
     )
-    labels = parser.add_mutually_exclusive_group(required=True)
-    labels.add_argument(
-        "--labels", type=Path, metavar="CSV", help="CSV with a slide_id column (slide file names without extension), a label column and optionally case_id"
-    )
-    labels.add_argument("--split", type=Path, metavar="TSV", help="Patho-Bench split TSV with case_id, slide_id, a label and fold_0 ... fold_K columns")
-    parser.add_argument(
-        "--label-column", default=None, help="label column of --labels or --split (default: 'label', or the one column that is not an id or a fold)"
-    )
+    add_label_arguments(parser, labels_help="CSV with a slide_id column (slide file names without extension), a label column and optionally case_id")
     parser.add_argument("--out", type=Path, required=True, metavar="FOLDER", help="output folder for features, report and figures (created if missing)")
 
     add_resolution_arguments(parser)
@@ -90,13 +83,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
             "the parameter count from the server and the throughput measured while embedding (default: those two)"
         ),
     )
-    parser.add_argument("--cost", type=float, default=1.0, help="inverse L2 regularisation strength C of the linear probe (default: 1.0)")
-    parser.add_argument(
-        "--balanced", action=argparse.BooleanOptionalAction, default=True, help="weight the probe's classes by inverse frequency (default: --balanced)"
-    )
-    parser.add_argument("--folds", type=int, default=5, help="folds to make without --split; 1 makes one split bootstrapped for intervals (default: 5)")
-    parser.add_argument("--test-size", type=float, default=0.2, help="fraction of samples in the test set with --folds 1 (default: 0.2)")
-    parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, help=f"bootstrap resamples for the intervals (default: {BOOTSTRAP_RESAMPLES})")
+    add_probe_arguments(parser)
     parser.add_argument(
         "--ks",
         type=_positive_ints,
@@ -104,12 +91,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="K,K,...",
         help="k values of the retrieval metrics, each at most the smallest train set of a fold (default: 1,5,10)",
     )
-    parser.add_argument("--knn-k", type=int, default=10, help="neighbours compared by the k-NN overlap (default: 10, lowered to N - 1 for fewer samples)")
-    parser.add_argument(
-        "--agreement-metric", choices=("cosine", "l2"), default="cosine", help="similarity that ranks neighbours for agreement (default: cosine)"
-    )
-    parser.add_argument("--map", choices=MAP_METHODS, default="pca", help="2-D map of the features in embeddings.png (default: pca)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the folds, the bootstrap and the map (default: 0)")
+    add_agreement_arguments(parser)
 
 
 def _positive_ints(text: str) -> tuple[int, ...]:
