@@ -1123,6 +1123,10 @@ def test_sigterm_stops_workers(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process states from /proc")
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_prints_summary(tmp_path: Path) -> None:
     folder = tmp_path / "slides"
     # Enough slides that the run cannot finish between the first finished slide and the signal.
@@ -1135,6 +1139,9 @@ def test_ctrl_c_prints_summary(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "unite_cli.main", "tile", str(folder), "--out", str(out), "--workers", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # A child inherits an ignored SIGINT, and Python then installs no KeyboardInterrupt handler. Code that
+        # ran earlier in this test process may have ignored it, so the child starts with the default again.
+        preexec_fn=_default_sigint,
     )
     deadline = time.monotonic() + 240
     while not any(state["status"] == "done" for state in _states_if_any(out).values()):
