@@ -160,7 +160,7 @@ async def drive(url: str, payloads: list[dict], clients: int) -> tuple[float, li
             sent = time.perf_counter()
             response = await http.post(f"{url}/v1/embeddings", json=payload)
             if response.status_code != 200:
-                raise SystemExit(f"POST /v1/embeddings answered {response.status_code}: {response.text[:500]}")
+                raise SystemExit(f"POST /v1/embeddings returned {response.status_code}: {response.text[:500]}")
             latencies.append(time.perf_counter() - sent)
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -187,7 +187,7 @@ def run_slide_job(url: str, slide: Path, mpp: float | None) -> tuple[float, int]
     with open(slide, "rb") as file, httpx.Client(timeout=HTTP_TIMEOUT_S) as http:
         response = http.post(f"{url}/v1/slides", files={"file": (slide.name, file)}, data=fields)
         if response.status_code != 202:
-            raise SystemExit(f"POST /v1/slides answered {response.status_code}: {response.text[:500]}")
+            raise SystemExit(f"POST /v1/slides returned {response.status_code}: {response.text[:500]}")
         job_url = f"{url}/v1/jobs/{response.json()['id']}"
         while time.perf_counter() - started < JOB_TIMEOUT_S:
             job = http.get(job_url).json()

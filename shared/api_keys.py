@@ -10,7 +10,7 @@ A keys file is TOML, one ``[[keys]]`` table per key::
 
 The same file works for both services, so a lab can hand one key to a user for both. A request sends
 its key as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. The services keep and compare only
-digests, so the file holds no key, and no key is ever logged or put in an error message.
+digests, so the file contains no key, and no key is ever logged or put in an error message.
 
 The digest is over the bytes of the header value, so a key with non-ASCII characters matches when the
 client sends it as UTF-8, as ``printf %s "$KEY" | sha256sum`` hashes it in a UTF-8 locale. Browsers send

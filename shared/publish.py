@@ -1,6 +1,6 @@
 """Publishing exported students where a running student server picks them up.
 
-A publish root holds every published export under ``versions/`` and a symbolic link ``current`` to the
+A publish root contains every published export under ``versions/`` and a symbolic link ``current`` to the
 one being served::
 
     ROOT/

@@ -1,7 +1,7 @@
 """The inference engine: one batcher thread that gathers the tiles of concurrent requests into batches.
 
 Requests put their prepared tiles on one queue. The batcher thread takes tiles in arrival order and
-runs a forward pass as soon as it holds ``batch_size`` tiles, or when ``max_batch_wait_ms`` has passed
+runs a forward pass as soon as it has ``batch_size`` tiles, or when ``max_batch_wait_ms`` has passed
 since the first waiting tile arrived. One batch may hold tiles of several requests, and a request larger
 than ``batch_size`` is split across consecutive batches.
 
@@ -160,7 +160,7 @@ class Engine:
         try:
             return await future
         except asyncio.CancelledError:
-            # The client went away: its tiles still queued are dropped rather than computed for nobody.
+            # The client disconnected, so its tiles still in the queue are dropped instead of computed.
             self._cancel(request)
             raise
 

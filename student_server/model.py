@@ -61,7 +61,7 @@ class Student(Protocol):
 
 @dataclass(frozen=True)
 class ExportIdentity:
-    """What tells two exports apart without hashing the weights: the resolved folder and the weights' mtime and size."""
+    """Identity of an export without hashing its weights: the resolved folder and the weights' mtime and size."""
 
     folder: Path
     mtime_ns: int
@@ -209,7 +209,7 @@ class StudentModel:
             return False
 
         previous = self._served
-        # One assignment: a batch holds either the old snapshot or the new one, never half of each.
+        # One assignment: a batch uses either the old snapshot or the new one, never half of each.
         self._served = ServedStudent(student=student, projector=projector, identity=identity)
         self._failed = None
         self.reason = ""

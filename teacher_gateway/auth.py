@@ -5,7 +5,7 @@ Any client that reaches the gateway can spend the lab's teacher budget, so a gat
 sends its key, are described in :mod:`shared.api_keys`, which the student server reads too. The gateway
 also applies each key's optional ``requests_per_minute`` and ``teacher_tiles_per_minute`` quotas.
 
-The gateway keeps and compares only digests, so the file holds no key, and no key is ever logged or put
+The gateway keeps and compares only digests, so the file contains no key, and no key is ever logged or put
 in an error message.
 """
 

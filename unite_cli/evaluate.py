@@ -242,7 +242,7 @@ def _benchmark(
 ) -> int:
     """Run the protocols of ``unite bench`` on the features of every model and write the report into OUT.
 
-    ``measured`` holds each model's parameter count and throughput from this run, which fill what
+    ``measured`` contains each model's parameter count and throughput from this run, which fill what
     ``--model-info`` leaves out.
     """
     import numpy as np
