@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from shared.checkpoint import load_mimic_projector, load_student
+from shared.checkpoint_format import ONNX_EMBEDDING_OUTPUT, ONNX_FORMAT, ONNX_FORMAT_KEY, ONNX_INPUT, ONNX_TEACHER_OUTPUT
 from shared.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -29,9 +30,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
 # torch's scaled_dot_product_attention, which timm's attention layers call, exports from opset 14 on.
 MIN_OPSET = 14
-INPUT_NAME = "pixels"
-EMBEDDING_OUTPUT = "embedding"
-TEACHER_OUTPUT = "teacher_embedding"
+INPUT_NAME = ONNX_INPUT
+EMBEDDING_OUTPUT = ONNX_EMBEDDING_OUTPUT
+TEACHER_OUTPUT = ONNX_TEACHER_OUTPUT
 # The largest |onnxruntime - torch| accepted, relative to max(1, the largest |torch output|). The UNITE
 # student measured 1.5e-6 against outputs up to 3.7 (torch 2.14.1, onnxruntime 1.32.0, CPU).
 RELATIVE_TOLERANCE = 1e-4
@@ -156,7 +157,7 @@ def _trace(module: nn.Module, path: Path, *, outputs: list[str], size: int, opse
 def _write_metadata(onnx, path: Path, config: dict, sha256: str) -> None:
     model = onnx.load(str(path))
     properties = {
-        "unite.format": "unite-student-onnx",
+        ONNX_FORMAT_KEY: ONNX_FORMAT,
         "unite.student": str(config.get("student") or config["architecture"]),
         "unite.teacher": str(config.get("teacher")),
         "unite.teacher_licence": str(config.get("teacher_licence")),

@@ -20,7 +20,6 @@ student name, the loss and the projector were recorded lack those keys and load 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from shared.checkpoint_format import (
+    CHECKPOINT_CARD,
+    CHECKPOINT_CONFIG,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_FORMAT_VERSION,
+    CHECKPOINT_TARGET_MPP,
+    CHECKPOINT_WEIGHTS,
+    MIMIC_PROJECTOR_WEIGHTS,
+    file_sha256,
+    mimic_projector_file,
+    read_config,
+    student_label,
+)
 from shared.errors import ModelError
 from shared.imaging import IMAGENET_MEAN, IMAGENET_STD, MODEL_INPUT_SIZE
 from shared.models.student import (
@@ -48,16 +60,26 @@ from shared.models.student import (
     student_architecture,
 )
 
-logger = logging.getLogger(__name__)
+# The export's file names, format constants and file_sha256 live in shared.checkpoint_format, which the
+# onnx runtime imports without torch. They are imported here too, so existing imports keep working.
+__all__ = [
+    "CHECKPOINT_CARD",
+    "CHECKPOINT_CONFIG",
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_FORMAT_VERSION",
+    "CHECKPOINT_TARGET_MPP",
+    "CHECKPOINT_WEIGHTS",
+    "MIMIC_PROJECTOR_WEIGHTS",
+    "STUDENT_ARCHITECTURES",
+    "LoadedStudent",
+    "file_sha256",
+    "is_restrictive_licence",
+    "load_mimic_projector",
+    "load_student",
+    "save_student",
+]
 
-CHECKPOINT_WEIGHTS = "model.safetensors"
-CHECKPOINT_CONFIG = "config.json"
-CHECKPOINT_CARD = "README.md"
-MIMIC_PROJECTOR_WEIGHTS = "mimic_projector.safetensors"
-CHECKPOINT_FORMAT = "unite-student"
-CHECKPOINT_FORMAT_VERSION = 1
-# Resolution the student was trained at: 20x, the resolution UNI2-h expects.
-CHECKPOINT_TARGET_MPP = 0.5
+logger = logging.getLogger(__name__)
 
 # Builders of the architectures a checkpoint may name; each takes the recorded keyword arguments.
 STUDENT_ARCHITECTURES: dict[str, Callable[..., torch.nn.Module]] = {
@@ -65,9 +87,11 @@ STUDENT_ARCHITECTURES: dict[str, Callable[..., torch.nn.Module]] = {
     TIMM_ARCHITECTURE: build_timm_student,
 }
 
-_REQUIRED_CONFIG_KEYS = ("format", "format_version", "architecture", "architecture_kwargs", "embed_dim", "weights_sha256")
 _RESTRICTIVE_LICENCE_TERMS = {"NC", "ND", "NONCOMMERCIAL", "NODERIVATIVES", "NODERIVS"}
-_HASH_CHUNK_BYTES = 1 << 20
+# Subject and fix of the error messages about a damaged export.
+_ERROR_SUBJECT = "student checkpoint"
+_CONFIG_FIX = "Export the student again with `unite distill`."
+_PROJECTOR_FIX = "Export the student again."
 
 
 @dataclass
@@ -80,15 +104,6 @@ class LoadedStudent:
     folder: Path
     embed_dim: int
     name: str
-
-
-def file_sha256(path: Path) -> str:
-    """Return the hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(_HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def is_restrictive_licence(licence: str) -> bool:
@@ -200,7 +215,7 @@ def load_student(folder: Path, *, device: str = "cpu") -> LoadedStudent:
                 value=str(path),
             )
 
-    config = _read_config(config_path)
+    config = read_config(config_path, subject=_ERROR_SUBJECT, fix=_CONFIG_FIX)
     sha256 = file_sha256(weights_path)
     if sha256 != config["weights_sha256"]:
         raise ModelError(
@@ -228,7 +243,7 @@ def load_student(folder: Path, *, device: str = "cpu") -> LoadedStudent:
 
     model.to(device).eval()
     embed_dim = int(config["embed_dim"])
-    name = f"{_student_label(config)}@{sha256[:12]}"
+    name = f"{student_label(config)}@{sha256[:12]}"
     logger.info(
         "loaded student %s from %s on %s: %d tensors, %d-d embeddings, teacher %s (licence %s)",
         name,
@@ -256,35 +271,12 @@ def load_mimic_projector(folder: Path, *, device: str = "cpu") -> torch.nn.Linea
             f"student checkpoint {folder}: {config_path} not found. Point at a folder exported by `unite distill`.",
             value=str(config_path),
         )
-    record = _read_config(config_path).get("mimic_projector")
-    if record is None:
+    config = read_config(config_path, subject=_ERROR_SUBJECT, fix=_CONFIG_FIX)
+    projector_file = mimic_projector_file(config, folder, subject=_ERROR_SUBJECT, fix=_PROJECTOR_FIX)
+    if projector_file is None:
         return None
 
-    try:
-        # Only a file name is taken from the config, so a changed config cannot point outside the folder.
-        path = folder / Path(record["file"]).name
-        in_features, out_features = int(record["in_features"]), int(record["out_features"])
-        recorded_sha256 = record["sha256"]
-    except (KeyError, TypeError, ValueError) as error:
-        raise ModelError(
-            f"student checkpoint {folder}: mimic_projector in {CHECKPOINT_CONFIG} is {record!r}, expected an object with "
-            f"file, in_features, out_features and sha256 ({error}). Export the student again.",
-            value=record,
-        ) from error
-    if not path.is_file():
-        raise ModelError(
-            f"student checkpoint {folder}: {CHECKPOINT_CONFIG} records a mimic projector, but {path} not found. Export the student again.",
-            value=str(path),
-        )
-    sha256 = file_sha256(path)
-    if sha256 != recorded_sha256:
-        raise ModelError(
-            f"student checkpoint {folder}: {path.name} has sha256 {sha256}, but {CHECKPOINT_CONFIG} records {recorded_sha256}. "
-            "The projector was changed or damaged after export; export the student again.",
-            value=sha256,
-            limit=recorded_sha256,
-        )
-
+    path, in_features, out_features = projector_file.path, projector_file.in_features, projector_file.out_features
     projector = torch.nn.Linear(in_features, out_features)
     try:
         projector.load_state_dict(load_file(path, device="cpu"))
@@ -296,13 +288,6 @@ def load_mimic_projector(folder: Path, *, device: str = "cpu") -> torch.nn.Linea
         ) from error
     logger.info("loaded mimic projector %d -> %d from %s on %s", in_features, out_features, folder, device)
     return projector.to(device).eval()
-
-
-def _student_label(config: dict[str, Any]) -> str:
-    # A timm student is named by its timm model name; the architecture "timm" alone would not tell students apart.
-    if config["architecture"] == TIMM_ARCHITECTURE and isinstance(config["architecture_kwargs"], dict):
-        return f"timm:{config['architecture_kwargs'].get('model_name')}"
-    return config["architecture"]
 
 
 def _write_export(model: torch.nn.Module, target: Path, record: dict[str, Any], mimic_projector: torch.nn.Linear | None) -> None:
@@ -408,31 +393,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"{type(value).__name__} value {value!r}")
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelError(
-            f"student checkpoint config {path} is not valid JSON ({error}). Export the student again with `unite distill`."
-        ) from error
-    if not isinstance(config, dict):
-        raise ModelError(f"student checkpoint config {path} contains a {type(config).__name__}, expected a JSON object.")
-    missing = [key for key in _REQUIRED_CONFIG_KEYS if key not in config]
-    if missing:
-        raise ModelError(
-            f"student checkpoint config {path} lacks the keys {missing}. Export the student again with `unite distill`.",
-            value=missing,
-        )
-    if config["format"] != CHECKPOINT_FORMAT or config["format_version"] != CHECKPOINT_FORMAT_VERSION:
-        raise ModelError(
-            f"student checkpoint config {path}: format {config['format']!r} version {config['format_version']!r}, "
-            f"expected {CHECKPOINT_FORMAT!r} version {CHECKPOINT_FORMAT_VERSION}. Export the student again with this version.",
-            value=[config["format"], config["format_version"]],
-            limit=[CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION],
-        )
-    return config
 
 
 def _build_architecture(config: dict[str, Any], folder: Path) -> torch.nn.Module:

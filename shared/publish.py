@@ -25,6 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
+from shared.checkpoint_format import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, file_sha256
 from shared.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -90,10 +91,6 @@ def publish_student(export_dir: Path, root: Path, *, keep: int = DEFAULT_KEEP) -
 
 def _check_export(export_dir: Path) -> str:
     """Return the sha256 of the export's weights, after checking that config.json records that same hash."""
-    # shared.checkpoint imports torch, so the functions that need it import it: the student server's onnx
-    # runtime imports this module for resolve_checkpoint_dir and runs without torch.
-    from shared.checkpoint import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, file_sha256
-
     weights = export_dir / CHECKPOINT_WEIGHTS
     config_path = export_dir / CHECKPOINT_CONFIG
     for path in (weights, config_path):
@@ -139,8 +136,6 @@ def _check_loads(export_dir: Path) -> None:
 
 def _tree_digest(folder: Path) -> str:
     """Return a sha256 over the relative path and the sha256 of every file under ``folder``."""
-    from shared.checkpoint import file_sha256
-
     digest = hashlib.sha256()
     for path in sorted(path for path in folder.rglob("*") if path.is_file()):
         digest.update(f"{path.relative_to(folder).as_posix()}\0{file_sha256(path)}\n".encode())

@@ -27,8 +27,6 @@ Packages needed: numpy, onnxruntime (onnxruntime-gpu for CUDA) and, for teacher-
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -37,23 +35,30 @@ from typing import Any
 
 import numpy as np
 
+from shared.checkpoint_format import (
+    CHECKPOINT_CONFIG,
+    ONNX_EMBEDDING_OUTPUT,
+    ONNX_FORMAT,
+    ONNX_FORMAT_KEY,
+    ONNX_INPUT,
+    ONNX_WEIGHTS,
+    file_sha256,
+    mimic_projector_file,
+    read_config,
+    student_label,
+)
 from shared.errors import ImageError, ModelError
 from shared.imaging import MODEL_INPUT_SIZE, prepare_tile, to_model_input
 from shared.onnx_graph import count_onnx_parameters
 
 logger = logging.getLogger(__name__)
 
-ONNX_WEIGHTS = "model.onnx"
-# The same file name as shared.checkpoint.CHECKPOINT_CONFIG, which cannot be imported here without torch.
-CONFIG_FILE = "config.json"
-# Written by distiller.onnx_export into the graph's metadata_props.
-ONNX_FORMAT = "unite-student-onnx"
-INPUT_NAME = "pixels"
-EMBEDDING_OUTPUT = "embedding"
-# shared.checkpoint names a timm student by its timm model name; the same label keeps both runtimes' names equal.
-TIMM_ARCHITECTURE = "timm"
-_REQUIRED_CONFIG_KEYS = ("architecture", "architecture_kwargs", "embed_dim", "weights_sha256")
-_HASH_CHUNK_BYTES = 1 << 20
+INPUT_NAME = ONNX_INPUT
+EMBEDDING_OUTPUT = ONNX_EMBEDDING_OUTPUT
+# Subject and fixes of the error messages about an export folder whose files do not belong together.
+_ERROR_SUBJECT = "ONNX student"
+_CONFIG_FIX = "Copy config.json again from the folder that `unite distill` exported."
+_PROJECTOR_FIX = "Copy config.json and the projector beside model.onnx from the same export."
 
 
 @dataclass
@@ -112,21 +117,21 @@ def load_onnx_export(folder: Path, *, device: str = "cpu") -> tuple[OnnxStudent,
     """
     folder = Path(folder)
     onnx_path = folder / ONNX_WEIGHTS
-    config_path = folder / CONFIG_FILE
+    config_path = folder / CHECKPOINT_CONFIG
     for path in (onnx_path, config_path):
         if not path.is_file():
             raise ModelError(
-                f"ONNX student {folder}: {path} not found. The onnx runtime needs {ONNX_WEIGHTS} and {CONFIG_FILE}: "
+                f"ONNX student {folder}: {path} not found. The onnx runtime needs {ONNX_WEIGHTS} and {CHECKPOINT_CONFIG}: "
                 f"run `unite export-onnx CHECKPOINT --out CHECKPOINT/{ONNX_WEIGHTS}` on a folder that `unite distill` exported.",
                 value=str(path),
             )
-    config = _read_config(config_path)
+    config = read_config(config_path, subject=_ERROR_SUBJECT, fix=_CONFIG_FIX)
     session = _create_session(onnx_path, device)
     providers = list(session.get_providers())
     embed_dim = _check_graph(session, onnx_path, config)
 
     sha256 = str(config["weights_sha256"])
-    name = f"{_student_label(config)}@{sha256[:12]}"
+    name = f"{student_label(config)}@{sha256[:12]}"
     student = OnnxStudent(
         session=session,
         config=config,
@@ -134,7 +139,7 @@ def load_onnx_export(folder: Path, *, device: str = "cpu") -> tuple[OnnxStudent,
         folder=folder,
         embed_dim=embed_dim,
         name=name,
-        onnx_sha256=_file_sha256(onnx_path),
+        onnx_sha256=file_sha256(onnx_path),
         providers=providers,
     )
     projector = _load_projector(folder, config, embed_dim)
@@ -179,22 +184,6 @@ def embed_onnx(student: OnnxStudent, tiles: np.ndarray) -> np.ndarray:
             value=list(embeddings.shape),
         )
     return embeddings.astype(np.float32, copy=False)
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelError(f"ONNX student config {path} cannot be read as JSON ({error}). Copy config.json from the export again.") from error
-    if not isinstance(config, dict):
-        raise ModelError(f"ONNX student config {path} contains a {type(config).__name__}, expected a JSON object.")
-    missing = [key for key in _REQUIRED_CONFIG_KEYS if key not in config]
-    if missing:
-        raise ModelError(
-            f"ONNX student config {path} lacks the keys {missing}, expected the config.json that `unite distill` writes.",
-            value=missing,
-        )
-    return config
 
 
 def _import_onnxruntime():
@@ -255,16 +244,16 @@ def _create_session(path: Path, device: str):
 def _check_graph(session, path: Path, config: dict[str, Any]) -> int:
     """Return the embedding dimension after checking the graph's metadata, input and output against config.json."""
     metadata = session.get_modelmeta().custom_metadata_map
-    if metadata.get("unite.format") != ONNX_FORMAT:
+    if metadata.get(ONNX_FORMAT_KEY) != ONNX_FORMAT:
         raise ModelError(
-            f"{path} has metadata unite.format {metadata.get('unite.format')!r}, expected {ONNX_FORMAT!r}. "
+            f"{path} has metadata unite.format {metadata.get(ONNX_FORMAT_KEY)!r}, expected {ONNX_FORMAT!r}. "
             "Write the file with `unite export-onnx`.",
-            value=metadata.get("unite.format"),
+            value=metadata.get(ONNX_FORMAT_KEY),
             limit=ONNX_FORMAT,
         )
     if metadata.get("unite.weights_sha256") != config["weights_sha256"]:
         raise ModelError(
-            f"{path} was exported from weights with sha256 {metadata.get('unite.weights_sha256')}, but {CONFIG_FILE} "
+            f"{path} was exported from weights with sha256 {metadata.get('unite.weights_sha256')}, but {CHECKPOINT_CONFIG} "
             f"records {config['weights_sha256']}. Export the ONNX file again from this export's folder.",
             value=metadata.get("unite.weights_sha256"),
             limit=config["weights_sha256"],
@@ -286,42 +275,18 @@ def _check_graph(session, path: Path, config: dict[str, Any]) -> int:
     # A symbolic or unknown width is checked on each batch by embed_onnx instead.
     if shape is None or len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != embed_dim):
         raise ModelError(
-            f"{path} has outputs {outputs}, expected {EMBEDDING_OUTPUT!r} of shape [batch, {embed_dim}] as {CONFIG_FILE} records.",
+            f"{path} has outputs {outputs}, expected {EMBEDDING_OUTPUT!r} of shape [batch, {embed_dim}] as {CHECKPOINT_CONFIG} records.",
             value=str(outputs),
         )
     return embed_dim
 
 
 def _load_projector(folder: Path, config: dict[str, Any], embed_dim: int) -> LinearProjector | None:
-    record = config.get("mimic_projector")
-    if record is None:
+    projector_file = mimic_projector_file(config, folder, subject=_ERROR_SUBJECT, fix=_PROJECTOR_FIX)
+    if projector_file is None:
         return None
-    try:
-        # Only a file name is taken from the config, so a changed config cannot point outside the folder.
-        path = folder / Path(record["file"]).name
-        in_features, out_features = int(record["in_features"]), int(record["out_features"])
-        recorded_sha256 = record["sha256"]
-    except (KeyError, TypeError, ValueError) as error:
-        raise ModelError(
-            f"ONNX student {folder}: mimic_projector in {CONFIG_FILE} is {record!r}, expected an object with file, "
-            f"in_features, out_features and sha256 ({error}). Copy config.json from the export again.",
-            value=record,
-        ) from error
-    if not path.is_file():
-        raise ModelError(
-            f"ONNX student {folder}: {CONFIG_FILE} records a mimic projector, but {path} not found. Copy {path.name} "
-            "from the export beside model.onnx.",
-            value=str(path),
-        )
-    sha256 = _file_sha256(path)
-    if sha256 != recorded_sha256:
-        raise ModelError(
-            f"ONNX student {folder}: {path.name} has sha256 {sha256}, but {CONFIG_FILE} records {recorded_sha256}. "
-            "Copy the projector and config.json from the same export.",
-            value=sha256,
-            limit=recorded_sha256,
-        )
 
+    path, in_features, out_features = projector_file.path, projector_file.in_features, projector_file.out_features
     tensors = _read_safetensors(path)
     weight, bias = tensors.get("weight"), tensors.get("bias")
     if (
@@ -354,19 +319,3 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         return load_file(path)
     except (SafetensorError, OSError) as error:
         raise ModelError(f"cannot read {path} as safetensors ({error}). Copy the projector from the export again.") from error
-
-
-def _student_label(config: dict[str, Any]) -> str:
-    architecture = config["architecture"]
-    kwargs = config["architecture_kwargs"]
-    if architecture == TIMM_ARCHITECTURE and isinstance(kwargs, dict):
-        return f"timm:{kwargs.get('model_name')}"
-    return str(architecture)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(_HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -12,31 +12,27 @@ keys, ``canary`` for the drift check), except where its help text says otherwise
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Scope
+
+from shared.prometheus import CONTENT_TYPE, RequestObserverMiddleware, ServiceMetrics, one_sample_gauge
+
+__all__ = ["CONTENT_TYPE", "GatewayMetrics", "RequestLatencyMiddleware", "gauge", "teacher_stats_metrics"]
 
 PREFIX = "unite_gateway"
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Seconds; a teacher call ranges from milliseconds (a local model on a few tiles) to minutes (a slow API with retries).
 TEACHER_CALL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
-class GatewayMetrics:
+class GatewayMetrics(ServiceMetrics):
     """The gateway's counters and histograms, and the scrape-time collectors added with :meth:`add_collector`."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         labels = ("teacher", "key")
         registry = self.registry
 
@@ -87,28 +83,21 @@ class GatewayMetrics:
             registry=registry,
         )
 
-    def add_collector(self, collect: Callable[[], Iterable[Metric]]) -> None:
-        """Register ``collect``, called at every scrape, for metrics whose values live elsewhere."""
-        self.registry.register(_FunctionCollector(collect))
-
-    def render(self) -> bytes:
-        """Return every metric in the Prometheus text format."""
-        return generate_latest(self.registry)
-
-
-class _FunctionCollector(Collector):
-    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
-        self._collect = collect
-
-    def collect(self) -> Iterable[Metric]:
-        return self._collect()
-
 
 def gauge(name: str, documentation: str, labels: dict[str, str], value: float) -> GaugeMetricFamily:
     """Return a one-sample gauge named ``unite_gateway_<name>``."""
-    family = GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=list(labels))
-    family.add_metric(list(labels.values()), value)
-    return family
+    return one_sample_gauge(f"{PREFIX}_{name}", documentation, labels, value)
+
+
+class RequestLatencyMiddleware(RequestObserverMiddleware):
+    """Observe each HTTP request's duration in ``unite_gateway_request_duration_seconds``, by route template and status."""
+
+    def __init__(self, app: ASGIApp, *, metrics: GatewayMetrics) -> None:
+        super().__init__(app)
+        self.metrics = metrics
+
+    def observe(self, scope: Scope, route: str, status: int, seconds: float) -> None:
+        self.metrics.request_seconds.labels(route, str(status)).observe(seconds)
 
 
 def teacher_stats_metrics(teacher: str, stats: dict[str, Any]) -> list[Metric]:

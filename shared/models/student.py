@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer
 
+from shared.checkpoint_format import TIMM_ARCHITECTURE
 from shared.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ logger = logging.getLogger(__name__)
 UNITE_STUDENT = "unite"
 # Architecture names recorded in an exported checkpoint's config.json.
 UNITE_STUDENT_NAME = "unite-vit-small-14"
-TIMM_ARCHITECTURE = "timm"
 UNITE_STUDENT_PARAMETERS = 18_092_160
 UNITE_STUDENT_KWARGS: dict[str, Any] = {
     "img_size": 224,
