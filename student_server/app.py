@@ -8,12 +8,14 @@ Routes:
 - ``GET /metrics``: Prometheus metrics (see :mod:`student_server.metrics`).
 - ``GET /healthz``: the process is alive. ``GET /readyz``: a student is loaded; otherwise 503 with the reason.
 - ``GET /``: the web page of :mod:`student_server.page`.
+- ``GET /docs``, ``/redoc`` and ``/openapi.json``: the API docs, as the ``api_docs`` setting allows (see :mod:`shared.api_docs`).
 
 Tiles of concurrent requests are computed together in batches by :class:`student_server.engine.Engine`
 (``app.state.engine``), and slide jobs run in :class:`student_server.jobs.JobManager` (``app.state.jobs``).
 A newly published checkpoint replaces the served one without a restart (see :mod:`student_server.model`).
 With a keys file (``UNITE_STUDENT_KEYS_FILE``) every route except ``/healthz``, ``/readyz`` and the page
-needs an API key (see :mod:`student_server.auth`).
+needs an API key (see :mod:`student_server.auth`). The API docs need one only while ``api_docs`` is
+``key``, the default.
 
 Shutdown: uvicorn first completes the open requests, then the lifespan stops the checkpoint watcher, asks
 the slide jobs to stop within ``shutdown_grace_s`` (unfinished ones resume at the next start), and stops
@@ -34,11 +36,12 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client.core import Metric
 
+from shared.api_docs import add_docs_routes
 from shared.errors import NotReadyError
 from shared.http import install_error_handling
 from shared.protocol import STUDENT_SERVICE, ErrorResponse
 from student_server import jobs_api, page, tiles_api
-from student_server.auth import StudentKeys, require_api_key
+from student_server.auth import StudentKeys, caller_of, require_api_key
 from student_server.engine import Engine
 from student_server.errors import JobNotFoundError, QueueFullError
 from student_server.jobs import STATUSES as JOB_STATUSES
@@ -94,6 +97,10 @@ def create_app(settings: StudentSettings | None = None) -> FastAPI:
         title="UNITE student server",
         summary="384-d embeddings of pathology tiles and slides from a distilled student.",
         lifespan=lifespan,
+        # Served by add_docs_routes instead, behind the api_docs setting.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.settings = settings
     app.state.student = student
@@ -119,6 +126,7 @@ def create_app(settings: StudentSettings | None = None) -> FastAPI:
     app.include_router(tiles_api.router, dependencies=KEYED)
     app.include_router(jobs_api.router, dependencies=KEYED)
     _add_routes(app)
+    add_docs_routes(app, access=settings.api_docs, check_key=caller_of)
     app.include_router(page.router)
     return app
 

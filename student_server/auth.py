@@ -1,9 +1,13 @@
 """Optional API keys of the student server, read from the keys file the gateway uses.
 
 With ``UNITE_STUDENT_KEYS_FILE`` set, every route except ``/healthz``, ``/readyz`` and the page's static
-files needs a listed key, sent as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. The file
-format is described in :mod:`shared.api_keys`. The student server ignores the gateway's quota fields,
-because embedding with the student costs no teacher budget. Without the setting no key is needed.
+files needs a listed key, sent as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. The API docs
+(``/docs``, ``/redoc``, ``/openapi.json``) follow ``UNITE_STUDENT_API_DOCS`` (see :mod:`shared.api_docs`).
+The file format is described in :mod:`shared.api_keys`. The student server ignores the gateway's quota
+fields, because embedding with the student costs no teacher budget. Without the setting no key is needed.
+
+A slide job belongs to the name of the key that submitted it, and other keys cannot see it (see
+:mod:`student_server.jobs`).
 """
 
 from __future__ import annotations
@@ -55,6 +59,14 @@ async def require_api_key(
     """Return the caller's key name, or "anonymous" when the server has no keys file.
 
     Async, so it runs on the event loop and takes no worker thread.
+    """
+    return caller_of(request, authorization, x_api_key)
+
+
+def caller_of(request: Request, authorization: str | None, x_api_key: str | None) -> str:
+    """Return the name of the key in the given headers, or "anonymous" when the server has no keys file.
+
+    Raises :class:`UnauthorizedError` (401) when the server has a keys file and the headers carry no listed key.
     """
     keys: StudentKeys | None = request.app.state.keys
     if keys is None:

@@ -18,6 +18,15 @@ At most ``max_concurrent_slide_jobs`` jobs run at once, each in its own thread, 
 Retry-After). The manager also runs :class:`student_server.housekeeping.Housekeeper`, which removes
 old finished jobs.
 
+Each job belongs to the caller that submitted it: the name of its API key, or ``anonymous`` on a server
+without a keys file. The name is stored in ``job.json`` as ``owner``, never the key or its digest, so
+ownership survives a restart. The query methods take the caller and treat another caller's job exactly
+as an unknown id, so a client cannot learn that the job exists. A record written before owners were
+stored has none and belongs to ``anonymous``. So on a server with a keys file, ownerless and anonymous
+jobs are visible to no key, because such a job cannot be tied to a key and no key may be named
+``anonymous``. They still run, and housekeeping removes them after their retention time. On a server
+without keys, jobs of named keys stay hidden until the server runs with its keys file again.
+
 One server owns a jobs folder: :meth:`JobManager.start` takes an exclusive ``fcntl.flock`` lock on
 ``jobs_dir/server.lock`` and holds it until :meth:`JobManager.stop`, so a second server started on the
 same folder fails at start instead of running the first server's jobs again.
@@ -44,6 +53,7 @@ from typing import Any
 from shared.errors import ConfigError, NotReadyError, UniteError
 from shared.http import shorten_echoed
 from shared.slides.reader import MPP_OVERRIDE_HINT
+from student_server.auth import ANONYMOUS
 from student_server.errors import JobNotFinishedError, JobNotFoundError, JobQueueFullError
 from student_server.housekeeping import Housekeeper, folder_bytes
 from student_server.settings import StudentSettings
@@ -92,6 +102,9 @@ class JobRecord:
     client sent, resolved under the data root again each time the job runs. ``slide_label`` names the
     slide in messages to clients, as "uploaded slide" or by the path the client sent. Neither the
     server path nor the uploaded file's name is ever sent to a client.
+
+    ``owner`` is the name of the API key that submitted the job, or "anonymous" without a keys file.
+    Records written before owners were stored load with None, which counts as "anonymous".
     """
 
     id: str
@@ -101,6 +114,7 @@ class JobRecord:
     slide_label: str
     options: dict[str, Any]
     created: str
+    owner: str | None = None
     started: str | None = None
     finished: str | None = None
     attempts: int = 0
@@ -279,8 +293,8 @@ class JobManager:
         with self._lock:
             self._check_capacity_locked()
 
-    def submit_upload(self, upload_path: Path, *, size: int, options: dict[str, Any]) -> JobRecord:
-        """Queue a job for an uploaded slide, moving the file into the new job's folder, and return its record.
+    def submit_upload(self, upload_path: Path, *, size: int, options: dict[str, Any], owner: str) -> JobRecord:
+        """Queue a job of ``owner`` for an uploaded slide, moving the file into the new job's folder, and return its record.
 
         The upload is deleted when the job cannot be queued.
         """
@@ -303,6 +317,7 @@ class JobManager:
                 slide_label="uploaded slide",
                 options=options,
                 created=utc_now(),
+                owner=owner,
                 upload_bytes=size,
             )
             self._save(record)
@@ -313,8 +328,8 @@ class JobManager:
             raise
         return self._enqueue(record)
 
-    def submit_path(self, requested: str, *, options: dict[str, Any]) -> JobRecord:
-        """Queue a job for the slide at ``requested`` under the data root and return its record.
+    def submit_path(self, requested: str, *, options: dict[str, Any], owner: str) -> JobRecord:
+        """Queue a job of ``owner`` for the slide at ``requested`` under the data root and return its record.
 
         Raises the errors of :func:`student_server.uploads.resolve_data_path` for a path outside the
         data root or not naming a file, before anything is queued.
@@ -333,6 +348,7 @@ class JobManager:
                 slide_label=f"slide {requested!r}",
                 options=options,
                 created=utc_now(),
+                owner=owner,
             )
             self._save(record)
         except BaseException:
@@ -343,25 +359,39 @@ class JobManager:
 
     # Queries
 
-    def get(self, job_id: str) -> JobRecord:
-        """Return a copy of the job's record, or raise :class:`JobNotFoundError` (404)."""
+    def get(self, job_id: str, *, caller: str | None = None) -> JobRecord:
+        """Return a copy of the job's record, or raise :class:`JobNotFoundError` (404).
+
+        With ``caller``, a job of another owner raises the same error as an unknown id. Without ``caller``,
+        as the metrics call it, the job is returned whatever its owner.
+        """
         with self._lock:
             record = self._records.get(job_id)
-            if record is None:
+            if record is None or (caller is not None and not is_owner(record, caller)):
                 raise JobNotFoundError(
-                    f"slide job {shorten_echoed(job_id)!r} not found. It never existed, or it was deleted or removed after its "
-                    "retention time (setting UNITE_STUDENT_RETENTION_S). Submit the slide again with POST /v1/slides.",
+                    f"slide job {shorten_echoed(job_id)!r} not found. It never existed, another API key submitted it, or it "
+                    "was deleted or removed after its retention time (setting UNITE_STUDENT_RETENTION_S). Submit the "
+                    "slide again with POST /v1/slides.",
                     value=shorten_echoed(job_id),
                 )
             return JobRecord(**asdict(record))
+
+    def jobs_of(self, caller: str) -> list[JobRecord]:
+        """Return copies of the records of ``caller``'s jobs, in any status, newest first."""
+        with self._lock:
+            owned = [JobRecord(**asdict(record)) for record in self._records.values() if is_owner(record, caller)]
+        return sorted(owned, key=lambda record: record.created, reverse=True)
 
     def outputs_dir(self, job_id: str) -> Path:
         """Return the folder of a job's pipeline outputs."""
         return self.jobs_dir / job_id / OUTPUTS_DIR
 
-    def require_succeeded(self, job_id: str) -> JobRecord:
-        """Return the record of a succeeded job, or raise :class:`JobNotFinishedError` (409) naming its status."""
-        record = self.get(job_id)
+    def require_succeeded(self, job_id: str, *, caller: str | None = None) -> JobRecord:
+        """Return the record of a succeeded job, or raise :class:`JobNotFinishedError` (409) naming its status.
+
+        ``caller`` is checked as in :meth:`get`, before the status.
+        """
+        record = self.get(job_id, caller=caller)
         if record.status == SUCCEEDED:
             return record
         if record.status == FAILED:
@@ -406,9 +436,12 @@ class JobManager:
 
     # Removal
 
-    def delete(self, job_id: str) -> None:
-        """Remove a finished job's folder, or raise :class:`JobNotFinishedError` (409) while it is queued or running."""
-        record = self.get(job_id)
+    def delete(self, job_id: str, *, caller: str | None = None) -> None:
+        """Remove a finished job's folder, or raise :class:`JobNotFinishedError` (409) while it is queued or running.
+
+        ``caller`` is checked as in :meth:`get`, so another owner's job is 404 and stays.
+        """
+        record = self.get(job_id, caller=caller)
         if self.remove_finished(job_id) is None:
             raise JobNotFinishedError(
                 f"slide job {job_id} is {record.status}; only a succeeded or failed job can be deleted. "
@@ -561,7 +594,7 @@ class JobManager:
             self._queue.append(record.id)
             self._lock.notify()
             copy = JobRecord(**asdict(record))
-        logger.info("slide job %s queued (%s, %d waiting)", record.id, record.source, len(self._queue))
+        logger.info("slide job %s queued for %s (%s, %d waiting)", record.id, record.owner, record.source, len(self._queue))
         return copy
 
     def _check_capacity_locked(self) -> None:
@@ -606,6 +639,14 @@ class JobManager:
                 continue
             records.append(record)
         return records
+
+
+def is_owner(record: JobRecord, caller: str) -> bool:
+    """Return whether ``caller`` (a key name, or "anonymous" without a keys file) owns the job.
+
+    A record without an owner was written before owners were stored and belongs to "anonymous".
+    """
+    return (record.owner or ANONYMOUS) == caller
 
 
 def _replace_paths(text: str, record: JobRecord, slide_path: Path) -> str:

@@ -5,6 +5,7 @@
   the options ``mpp``, ``pooling``, ``include_patches`` and ``allow_fluorescence`` (as form fields or
   JSON keys). Returns 202
   with the job and a ``Location`` header, or 503 with Retry-After when ``max_queued_slide_jobs`` wait.
+- ``GET /v1/jobs``: the caller's jobs, newest first, at most ``limit`` of them.
 - ``GET /v1/jobs/{id}``: status, progress and links.
 - ``GET /v1/jobs/{id}/result``: the slide embedding and metadata as JSON, with the patch embeddings and
   their coords when ``include_patches`` is true (the query parameter, else the job's option).
@@ -15,7 +16,9 @@
   embeddings, with their k-means cluster.
 - ``DELETE /v1/jobs/{id}``: removes a succeeded or failed job and its files.
 
-Unknown ids are 404. Results of a job that has not succeeded are 409.
+Unknown ids are 404. Results of a job that has not succeeded are 409. A job belongs to the API key that
+submitted it (see :mod:`student_server.jobs`). Every route here shows a job only to its owner, and another
+key gets the same 404 as for an unknown id.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -35,6 +38,7 @@ from shared.errors import InvalidRequestError, NotReadyError
 from shared.features import read_features
 from shared.protocol import ErrorResponse
 from shared.slides.reader import MAX_MPP, MIN_MPP
+from student_server.auth import CallerDep
 from student_server.errors import JobNotFoundError
 from student_server.jobs import JobManager, JobRecord
 from student_server.settings import StudentSettings
@@ -46,6 +50,9 @@ logger = logging.getLogger(__name__)
 SLIDES_PATH = "/v1/slides"
 # The largest JSON body of POST /v1/slides. A path and four options fit many times over.
 MAX_JSON_BYTES = 64 * 1024
+# Jobs returned by GET /v1/jobs by default and at most.
+DEFAULT_JOB_LIST_LIMIT = 100
+MAX_JOB_LIST_LIMIT = 1000
 
 router = APIRouter()
 
@@ -113,14 +120,14 @@ _SUBMIT_BODY = {
 
 
 @router.post(SLIDES_PATH, status_code=202, responses=_ERRORS, openapi_extra=_SUBMIT_BODY)
-async def submit_slide(request: Request, jobs: JobsDep, settings: SettingsDep) -> JSONResponse:
+async def submit_slide(request: Request, jobs: JobsDep, settings: SettingsDep, caller: CallerDep) -> JSONResponse:
     """Queue a slide job for an uploaded slide or a slide under the data root, and return it with 202."""
     _require_student(request)
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
-        record = await _submit_upload(request, jobs, settings)
+        record = await _submit_upload(request, jobs, settings, caller)
     elif media_type == "application/json":
-        record = await _submit_path(request, jobs)
+        record = await _submit_path(request, jobs, caller)
     else:
         raise InvalidRequestError(
             f"Content-Type is {media_type or 'missing'!r}, expected multipart/form-data (a slide upload in the field "
@@ -131,16 +138,27 @@ async def submit_slide(request: Request, jobs: JobsDep, settings: SettingsDep) -
     return JSONResponse(record.public(), status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})
 
 
+@router.get("/v1/jobs", responses=_ERRORS)
+def list_jobs(
+    jobs: JobsDep,
+    caller: CallerDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_JOB_LIST_LIMIT, description="Maximum number of jobs returned.")] = DEFAULT_JOB_LIST_LIMIT,
+) -> dict[str, Any]:
+    """List the caller's slide jobs, newest first, each as GET /v1/jobs/{id} shows it. ``has_more`` is true when ``limit`` cut the list."""
+    owned = jobs.jobs_of(caller)
+    return {"object": "list", "data": [record.public() for record in owned[:limit]], "has_more": len(owned) > limit}
+
+
 @router.get("/v1/jobs/{job_id}", responses=_ERRORS)
-def get_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+def get_job(job_id: str, jobs: JobsDep, caller: CallerDep) -> dict[str, Any]:
     """Return the job's status, progress, error and links."""
-    return jobs.get(job_id).public()
+    return jobs.get(job_id, caller=caller).public()
 
 
 @router.get("/v1/jobs/{job_id}/result", responses=_ERRORS)
-def get_result(job_id: str, jobs: JobsDep, include_patches: bool | None = None) -> JSONResponse:
+def get_result(job_id: str, jobs: JobsDep, caller: CallerDep, include_patches: bool | None = None) -> JSONResponse:
     """Return the slide embedding, pooling and metadata, and with ``include_patches`` every patch's embedding and coords."""
-    record = jobs.require_succeeded(job_id)
+    record = jobs.require_succeeded(job_id, caller=caller)
     result = json.loads(_output_file(jobs, record, "result").read_text(encoding="utf-8"))
     content = {"object": "slide.embedding", "id": record.id, **result}
     if record.options.get("include_patches", False) if include_patches is None else include_patches:
@@ -151,43 +169,43 @@ def get_result(job_id: str, jobs: JobsDep, include_patches: bool | None = None) 
 
 
 @router.get("/v1/jobs/{job_id}/features.h5", responses=_ERRORS)
-def get_features(job_id: str, jobs: JobsDep) -> FileResponse:
+def get_features(job_id: str, jobs: JobsDep, caller: CallerDep) -> FileResponse:
     """Download the patch features in TRIDENT's HDF5 layout: ``coords`` (N, 2) int64 and ``features`` (N, D) float32."""
-    record = jobs.require_succeeded(job_id)
+    record = jobs.require_succeeded(job_id, caller=caller)
     path = _output_file(jobs, record, "features")
     return FileResponse(path, media_type="application/x-hdf5", filename=f"{record.slide_id}.h5")
 
 
 @router.get("/v1/jobs/{job_id}/overlay.jpg", responses=_ERRORS)
-def get_overlay(job_id: str, jobs: JobsDep) -> FileResponse:
+def get_overlay(job_id: str, jobs: JobsDep, caller: CallerDep) -> FileResponse:
     """Return the thumbnail with the detected tissue and the patch grid drawn over it."""
-    record = jobs.require_succeeded(job_id)
+    record = jobs.require_succeeded(job_id, caller=caller)
     return FileResponse(_output_file(jobs, record, "overlay"), media_type="image/jpeg")
 
 
 @router.get("/v1/jobs/{job_id}/thumbnail.jpg", responses=_ERRORS)
-def get_thumbnail(job_id: str, jobs: JobsDep) -> FileResponse:
+def get_thumbnail(job_id: str, jobs: JobsDep, caller: CallerDep) -> FileResponse:
     """Return the slide's thumbnail."""
-    record = jobs.require_succeeded(job_id)
+    record = jobs.require_succeeded(job_id, caller=caller)
     return FileResponse(_output_file(jobs, record, "thumbnail"), media_type="image/jpeg")
 
 
 @router.get("/v1/jobs/{job_id}/map", responses=_ERRORS)
-def get_map(job_id: str, jobs: JobsDep) -> JSONResponse:
+def get_map(job_id: str, jobs: JobsDep, caller: CallerDep) -> JSONResponse:
     """Return the embedding map: per patch the first two principal components, the level-0 centre and the cluster."""
-    record = jobs.require_succeeded(job_id)
+    record = jobs.require_succeeded(job_id, caller=caller)
     return JSONResponse(json.loads(_output_file(jobs, record, "map").read_text(encoding="utf-8")))
 
 
 @router.delete("/v1/jobs/{job_id}", status_code=204, responses=_ERRORS)
-def delete_job(job_id: str, jobs: JobsDep) -> Response:
+def delete_job(job_id: str, jobs: JobsDep, caller: CallerDep) -> Response:
     """Remove a succeeded or failed job and its files."""
-    jobs.delete(job_id)
-    logger.info("slide job %s deleted by a client", job_id)
+    jobs.delete(job_id, caller=caller)
+    logger.info("slide job %s deleted by %s", job_id, caller)
     return Response(status_code=204)
 
 
-async def _submit_upload(request: Request, jobs: JobManager, settings: StudentSettings) -> JobRecord:
+async def _submit_upload(request: Request, jobs: JobManager, settings: StudentSettings, owner: str) -> JobRecord:
     # Checked before the upload too, so a full queue does not make the client send a whole slide first.
     jobs.check_capacity()
     upload = await receive_slide_upload(request, upload_dir=settings.upload_dir, max_bytes=settings.max_upload_bytes)
@@ -202,10 +220,10 @@ async def _submit_upload(request: Request, jobs: JobManager, settings: StudentSe
     except BaseException:
         upload.path.unlink(missing_ok=True)
         raise
-    return await run_in_threadpool(jobs.submit_upload, upload.path, size=upload.size, options=options.model_dump())
+    return await run_in_threadpool(jobs.submit_upload, upload.path, size=upload.size, options=options.model_dump(), owner=owner)
 
 
-async def _submit_path(request: Request, jobs: JobManager) -> JobRecord:
+async def _submit_path(request: Request, jobs: JobManager, owner: str) -> JobRecord:
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -224,7 +242,7 @@ async def _submit_path(request: Request, jobs: JobManager) -> JobRecord:
 
     submitted = _validate(SlidePathRequest, data)
     options = submitted.model_dump(exclude={"path"})
-    return await run_in_threadpool(jobs.submit_path, submitted.path, options=options)
+    return await run_in_threadpool(jobs.submit_path, submitted.path, options=options, owner=owner)
 
 
 def _validate(model: type[BaseModel], values: dict[str, Any]) -> Any:

@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import anyio
 from fastapi import Depends, FastAPI, Header, Request, Response
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.api_docs import add_docs_routes
 from shared.cache import EmbeddingCache
 from shared.errors import NotReadyError, TeacherError
 from shared.http import check_embedding_request, install_error_handling, request_id_of
@@ -48,6 +46,7 @@ from teacher_gateway.errors import GatewayLimitError, TeacherDriftError
 from teacher_gateway.metrics import (
     CONTENT_TYPE,
     GatewayMetrics,
+    RequestLatencyMiddleware,
     gauge,
     teacher_stats_metrics,
 )
@@ -138,7 +137,7 @@ def create_app(
         title="UNITE teacher gateway",
         summary="Teacher embeddings of pathology tiles, served from a content-addressed cache first.",
         lifespan=lifespan,
-        # Served by _add_docs_routes instead, behind the api_docs setting.
+        # Served by add_docs_routes instead, behind the api_docs setting.
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
@@ -168,11 +167,10 @@ def create_app(
         return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers)
 
     app.add_exception_handler(GatewayLimitError, handle_limit_error)
-    app.add_middleware(_LatencyMiddleware, metrics=metrics)
+    app.add_middleware(RequestLatencyMiddleware, metrics=metrics)
     metrics.add_collector(lambda: _scrape_time_metrics(app))
     _add_routes(app)
-    if settings.api_docs != "off":
-        _add_docs_routes(app)
+    add_docs_routes(app, access=settings.api_docs, check_key=caller_of)
     return app
 
 
@@ -358,42 +356,6 @@ def _start_storage_check(app: FastAPI, service: EmbeddingService) -> None:
     app.state.storage_check.start()
 
 
-def _add_docs_routes(app: FastAPI) -> None:
-    """Serve /openapi.json, /docs and /redoc, with an API key when ``api_docs`` is ``key`` and a keys file is set."""
-    title = app.title
-
-    def check_access(request: Request, authorization: str | None, x_api_key: str | None) -> None:
-        if request.app.state.settings.api_docs == "key":
-            caller_of(request, authorization, x_api_key)
-
-    @app.get("/openapi.json", include_in_schema=False)
-    async def openapi_schema(
-        request: Request,
-        authorization: Annotated[str | None, Header()] = None,
-        x_api_key: Annotated[str | None, Header()] = None,
-    ) -> JSONResponse:
-        check_access(request, authorization, x_api_key)
-        return JSONResponse(app.openapi())
-
-    @app.get("/docs", include_in_schema=False)
-    async def swagger_page(
-        request: Request,
-        authorization: Annotated[str | None, Header()] = None,
-        x_api_key: Annotated[str | None, Header()] = None,
-    ) -> HTMLResponse:
-        check_access(request, authorization, x_api_key)
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{title} - docs")
-
-    @app.get("/redoc", include_in_schema=False)
-    async def redoc_page(
-        request: Request,
-        authorization: Annotated[str | None, Header()] = None,
-        x_api_key: Annotated[str | None, Header()] = None,
-    ) -> HTMLResponse:
-        check_access(request, authorization, x_api_key)
-        return get_redoc_html(openapi_url="/openapi.json", title=f"{title} - ReDoc")
-
-
 def _check_request(body: EmbeddingRequest, request: Request, settings: GatewaySettings) -> None:
     check_embedding_request(
         model=body.model,
@@ -423,32 +385,3 @@ def _scrape_time_metrics(app: FastAPI):
     stats = getattr(service.teacher, "stats", None)
     if callable(stats):
         yield from teacher_stats_metrics(identity, stats())
-
-
-class _LatencyMiddleware:
-    """Observe each HTTP request's duration in ``unite_gateway_request_duration_seconds``, by route template and status."""
-
-    def __init__(self, app: ASGIApp, *, metrics: GatewayMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            route = scope.get("route")
-            # The route template, never the raw path, so unknown URLs cannot create unbounded label values.
-            path = getattr(route, "path", "unmatched")
-            self.metrics.request_seconds.labels(path, str(status)).observe(time.perf_counter() - started)
