@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shared.settings import load_settings
 
 ENV_PREFIX = "UNITE_STUDENT_"
+MIB = 1 << 20
 GIB = 1 << 30
 
 
@@ -46,6 +47,12 @@ class StudentSettings(BaseSettings):
         "with room to spare (H&E tiles measured about 125 KB each).",
     )
     max_upload_bytes: int = Field(default=2 * GIB, ge=1, description="Maximum size of an uploaded slide file, in bytes.")
+    page_tiff_slide_min_bytes: int = Field(
+        default=8 * MIB,
+        description="Size in bytes from which the web page sends a TIFF file as a slide (POST /v1/slides) instead of "
+        "as a tile (POST /v1/embeddings/upload). PNG and JPEG files are always sent as tiles. The page's "
+        "'Send files as' option overrides this.",
+    )
     max_patches_per_slide: int = Field(
         default=100_000,
         ge=1,
@@ -116,6 +123,13 @@ class StudentSettings(BaseSettings):
         default=None,
         description="TOML file of API keys (sha256 digests, as the gateway's keys file). Unset: no key is needed.",
     )
+    api_docs: Literal["open", "key", "off"] = Field(
+        default="key",
+        description=(
+            "Access to GET /docs, /redoc and /openapi.json: 'open' to anyone, 'key' with an API key when a keys file "
+            "is set (open otherwise), 'off' to serve none of them."
+        ),
+    )
     log_format: str = Field(default="text", pattern="^(text|json)$", description="Log lines as plain 'text' or one 'json' object per line.")
     shutdown_grace_s: float = Field(
         default=30.0,
@@ -134,6 +148,16 @@ class StudentSettings(BaseSettings):
         description="Seconds between two checks of the checkpoint folder. A server started before `unite distill` "
         "finished becomes ready once the export appears, and a newly published export replaces the served one.",
     )
+
+    @field_validator("page_tiff_slide_min_bytes")
+    @classmethod
+    def _check_page_tiff_slide_min_bytes(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(
+                f"page_tiff_slide_min_bytes is {value}, expected a positive number of bytes. "
+                f"Set UNITE_STUDENT_PAGE_TIFF_SLIDE_MIN_BYTES to 1 or more, or unset it for the default {8 * MIB} (8 MiB)."
+            )
+        return value
 
     @field_validator("device")
     @classmethod

@@ -1,20 +1,21 @@
 // The student server's page: sends dropped tiles and slides to the server's API and shows the results.
 // Plain browser JavaScript with no build step and no outside resources. Every text the server sends is
 // written with textContent, never parsed as HTML.
+// map.js, loaded before this script, draws the map of a slide job.
 "use strict";
 
 const API_KEY_STORAGE = "unite-student-api-key";
 const TILE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".tif", ".tiff"];
-// A TIFF up to this size is a tile; a larger one is a slide. PNG and JPEG files are always tiles.
-const MAX_TIFF_TILE_BYTES = 8 * 1024 * 1024;
+// The server's default of page_tiff_slide_min_bytes, used only when <body> lacks a valid data-tiff-slide-min-bytes.
+const DEFAULT_TIFF_SLIDE_MIN_BYTES = 8 * 1024 * 1024;
 const POLL_INTERVAL_MS = 500;
 const SLOW_POLL_INTERVAL_MS = 2000;
 const MAX_POLL_FAILURES = 10;
 const SVG_NS = "http://www.w3.org/2000/svg";
-// Okabe and Ito's palette, distinguishable by most readers with colour-vision deficiency. KMeans uses k <= 8.
-const CLUSTER_COLOURS = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"];
 
 let cardCount = 0;
+// A TIFF file of at least this many bytes is sent as a slide, a smaller one as a tile. Set at start-up.
+let tiffSlideMinBytes = DEFAULT_TIFF_SLIDE_MIN_BYTES;
 
 // API calls
 
@@ -152,7 +153,7 @@ function isTile(file) {
     return false;
   }
   const isTiff = extension === ".tif" || extension === ".tiff";
-  return !isTiff || file.size <= MAX_TIFF_TILE_BYTES;
+  return !isTiff || file.size < tiffSlideMinBytes;
 }
 
 function handleFiles(fileList) {
@@ -259,11 +260,16 @@ function setProgress(card, label, fraction, detail) {
   $(".progress-text", card).textContent = detail ? `${percent} (${detail})` : percent;
 }
 
-async function embedSlide(file) {
-  const card = newCard("slide-template", `Slide ${file.name}`);
+function newSlideCard(title) {
+  const card = newCard("slide-template", title);
   const progressId = `${card.id}-progress`;
   $("progress", card).id = progressId;
   $(".progress-label", card).htmlFor = progressId;
+  return card;
+}
+
+async function embedSlide(file) {
+  const card = newSlideCard(`Slide ${file.name}`);
   setProgress(card, "Uploading", 0);
 
   const form = new FormData();
@@ -286,11 +292,25 @@ async function embedSlide(file) {
   pollJob(card, jobPath, 0);
 }
 
+// Show a job submitted earlier, named by its id, as a slide card: its progress, then its results.
+function showJob(jobId) {
+  const card = newSlideCard(`Job ${jobId}`);
+  card.dataset.jobId = jobId;
+  setProgress(card, "Embedding patches", 0);
+  pollJob(card, `/v1/jobs/${encodeURIComponent(jobId)}`, 0);
+}
+
 async function pollJob(card, jobPath, failures) {
   let job;
   try {
     job = await apiJson(jobPath);
   } catch (error) {
+    // A job that is not found (never submitted, deleted, or removed after its retention) does not come back.
+    if (error.status === 404) {
+      card.dataset.status = "failed";
+      showError($(".error", card), error.message);
+      return;
+    }
     if (failures + 1 >= MAX_POLL_FAILURES) {
       card.dataset.status = "failed";
       showError($(".error", card), `stopped checking the job after ${MAX_POLL_FAILURES} failures: ${error.message}`);
@@ -343,8 +363,9 @@ async function showSlideResult(card, job) {
     addSlideEmbeddingRows(summary, result);
     addDownloadLink(summary, jobLink(job, "features", "features.h5"), `${job.slide_id || job.id}.h5`);
     $(".overlay", card).src = overlayUrl;
-    drawMap(card, map);
+    // Shown before the map is drawn, because the canvas takes its pixel size from its laid-out size.
     $(".slide-views", card).hidden = false;
+    drawMap(card, map);
   } catch (error) {
     showError($(".error", card), error.message);
   }
@@ -389,100 +410,6 @@ function addDownloadLink(summary, path, fileName) {
   const dd = document.createElement("dd");
   dd.append(link);
   summary.append(dt, dd);
-}
-
-// The 2-D map: one circle per patch at its first two principal components.
-
-// Return [min, max] of values, with a non-zero span.
-function valueRange(values) {
-  let low = Infinity;
-  let high = -Infinity;
-  for (const value of values) {
-    low = Math.min(low, value);
-    high = Math.max(high, value);
-  }
-  return high > low ? [low, high] : [low - 1, low + 1];
-}
-
-function pointRadius(count) {
-  if (count < 300) {
-    return 5;
-  }
-  return count < 3000 ? 2.5 : 1.2;
-}
-
-function positionColour(point, pxRange, pyRange) {
-  // Hue follows the patch's left-to-right position on the slide and lightness its top-to-bottom position.
-  const u = (point.px - pxRange[0]) / (pxRange[1] - pxRange[0]);
-  const v = (point.py - pyRange[0]) / (pyRange[1] - pyRange[0]);
-  return `hsl(${(20 + 280 * u).toFixed(1)}, 70%, ${(30 + 40 * v).toFixed(1)}%)`;
-}
-
-function drawMap(card, map) {
-  const svg = $(".map", card);
-  const points = map.points || [];
-  const size = 400;
-  const margin = 24;
-  const [xLow, xHigh] = valueRange(points.map((point) => point.x));
-  const [yLow, yHigh] = valueRange(points.map((point) => point.y));
-  // Each axis is scaled to fill the square, as scatter plots usually are: the first component's spread
-  // is often several times the second's, which one shared scale would squeeze into a thin band.
-  const xScale = (size - 2 * margin) / (xHigh - xLow);
-  const yScale = (size - 2 * margin) / (yHigh - yLow);
-  const pxRange = valueRange(points.map((point) => point.px));
-  const pyRange = valueRange(points.map((point) => point.py));
-  const radius = pointRadius(points.length);
-
-  // NOTE: one SVG element per patch; a slide with tens of thousands of patches makes the page slow.
-  const circles = points.map((point) => {
-    const circle = document.createElementNS(SVG_NS, "circle");
-    circle.setAttribute("class", "map-point");
-    circle.setAttribute("cx", (margin + xScale * (point.x - xLow)).toFixed(2));
-    // SVG's y axis points down, so the second component is flipped to read like a plot.
-    circle.setAttribute("cy", (size - margin - yScale * (point.y - yLow)).toFixed(2));
-    circle.setAttribute("r", String(radius));
-    circle.dataset.positionColour = positionColour(point, pxRange, pyRange);
-    circle.dataset.clusterColour = CLUSTER_COLOURS[point.cluster % CLUSTER_COLOURS.length];
-    const title = document.createElementNS(SVG_NS, "title");
-    title.textContent = `patch at level-0 (${point.px}, ${point.py}), cluster ${point.cluster}`;
-    circle.append(title);
-    return circle;
-  });
-  svg.replaceChildren(axisLabel("PC 1", size / 2, size - 5, 0), axisLabel("PC 2", 10, size / 2, -90), ...circles);
-  svg.setAttribute(
-    "aria-label",
-    `Map of ${points.length} patch embeddings: the first two components by ${(map.method || "pca").toUpperCase()}, ${map.clusters} clusters`,
-  );
-
-  const radios = card.querySelectorAll(".colour-toggle input");
-  for (const radio of radios) {
-    radio.name = `${card.id}-colour`;
-    radio.addEventListener("change", () => colourMap(card, radio.value));
-  }
-  colourMap(card, "position");
-  card.dataset.map = "drawn";
-}
-
-function axisLabel(text, x, y, rotation) {
-  const label = document.createElementNS(SVG_NS, "text");
-  label.setAttribute("class", "map-axis");
-  label.setAttribute("x", String(x));
-  label.setAttribute("y", String(y));
-  label.setAttribute("transform", `rotate(${rotation} ${x} ${y})`);
-  label.textContent = text;
-  return label;
-}
-
-function colourMap(card, mode) {
-  for (const circle of card.querySelectorAll(".map-point")) {
-    circle.setAttribute("fill", mode === "cluster" ? circle.dataset.clusterColour : circle.dataset.positionColour);
-  }
-  const caption = $(".map-caption", card);
-  caption.textContent =
-    mode === "cluster"
-      ? "Colour: the patch's KMeans cluster."
-      : "Colour: hue from the patch's left-to-right position on the slide, lightness from top to bottom.";
-  card.dataset.colour = mode;
 }
 
 // Start-up
@@ -541,8 +468,34 @@ function setUpDropZone() {
   });
 }
 
+// Read the server's settings from the data attributes of <body>, which the server fills in when it serves the page.
+function readPageSettings() {
+  const text = document.body.dataset.tiffSlideMinBytes;
+  const value = Number(text);
+  if (Number.isSafeInteger(value) && value > 0) {
+    tiffSlideMinBytes = value;
+    return;
+  }
+  showError(
+    $("#page-error"),
+    `the page's setting data-tiff-slide-min-bytes is "${text}", expected a positive whole number of bytes. ` +
+      `TIFF files are split into tiles and slides at ${DEFAULT_TIFF_SLIDE_MIN_BYTES} bytes instead. Open the page from the student server's address.`,
+  );
+}
+
+// Show the jobs named by ?job=<id> in the page's address, in the order given.
+function showJobsFromAddress() {
+  const jobIds = new URLSearchParams(window.location.search).getAll("job");
+  // Each new card goes on top, so the last id is shown first to keep the address's order.
+  for (const jobId of jobIds.reverse()) {
+    showJob(jobId);
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  readPageSettings();
   setUpApiKey();
   setUpDropZone();
   showServerStatus();
+  showJobsFromAddress();
 });
