@@ -250,7 +250,7 @@ def test_agreement_equals_direct_results(five_fold_report, lung_inputs):
 # One fold, model information, no torch
 
 
-def test_one_fold_bootstraps_without_torch(lung_inputs, tmp_path):
+def test_one_fold_bootstraps_without_torch(lung, lung_inputs, tmp_path):
     folders = lung_inputs["folders"]
     info = tmp_path / "hist16.json"
     info.write_text(json.dumps({"parameters": 18092160, "embedding_dim": 48, "throughput_tiles_per_s": 3000.0, "throughput_note": "numpy on 2 CPU cores"}))
@@ -283,6 +283,10 @@ def test_one_fold_bootstraps_without_torch(lung_inputs, tmp_path):
     assert report["task"]["interval"] == "bootstrap"
     assert report["options"]["balanced"] is False
     assert report["models"]["hist16"]["metrics"]["linear_probe.balanced_accuracy"]["count"] == 50
+    # The labels give made-up cases of several tiles each, so the bootstraps draw cases.
+    assert report["task"]["bootstrap_unit"] == "case"
+    assert report["task"]["bootstrap_cases"] == len(set(lung.case_ids))
+    assert "bootstrap resamples of the test cases" in markdown
     assert "Throughput of hist16: numpy on 2 CPU cores." in markdown
     with Image.open(out / "embeddings.png") as image:
         assert image.format == "PNG"
@@ -377,6 +381,73 @@ def test_run_bench_in_memory(lung, tmp_path):
     assert "| parameters | 681,394,176 | not given |" in files.markdown.read_text()
     with Image.open(files.embeddings_figure) as image:
         assert image.format == "PNG"
+
+
+def _resample_by_group(groups: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
+    """Draw groups with replacement (numbered by first row) and return each resample's rows, as a plain loop."""
+    first_seen = list(dict.fromkeys(groups.tolist()))
+    members = {group: np.flatnonzero(groups == group) for group in first_seen}
+    generator = np.random.default_rng(seed)
+    return [np.concatenate([members[first_seen[index]] for index in generator.integers(0, len(first_seen), len(first_seen))]) for _ in range(n)]
+
+
+def _cosine_nearest_labels(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    return labels[np.argmax(similarity, axis=1)]
+
+
+def test_run_bench_resamples_cases(lung, tmp_path):
+    rows = np.concatenate([np.flatnonzero(lung.labels == label)[:30] for label in ("lung_aca", "lung_n", "lung_scc")])
+    labels, groups = lung.labels[rows], lung.case_ids[rows]
+    folds = make_folds(labels, groups, n_folds=1, test_size=0.3, seed=1)
+    teacher, student = lung.features[rows], _coarse(lung.features[rows])
+    sets = [FeatureSet("teacher", teacher), FeatureSet("student", student)]
+    options = BenchOptions(ks=(1,), retrieval_metrics=("cosine",), knn_k=5, bootstrap_resamples=40, seed=4)
+
+    result = run_bench(sets, labels, folds, options, groups=groups)
+    files = write_report(result, tmp_path / "grouped")
+
+    resamples = _resample_by_group(groups, 40, 4)
+    agreement = (_cosine_nearest_labels(teacher, labels) == _cosine_nearest_labels(student, labels)).astype(np.float64)
+    for name, values in (
+        ("nn_label_agreement", [agreement[rows].mean() for rows in resamples]),
+        ("linear_cka", [linear_cka(teacher[rows], student[rows]) for rows in resamples]),
+    ):
+        summary = result.agreement[0].metrics[name]
+        low, high = np.percentile(values, [2.5, 97.5])
+        assert summary.standard_error == pytest.approx(np.std(values, ddof=1), abs=1e-12), name
+        assert summary.low == pytest.approx(low, abs=1e-12), name
+        assert summary.high == pytest.approx(high, abs=1e-12), name
+    assert result.agreement[0].metrics["nn_label_agreement"].mean == pytest.approx(agreement.mean(), abs=1e-12)
+
+    report = json.loads(files.json.read_text())
+    markdown = files.markdown.read_text()
+    assert report["task"]["bootstrap_unit"] == "case"
+    assert report["task"]["bootstrap_cases"] == len(set(groups))
+    assert "bootstrap resamples of the test cases" in markdown
+    assert "Agreement with the reference is bootstrapped over all cases" in markdown
+    assert f"- bootstrap unit: case. Each resample draws cases with replacement and takes every sample of each drawn case ({len(set(groups))} cases" in markdown
+
+
+def test_run_bench_without_groups_says_samples(lung, tmp_path):
+    rows = np.concatenate([np.flatnonzero(lung.labels == label)[:20] for label in ("lung_aca", "lung_n", "lung_scc")])
+    folds = make_folds(lung.labels[rows], lung.case_ids[rows], n_folds=1, test_size=0.3, seed=1)
+    sets = [FeatureSet("teacher", lung.features[rows]), FeatureSet("student", _coarse(lung.features[rows]))]
+
+    result = run_bench(sets, lung.labels[rows], folds, BenchOptions(ks=(1,), retrieval_metrics=("l2",), knn_k=5, bootstrap_resamples=20))
+    files = write_report(result, tmp_path)
+
+    report = json.loads(files.json.read_text())
+    markdown = files.markdown.read_text()
+    assert report["task"]["bootstrap_unit"] == "sample"
+    assert report["task"]["bootstrap_cases"] is None
+    assert "bootstrap resamples of the test samples" in markdown
+    assert "- bootstrap unit: sample. Each resample draws single samples with replacement, because no case ids were given." in markdown
+    assert "these intervals are too narrow when a case contributes several samples" in markdown
+    with pytest.raises(ConfigError, match=r"groups have shape \(59,\), expected one case id per labelled sample"):
+        run_bench(sets, lung.labels[rows], folds, groups=lung.case_ids[rows][:-1])
 
 
 def test_run_bench_rejects_bad_sets(lung):

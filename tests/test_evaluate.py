@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import httpx
@@ -12,8 +13,11 @@ import pytest
 from gateway_helpers import gateway_process, metric
 from lung_mosaics import read_tile_rows, write_lung_mosaics
 from servers import run_app
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
 from student_helpers import save_tiny_student
 
+from shared.evaluation.folds import read_split_tsv
 from shared.features import read_features
 from shared.models.student import build_unite_student
 from shared.pooling import pool_patch_features
@@ -22,20 +26,21 @@ from student_server.settings import StudentSettings
 from teacher_gateway.teachers.reference import DESCRIPTOR_DIM, REFERENCE_TEACHER_DIM
 from unite_cli.main import main
 
-SLIDES_PER_CLASS = 4
+SLIDES_PER_CLASS = 6
+SLIDES_PER_CASE = 3
 TILES_PER_SLIDE = 4  # 2 x 2
 
 
 @pytest.fixture(scope="module")
 def mosaics(shared_data: Path, tmp_path_factory) -> Path:
-    """Write 4 mosaics of 2 x 2 real tiles per class, two slides per case, and return their folder."""
+    """Write 6 mosaics of 2 x 2 real tiles per class, three slides per case, and return their folder."""
     tiles_dir = shared_data / "tiles" / "lc25000_lung_dedup"
     rows = read_tile_rows(tiles_dir)
     chosen = []
     for label in sorted({row["label"] for row in rows}):
         chosen += [row for row in rows if row["label"] == label][: SLIDES_PER_CLASS * TILES_PER_SLIDE]
     folder = tmp_path_factory.mktemp("mosaics")
-    write_lung_mosaics(tiles_dir, chosen, folder, rows_per_slide=2, cols_per_slide=2, slides_per_case=2)
+    write_lung_mosaics(tiles_dir, chosen, folder, rows_per_slide=2, cols_per_slide=2, slides_per_case=SLIDES_PER_CASE)
     return folder
 
 
@@ -65,15 +70,29 @@ def tiles_received(gateway_url: str, student_url: str) -> tuple[float, float]:
     return counter_total(gateway_url, "unite_gateway_tiles_total"), counter_total(student_url, "unite_student_tiles_total")
 
 
-def evaluate(mosaics: Path, servers: tuple[str, str], out: Path, *extra: str) -> int:
+def evaluate(mosaics: Path, servers: tuple[str, str], out: Path, *extra: str, labels: Path | None = None) -> int:
+    """Run unite evaluate on the mosaics with 2 folds; 6 cases leave 3 train cases per fold, hence k of at most 3."""
     gateway_url, student_url = servers
     return main(
         [
-            "evaluate", str(mosaics), "--labels", str(mosaics / "labels.csv"),
+            "evaluate", str(mosaics), "--labels", str(labels or mosaics / "labels.csv"),
             "--model", f"teacher={gateway_url}", "--model", f"student={student_url}",
-            "--out", str(out), "--min-tissue", "0.1", "--folds", "2", "--bootstrap", "20", "--batch-size", "8", "--ks", "1,5", *extra,
+            "--out", str(out), "--min-tissue", "0.1", "--folds", "2", "--bootstrap", "20", "--batch-size", "8", "--ks", "1,3", *extra,
         ]
     )
+
+
+def read_labels(mosaics: Path) -> list[dict[str, str]]:
+    with (mosaics / "labels.csv").open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def slides_by_case(mosaics: Path) -> dict[str, list[str]]:
+    """Return each case's slide ids, cases in the order of their first slide in labels.csv."""
+    cases: dict[str, list[str]] = {}
+    for row in read_labels(mosaics):
+        cases.setdefault(row["case_id"], []).append(row["slide_id"])
+    return cases
 
 
 def expected_corners(mosaics: Path) -> dict[str, list[tuple[int, int]]]:
@@ -152,6 +171,39 @@ def test_evaluate_end_to_end_and_resume(mosaics, servers, tmp_path):
             np.testing.assert_array_equal(pooled.features[0], pool_patch_features(patches.features, "mean"))
             assert pooled.attrs["encoder"] == patches.attrs["encoder"]
 
+    # The labels have a case_id column, so each case is one sample: the mean of its slides' embeddings.
+    cases = slides_by_case(mosaics)
+    assert len(cases) == slide_count // SLIDES_PER_CASE
+    assert report["task"]["samples"] == len(cases)
+    assert report["task"]["classes"] == {"lung_aca": 2, "lung_n": 2, "lung_scc": 2}
+    assert "- level: case (mean pooling of each slide's patch features, then the mean of the slide features of each case)" in markdown
+    assert f"- cohort: {slide_count} slides in {len(cases)} cases" in markdown
+    case_labels = np.array([next(row["label"] for row in read_labels(mosaics) if row["case_id"] == case_id) for case_id in cases], dtype=object)
+    split = read_split_tsv(out / "split.tsv")
+    assert split.slide_ids.tolist() == [row["slide_id"] for row in read_labels(mosaics)]
+    case_index = {case_id: index for index, case_id in enumerate(cases)}
+    case_folds = [
+        {side: np.unique([case_index[case_id] for case_id in split.case_ids[getattr(fold, side)]]).astype(int) for side in ("train", "test")}
+        for fold in split.folds
+    ]
+    for model in ("teacher", "student"):
+        expected = []
+        for case_id, slide_ids in cases.items():
+            slide_files = [read_features(out / "slide_features" / model / f"{slide_id}.h5") for slide_id in slide_ids]
+            slide_embeddings = np.stack([slide_file.features[0].astype(np.float64) for slide_file in slide_files])
+            case_file = read_features(out / "case_features" / model / f"{case_id}.h5")
+            assert case_file.features.shape == (1, slide_embeddings.shape[1])
+            np.testing.assert_allclose(case_file.features[0], slide_embeddings.mean(axis=0), rtol=1e-6, atol=1e-7)
+            expected.append(slide_embeddings.mean(axis=0))
+        # The probe ran on the cases: scikit-learn on the numpy means gives the reported fold values.
+        case_features = np.stack(expected).astype(np.float32)
+        for number, fold in enumerate(case_folds):
+            assert len(fold["train"]) + len(fold["test"]) == len(cases)
+            probe = LogisticRegression(C=1.0, max_iter=10000, class_weight="balanced").fit(case_features[fold["train"]], case_labels[fold["train"]])
+            direct = balanced_accuracy_score(case_labels[fold["test"]], probe.predict(case_features[fold["test"]]))
+            reported = report["models"][model]["fold_metrics"]["linear_probe"][number]["balanced_accuracy"]
+            assert reported == pytest.approx(direct, abs=1e-12), f"{model} fold {number}"
+
     # A rerun sends no tile again and writes the report again, with the throughputs the first run stored.
     (out / "report.md").unlink()
     assert evaluate(mosaics, servers, out) == 0
@@ -171,6 +223,16 @@ def test_evaluate_end_to_end_and_resume(mosaics, servers, tmp_path):
     assert report["models"]["teacher"]["throughput_tiles_per_s"] == first_throughputs["teacher"]
     assert report["models"]["student"]["throughput_note"].startswith(f"{TILES_PER_SLIDE} tiles in requests of up to 8")
 
+    # Without a case_id column every slide is a sample, and the features on disk are reused.
+    slide_labels = tmp_path / "slides-only" / "labels.csv"
+    slide_labels.parent.mkdir()
+    slide_labels.write_text("slide_id,label\n" + "".join(f"{row['slide_id']},{row['label']}\n" for row in read_labels(mosaics)))
+    assert evaluate(mosaics, servers, out, labels=slide_labels) == 0
+    assert tiles_received(*servers) == after_partial
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"]["samples"] == slide_count
+    assert "- level: slide (mean pooling of the patch features)" in (out / "report.md").read_text()
+
 
 def test_evaluate_tile_level(mosaics, servers, tmp_path):
     out = tmp_path / "tiles"
@@ -180,7 +242,35 @@ def test_evaluate_tile_level(mosaics, servers, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["models"]["student"]["embedding_dim"] == 384
     assert not (out / "slide_features").exists()
-    assert "tile" in (out / "report.md").read_text()
+    assert not (out / "case_features").exists()
+    markdown = (out / "report.md").read_text()
+    assert "- level: tile (every patch is a sample)" in markdown
+    # Every tile is a sample, and the bootstrap of the agreement draws cases with all their tiles.
+    assert report["task"]["samples"] == 3 * SLIDES_PER_CLASS * TILES_PER_SLIDE
+    assert report["task"]["bootstrap_unit"] == "case"
+    assert report["task"]["bootstrap_cases"] == 3 * SLIDES_PER_CLASS // SLIDES_PER_CASE
+    assert "Agreement with the reference is bootstrapped over all cases" in markdown
+
+
+def test_evaluate_rejects_case_with_two_labels(mosaics, servers, tmp_path, caplog):
+    rows = read_labels(mosaics)
+    rows[1]["label"] = "lung_n"
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    before = tiles_received(*servers)
+
+    with caplog.at_level(logging.ERROR, logger="unite"):
+        status = evaluate(mosaics, servers, tmp_path / "out", labels=labels)
+
+    assert status == 2
+    assert tiles_received(*servers) == before
+    assert rows[1]["case_id"] == "lung_aca-case00"
+    assert "the slides of case 'lung_aca-case00' have different labels in column 'label'" in caplog.text
+    assert "lung_aca-00 'lung_aca', lung_aca-01 'lung_n', lung_aca-02 'lung_aca'" in caplog.text
+    assert "Give every slide of the case the same label" in caplog.text
 
 
 def test_evaluate_unknown_slide_sends_nothing(mosaics, servers, tmp_path):

@@ -26,6 +26,8 @@ from shared.evaluation import (
     run_retrieval,
     write_split_tsv,
 )
+from shared.evaluation.bench_inputs import read_split_labels
+from shared.evaluation.cases import cases_from_slides
 from shared.features import write_features
 from shared.pooling import pool_case_files
 from tests.lung_features import load_lung_tiles
@@ -394,3 +396,155 @@ def test_load_pooled_features_rejects_patch_file(tmp_path):
 
     with pytest.raises(ConfigError, match="has 2 rows, expected one pooled row"):
         load_pooled_features(tmp_path, ["s1"])
+
+
+# Bootstrap by case
+
+
+COPIES = 4
+
+
+@pytest.fixture(scope="module")
+def copied_tiles(lung):
+    """Every real tile copied 4 times into a pseudo-slide of its own: the strongest within-group correlation."""
+    features = np.repeat(lung.features, COPIES, axis=0)
+    labels = np.repeat(lung.labels, COPIES)
+    groups = np.repeat(lung.tile_ids, COPIES)
+    (fold,) = make_folds(labels, groups, n_folds=1, test_size=0.3, seed=1)
+    return features, labels, groups, fold
+
+
+def _direct_group_resamples(test_groups: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
+    """Draw groups with replacement as a plain loop: groups numbered by first row, each drawn group adding all its rows."""
+    order = []
+    members = {}
+    for row, group in enumerate(test_groups.tolist()):
+        if group not in members:
+            order.append(group)
+            members[group] = []
+        members[group].append(row)
+    generator = np.random.default_rng(seed)
+    resamples = []
+    for _ in range(n):
+        drawn = generator.integers(0, len(order), size=len(order))
+        resamples.append(np.array([row for index in drawn for row in members[order[index]]]))
+    return resamples
+
+
+def _interval(values: list[float]) -> tuple[float, float, float]:
+    values = np.array(values)
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(values.std(ddof=1)), float(low), float(high)
+
+
+def test_grouped_probe_bootstrap_matches_numpy(copied_tiles):
+    features, labels, groups, fold = copied_tiles
+
+    result = run_linear_probe(features, labels, [fold], cost=1.0, bootstrap_resamples=100, seed=7, groups=groups)
+
+    model = LogisticRegression(C=1.0, max_iter=10000, class_weight="balanced").fit(features[fold.train], labels[fold.train])
+    predictions = model.predict(features[fold.test])
+    test_labels = labels[fold.test]
+    resampled = [balanced_accuracy_score(test_labels[rows], predictions[rows]) for rows in _direct_group_resamples(groups[fold.test], 100, 7)]
+    standard_error, low, high = _interval(resampled)
+    summary = result.summary["balanced_accuracy"]
+    assert summary.method == "bootstrap"
+    assert summary.count == 100
+    assert summary.mean == pytest.approx(balanced_accuracy_score(test_labels, predictions), abs=1e-12)
+    assert summary.standard_error == pytest.approx(standard_error, abs=1e-12)
+    assert summary.low == pytest.approx(low, abs=1e-12)
+    assert summary.high == pytest.approx(high, abs=1e-12)
+
+
+def test_grouped_retrieval_bootstrap_matches_numpy(copied_tiles):
+    features, labels, groups, fold = copied_tiles
+
+    result = run_retrieval(features, labels, [fold], metric="l2", ks=(1,), bootstrap_resamples=100, seed=3, groups=groups)
+
+    train_x, test_x = features[fold.train], features[fold.test]
+    distances = np.linalg.norm(test_x[:, None, :] - train_x[None, :, :], axis=2)
+    hits = (labels[fold.train][np.argmin(distances, axis=1)] == labels[fold.test]).astype(np.float64)
+    resampled = [hits[rows].mean() for rows in _direct_group_resamples(groups[fold.test], 100, 3)]
+    standard_error, low, high = _interval(resampled)
+    summary = result.summary["top1_accuracy"]
+    assert summary.mean == pytest.approx(hits.mean(), abs=1e-12)
+    assert summary.standard_error == pytest.approx(standard_error, abs=1e-12)
+    assert summary.low == pytest.approx(low, abs=1e-12)
+    assert summary.high == pytest.approx(high, abs=1e-12)
+
+
+def test_grouped_interval_wider_than_per_sample(copied_tiles):
+    """With 4 identical copies per group, drawing copies one by one shrinks the interval by about sqrt(4) = 2."""
+    features, labels, groups, fold = copied_tiles
+    options = {"bootstrap_resamples": 100, "seed": 0}
+
+    probe = {unit: run_linear_probe(features, labels, [fold], groups=unit_groups, **options) for unit, unit_groups in (("case", groups), ("sample", None))}
+    retrieval = {
+        unit: run_retrieval(features, labels, [fold], metric="cosine", ks=(1,), groups=unit_groups, **options)
+        for unit, unit_groups in (("case", groups), ("sample", None))
+    }
+
+    for name, results, metric in (("probe", probe, "balanced_accuracy"), ("retrieval", retrieval, "top1_accuracy")):
+        grouped, per_sample = results["case"].summary[metric], results["sample"].summary[metric]
+        assert grouped.mean == per_sample.mean, name
+        assert grouped.standard_error > 1.5 * per_sample.standard_error, f"{name}: {grouped} against {per_sample}"
+        assert grouped.high - grouped.low > 1.5 * (per_sample.high - per_sample.low), f"{name}: {grouped} against {per_sample}"
+
+
+def test_singleton_groups_equal_per_sample_bootstrap(lung):
+    folds = make_folds(lung.labels, lung.case_ids, n_folds=1, test_size=0.3, seed=1)
+
+    grouped = run_linear_probe(lung.features, lung.labels, folds, bootstrap_resamples=30, seed=2, groups=lung.tile_ids)
+    per_sample = run_linear_probe(lung.features, lung.labels, folds, bootstrap_resamples=30, seed=2)
+
+    assert grouped.summary == per_sample.summary
+
+
+def test_grouped_bootstrap_needs_two_test_cases(lung):
+    train = np.flatnonzero(lung.case_ids != lung.case_ids[0])
+    test = np.flatnonzero(lung.case_ids == lung.case_ids[0])
+    fold = Fold(train=train, val=np.array([], dtype=int), test=test)
+
+    with pytest.raises(ConfigError, match=r"1 groups \(cases\) among the test samples, expected at least 2"):
+        run_retrieval(lung.features, lung.labels, [fold], groups=lung.case_ids)
+    with pytest.raises(ConfigError, match=r"groups have shape \(299,\), expected one case id per feature row"):
+        run_retrieval(lung.features, lung.labels, [fold], groups=lung.case_ids[:-1])
+
+
+# Case-level tasks from a slide table
+
+
+def test_cases_from_split_keep_each_case_side(tmp_path):
+    path = _write_tsv(tmp_path / "split.tsv", ["case_id", "slide_id", "label", "fold_0", "fold_1"], GOOD_ROWS)
+
+    table = cases_from_slides(read_split_labels(path))
+
+    assert table.labels.sample_ids.tolist() == ["case1", "case2", "case3"]
+    assert table.labels.labels.tolist() == ["aca", "scc", "scc"]
+    assert table.slides == {"case1": ["slide1", "slide2"], "case2": ["slide3"], "case3": ["slide4"]}
+    assert table.case_of_slide.tolist() == [0, 0, 1, 2]
+    first, second = table.labels.folds
+    assert (first.train.tolist(), first.val.tolist(), first.test.tolist()) == ([0], [2], [1])
+    assert (second.train.tolist(), second.val.tolist(), second.test.tolist()) == ([1, 2], [], [0])
+
+
+def test_cases_from_slides_rejects_mixed_labels(tmp_path):
+    rows = [list(row) for row in GOOD_ROWS]
+    rows[1][2] = "scc"
+    path = _write_tsv(tmp_path / "mixed.tsv", ["case_id", "slide_id", "label", "fold_0", "fold_1"], rows)
+
+    with pytest.raises(ConfigError) as caught:
+        cases_from_slides(read_split_labels(path))
+
+    message = caught.value.message
+    assert f"labels file {path}: the slides of case 'case1' have different labels in column 'label' (slide1 'aca', slide2 'scc')" in message
+    assert "Give every slide of the case the same label, give slides with other labels their own case_id, or pass --level tile." in message
+
+
+def test_cases_from_slides_rejects_path_in_case_id(tmp_path):
+    rows = [list(row) for row in GOOD_ROWS]
+    rows[2][0] = "site/case2"
+    path = _write_tsv(tmp_path / "slash.tsv", ["case_id", "slide_id", "label", "fold_0", "fold_1"], rows)
+
+    with pytest.raises(ConfigError, match=r"case_id 'site/case2' cannot name a feature file"):
+        cases_from_slides(read_split_labels(path))

@@ -3,7 +3,8 @@
 The inputs are read by :mod:`shared.evaluation.bench_inputs`, the protocols run in
 :func:`shared.evaluation.bench.run_bench`, and :func:`shared.evaluation.report.write_report` writes
 OUT/report.md, OUT/report.json and the figures. Folds made here are written to OUT/split.tsv, so a
-later run (or Patho-Bench) can reuse them with --split. No torch is imported.
+later run (or Patho-Bench) can reuse them with --split. Bootstrap intervals resample cases, each with
+all its samples. No torch is imported.
 """
 
 from __future__ import annotations
@@ -83,7 +84,12 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--folds", type=int, default=5, help="folds to make without --split; 1 makes one split bootstrapped for intervals (default: 5)")
     parser.add_argument("--test-size", type=float, default=0.2, help="fraction of samples in the test set with --folds 1 (default: 0.2)")
-    parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, help=f"bootstrap resamples for the intervals (default: {BOOTSTRAP_RESAMPLES})")
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=BOOTSTRAP_RESAMPLES,
+        help=f"bootstrap resamples for the intervals, each drawing cases with all their samples (default: {BOOTSTRAP_RESAMPLES})",
+    )
 
 
 def add_agreement_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +144,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         bootstrap_resamples=args.bootstrap,
         seed=args.seed,
     )
-    result = run_bench(task.feature_sets, task.labels, task.folds, options)
+    # Samples of one case are correlated, so the bootstraps draw cases (a slide without a case_id is its own case).
+    result = run_bench(task.feature_sets, task.labels, task.folds, options, groups=task.case_ids)
     result = dataclasses.replace(result, task=_describe_task(args, bench_labels, task.level, folds_text, len(task.labels)))
     files = write_report(result, args.out, map_method=args.map)
 

@@ -4,11 +4,14 @@ Each ``--model NAME=URL`` is a server of the embeddings protocol: a teacher gate
 or any compatible endpoint. Every slide is tiled once and its tiles go to each model
 (:mod:`shared.evaluation.extract`). The patch features land in ``OUT/features/NAME/SLIDE.h5``, the
 pooled slide features in ``OUT/slide_features/NAME/SLIDE.h5``, and the protocols of ``unite bench``
-write ``OUT/report.md``, ``OUT/report.json``, the figures and ``OUT/split.tsv``. Slides whose feature
-file exists for a model are not sent to it again, so the same command resumes an interrupted run. Each
-model's throughput is measured while it embeds and stored with its parameter count (from the server's
-``GET /v1/models``) in ``OUT/features/NAME/model-info.json``, which a rerun that sends it no tiles reads. The
-slide, HTTP and evaluation modules are imported only when the command runs, so ``unite --help`` stays fast.
+write ``OUT/report.md``, ``OUT/report.json``, the figures and ``OUT/split.tsv``. When the labels have a
+``case_id`` column, a slide-level run is a case-level task: the slide embeddings of each case are
+averaged into ``OUT/case_features/NAME/CASE.h5`` (:mod:`shared.evaluation.cases`), and every case is
+one sample. Slides whose feature file exists for a model are not sent to it again, so the same
+command resumes an interrupted run. Each model's throughput is measured while it embeds and stored
+with its parameter count (from the server's ``GET /v1/models``) in
+``OUT/features/NAME/model-info.json``, which a rerun that sends it no tiles reads. The slide, HTTP and
+evaluation modules are imported only when the command runs, so ``unite --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ logger = logging.getLogger(__name__)
 
 FEATURES_FOLDER = "features"
 POOLED_FOLDER = "slide_features"
+CASES_FOLDER = "case_features"
 _NAME = re.compile(r"[A-Za-z0-9._+-]+")
 
 DESCRIPTION = (
     "Embed labelled slides with two or more models served over the embeddings protocol (a teacher gateway, a "
     "student server, or a compatible endpoint), pool the patch features into slide features and benchmark the "
     "models side by side as unite bench does. Each slide is tiled once and its tiles are sent to every model. "
+    "At --level slide with a case_id column in the labels, each case is one sample whose feature is the mean of its slides' "
+    "features (OUT/case_features/NAME/CASE.h5), so the slides of a case must share its label. "
     "Writes OUT/features/NAME/SLIDE.h5 (TRIDENT layout, encoder from the server's response), "
     "OUT/slide_features/NAME/SLIDE.h5, OUT/split.tsv, OUT/report.md, OUT/report.json, OUT/metrics.png and "
     "OUT/embeddings.png. Slides whose feature file exists for a model are not sent to it again. Each model's throughput "
@@ -69,7 +75,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "--level",
         choices=LEVELS,
         default="slide",
-        help="slide: one pooled feature per slide is a sample; tile: every patch is a sample with its slide's label and fold side (default: slide)",
+        help=(
+            "slide: one pooled feature per slide is a sample, or per case (the mean of its slides) when the labels have a case_id "
+            "column; tile: every patch is a sample with its slide's label and fold side (default: slide)"
+        ),
     )
     parser.add_argument("--pooling", choices=POOLING_METHODS, default="mean", help="how patch features become the slide feature (default: mean)")
     parser.add_argument("--reference", default=None, metavar="NAME", help="model the others are compared with for agreement (default: the first --model)")
@@ -128,6 +137,7 @@ def parse_model_urls(values: list[str]) -> dict[str, str]:
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``unite evaluate`` and return its exit status (see :data:`DESCRIPTION`)."""
     from shared.evaluation.bench_inputs import parse_named_paths
+    from shared.evaluation.cases import cases_from_slides, pool_model_cases
     from shared.evaluation.extract import EmbeddingsClient, api_key_for, check_encoders, describe_endpoints, pool_model_features, record_model_info
     from shared.slides.sources import collect_slides
     from shared.slides.tile_job import slide_jobs
@@ -140,6 +150,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     options = tile_options(args, read_workers=args.read_workers)
     mpp, mpp_table = resolution_overrides(args)
     bench_labels = _read_labels(args)
+    # Checked before any tile is sent, so that slides of one case with different labels stop the run early.
+    cases = cases_from_slides(bench_labels) if args.level == "slide" and bench_labels.has_case_ids else None
 
     slides = collect_slides(args.sources, recursive=args.recursive, exclude=[args.out])
     labelled = set(bench_labels.sample_ids.tolist())
@@ -185,10 +197,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     if args.level == "slide":
         folders = pool_model_features(args.out / FEATURES_FOLDER, args.out / POOLED_FOLDER, list(models), slide_names, method=args.pooling)
+        if cases is not None:
+            folders = pool_model_cases(folders, args.out / CASES_FOLDER, cases, method=args.pooling)
     else:
         folders = {name: args.out / FEATURES_FOLDER / name for name in models}
     endpoints = describe_endpoints(clients, encoders)
-    return _benchmark(args, bench_labels, folders, model_info, endpoints, measured)
+    return _benchmark(args, bench_labels, cases, folders, model_info, endpoints, measured)
 
 
 def _read_labels(args: argparse.Namespace):
@@ -235,6 +249,7 @@ def _extract_all(jobs, clients, features_root: Path, options, batch_size: int) -
 def _benchmark(
     args: argparse.Namespace,
     bench_labels,
+    cases,
     folders: dict[str, Path],
     model_info: dict[str, Path],
     endpoints: dict[str, str],
@@ -242,32 +257,35 @@ def _benchmark(
 ) -> int:
     """Run the protocols of ``unite bench`` on the features of every model and write the report into OUT.
 
-    ``measured`` contains each model's parameter count and throughput from this run, which fill what
-    ``--model-info`` leaves out.
+    ``bench_labels`` lists the slides. ``cases`` is their :class:`shared.evaluation.cases.CaseTable` for a
+    case-level task, whose samples are the cases, and None otherwise. ``measured`` contains each model's
+    parameter count and throughput from this run, which fill what ``--model-info`` leaves out.
     """
     import numpy as np
 
     from shared.evaluation.bench import BenchOptions, run_bench
-    from shared.evaluation.bench_inputs import load_bench_task
+    from shared.evaluation.bench_inputs import expand_fold, load_bench_task
     from shared.evaluation.folds import make_folds, write_split_tsv
     from shared.evaluation.report import write_report
 
-    if bench_labels.folds is None:
-        folds = make_folds(bench_labels.labels, bench_labels.case_ids, n_folds=args.folds, test_size=args.test_size, seed=args.seed)
-        bench_labels = dataclasses.replace(bench_labels, folds=folds)
+    sample_labels = bench_labels if cases is None else cases.labels
+    if sample_labels.folds is None:
+        folds = make_folds(sample_labels.labels, sample_labels.case_ids, n_folds=args.folds, test_size=args.test_size, seed=args.seed)
+        sample_labels = dataclasses.replace(sample_labels, folds=folds)
         folds_text = f"{len(folds)} folds made by unite evaluate (stratified by label, grouped by case, seed {args.seed}), written to split.tsv"
+        # split.tsv lists slides, as a Patho-Bench split does, so a case-level run writes each slide on its case's side.
         write_split_tsv(
             args.out / "split.tsv",
             case_ids=bench_labels.case_ids,
             slide_ids=bench_labels.sample_ids,
             labels=bench_labels.labels,
-            folds=folds,
+            folds=folds if cases is None else [expand_fold(fold, cases.case_of_slide) for fold in folds],
             label_column=bench_labels.label_column,
         )
     else:
-        folds_text = f"{len(bench_labels.folds)} folds from {args.split.name}"
+        folds_text = f"{len(sample_labels.folds)} folds from {args.split.name}"
 
-    task = load_bench_task(folders, bench_labels, level=args.level, model_info=model_info)
+    task = load_bench_task(folders, sample_labels, level=args.level, model_info=model_info)
     feature_sets = [
         dataclasses.replace(feature_set, info=_fill_measured(feature_set.info, measured[feature_set.name], args.out / FEATURES_FOLDER / feature_set.name))
         for feature_set in task.feature_sets
@@ -282,10 +300,17 @@ def _benchmark(
         bootstrap_resamples=args.bootstrap,
         seed=args.seed,
     )
-    result = run_bench(feature_sets, task.labels, task.folds, options)
+    # Samples of one case are correlated, so the bootstraps draw cases (a slide without a case_id is its own case).
+    result = run_bench(feature_sets, task.labels, task.folds, options, groups=task.case_ids)
     cohort = f"{len(bench_labels.sample_ids)} slides in {len(np.unique(bench_labels.case_ids))} cases"
+    if args.level == "tile":
+        level = "tile (every patch is a sample)"
+    elif cases is not None:
+        level = f"case ({args.pooling} pooling of each slide's patch features, then the mean of the slide features of each case)"
+    else:
+        level = f"slide ({args.pooling} pooling of the patch features)"
     description = {
-        "level": "tile (every patch is a sample)" if args.level == "tile" else f"slide ({args.pooling} pooling of the patch features)",
+        "level": level,
         "labels": f"{bench_labels.source.name}, column {bench_labels.label_column!r}",
         "cohort": cohort + (f", {len(task.labels)} tiles" if args.level == "tile" else ""),
         "folds": folds_text,

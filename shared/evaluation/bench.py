@@ -9,9 +9,11 @@ projector between the two spaces:
 - ``nn_label_agreement``: how often the model's nearest neighbour of a sample has the label of the
   reference's nearest neighbour, right or wrong.
 
-Agreement intervals always come from a bootstrap of the samples, because agreement needs no fold.
+Agreement intervals always come from a bootstrap of all samples, because agreement needs no fold.
 For the k-NN metrics the per-sample values are resampled rather than the rows, since a repeated row
-would be its own nearest neighbour. numpy and scikit-learn only, no torch.
+would be its own nearest neighbour. Given the case of each sample, every bootstrap (agreement, and
+the test set with one fold) draws cases and takes all their samples, because tiles or slides of one
+case are correlated. Without it the samples are drawn one by one. numpy and scikit-learn only, no torch.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ class BenchResult:
     """Everything :func:`shared.evaluation.report.write_report` needs: results, labels, folds and options.
 
     ``task`` describes the inputs for the report (level, labels file, where the folds came from) as
-    name -> text, and is empty when the caller gave no description.
+    name -> text, and is empty when the caller gave no description. ``groups`` is the case of each
+    sample that the bootstraps resampled, or None when they resampled samples.
     """
 
     models: list[ModelResult]
@@ -101,29 +104,50 @@ class BenchResult:
     folds: list[Fold]
     options: BenchOptions
     task: dict[str, str] = field(default_factory=dict)
+    groups: np.ndarray | None = None
 
     @property
     def interval_method(self) -> str:
         """``bootstrap`` for one fold, ``folds`` for several."""
         return "bootstrap" if len(self.folds) == 1 else "folds"
 
+    @property
+    def bootstrap_unit(self) -> str:
+        """What the bootstraps draw with replacement: ``case`` when ``groups`` was given, else ``sample``."""
+        return "sample" if self.groups is None else "case"
 
-def run_bench(feature_sets: Sequence[FeatureSet], labels: Sequence, folds: Sequence[Fold], options: BenchOptions = BenchOptions()) -> BenchResult:
+
+def run_bench(
+    feature_sets: Sequence[FeatureSet],
+    labels: Sequence,
+    folds: Sequence[Fold],
+    options: BenchOptions = BenchOptions(),
+    *,
+    groups: Sequence | None = None,
+) -> BenchResult:
     """Score every feature set with the linear probe and retrieval on ``folds``, and compare each with the reference.
 
-    Row ``i`` of every feature set and ``labels[i]`` describe the same sample. Raises
-    :class:`ConfigError` for fewer than 2 feature sets, repeated names, an unknown reference, or a
-    feature set whose row count differs from the labels.
-
-    NOTE: for a tile-level task the bootstraps resample tiles, not slides. Tiles of one slide are
-    alike, so one-fold and agreement intervals are then narrower than the spread across slides.
+    Row ``i`` of every feature set, ``labels[i]`` and ``groups[i]`` describe the same sample.
+    ``groups`` is the case of each sample (for a tile-level task, the case or slide of each tile), and
+    makes every bootstrap draw whole cases. Without it the bootstraps draw samples, which gives too
+    narrow intervals when samples of one case are correlated. Raises :class:`ConfigError` for fewer
+    than 2 feature sets, repeated names, an unknown reference, or a feature set or groups whose row
+    count differs from the labels.
     """
     labels = np.asarray(labels)
     reference = _check_inputs(feature_sets, labels, folds, options)
+    if groups is not None:
+        groups = np.asarray(groups, dtype=object)
+        if groups.shape != labels.shape:
+            raise ConfigError(
+                f"bench: groups have shape {groups.shape}, expected one case id per labelled sample, {labels.shape}.",
+                value=list(groups.shape),
+                limit=len(labels),
+            )
 
     models = []
     for feature_set in feature_sets:
-        resampling = {"bootstrap_resamples": options.bootstrap_resamples, "seed": options.seed}
+        resampling = {"bootstrap_resamples": options.bootstrap_resamples, "seed": options.seed, "groups": groups}
         protocols = {"linear_probe": run_linear_probe(feature_set.features, labels, folds, cost=options.cost, balanced=options.balanced, **resampling)}
         for metric in options.retrieval_metrics:
             protocols[f"retrieval_{metric}"] = run_retrieval(feature_set.features, labels, folds, metric=metric, ks=options.ks, **resampling)
@@ -132,16 +156,26 @@ def run_bench(feature_sets: Sequence[FeatureSet], labels: Sequence, folds: Seque
 
     reference_set = next(feature_set for feature_set in feature_sets if feature_set.name == reference)
     agreement = [
-        compare_with_reference(feature_set, reference_set, labels, options) for feature_set in feature_sets if feature_set.name != reference
+        compare_with_reference(feature_set, reference_set, labels, options, groups=groups)
+        for feature_set in feature_sets
+        if feature_set.name != reference
     ]
-    return BenchResult(models=models, agreement=agreement, reference=reference, labels=labels, folds=list(folds), options=options)
+    return BenchResult(models=models, agreement=agreement, reference=reference, labels=labels, folds=list(folds), options=options, groups=groups)
 
 
-def compare_with_reference(feature_set: FeatureSet, reference: FeatureSet, labels: np.ndarray, options: BenchOptions) -> AgreementResult:
+def compare_with_reference(
+    feature_set: FeatureSet,
+    reference: FeatureSet,
+    labels: np.ndarray,
+    options: BenchOptions,
+    *,
+    groups: Sequence | None = None,
+) -> AgreementResult:
     """Return the agreement metrics of ``feature_set`` with ``reference`` on all samples, with bootstrap intervals.
 
-    The k-NN searches run once, in O(N^2 D) time. CKA is recomputed on every resample, in O(N D^2) time
-    each, so many tiles of wide features make the CKA interval the slow part.
+    With ``groups`` (the case of each sample) the bootstrap draws cases. The k-NN searches run once, in
+    O(N^2 D) time. CKA is recomputed on every resample, in O(N D^2) time each, so many tiles of wide
+    features make the CKA interval the slow part.
     """
     x = reference.features
     y = feature_set.features
@@ -161,7 +195,7 @@ def compare_with_reference(feature_set: FeatureSet, reference: FeatureSet, label
         return {"linear_cka": linear_cka(x[rows], y[rows]), knn_name: overlap[rows].mean(), "nn_label_agreement": label_agreement[rows].mean()}
 
     estimates = compute(np.arange(count))
-    resampled = bootstrap_resample_metrics(compute, count, n=options.bootstrap_resamples, seed=options.seed)
+    resampled = bootstrap_resample_metrics(compute, count, n=options.bootstrap_resamples, seed=options.seed, groups=groups)
     return AgreementResult(
         model=feature_set.name,
         reference=reference.name,

@@ -38,7 +38,10 @@ _NAME = re.compile(r"[A-Za-z0-9._+-]+")
 
 @dataclass(frozen=True)
 class BenchLabels:
-    """The labelled samples of a task in file order, with the folds when a split file gave them."""
+    """The labelled samples of a task in file order, with the folds when a split file gave them.
+
+    ``has_case_ids`` is False when the file had no ``case_id`` column, so that each sample is its own case.
+    """
 
     source: Path
     label_column: str
@@ -46,6 +49,7 @@ class BenchLabels:
     case_ids: np.ndarray
     labels: np.ndarray
     folds: list[Fold] | None
+    has_case_ids: bool = True
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,15 @@ def read_labels_csv(path: Path, label_column: str | None = None) -> BenchLabels:
             "expected one row per sample. Remove the repeated rows.",
             value=repeated,
         )
-    return BenchLabels(source=path, label_column=label_column, sample_ids=sample_ids, case_ids=case_ids, labels=labels, folds=None)
+    return BenchLabels(
+        source=path,
+        label_column=label_column,
+        sample_ids=sample_ids,
+        case_ids=case_ids,
+        labels=labels,
+        folds=None,
+        has_case_ids="case_id" in columns,
+    )
 
 
 def read_split_labels(path: Path, label_column: str | None = None) -> BenchLabels:

@@ -1,10 +1,14 @@
 """Uncertainty of benchmark metrics: bootstrap resamples of the test set with one fold, the spread over folds with several.
 
-With one fold, the test samples are drawn with replacement ``n`` times (100 by default) and each
-metric is computed on every resample, without refitting the probe or changing the retrieval
-database. The summary is the metric on the full test set, the standard deviation of the resampled
-values as its standard error, and their 2.5 and 97.5 percentiles. With several folds, the summary is
-the mean over folds and its standard error, std(ddof=1) / sqrt(folds).
+With one fold, the test set is resampled ``n`` times (100 by default) and each metric is computed on
+every resample, without refitting the probe or changing the retrieval database. Without groups the
+test samples are drawn with replacement. With groups (the case of each sample) it is a cluster
+bootstrap: the groups are drawn with replacement and every sample of a drawn group enters the
+resample. Tiles or slides of one case are alike, so resampling them one by one treats correlated
+samples as independent and gives intervals that are too narrow. The summary is the metric on the
+full test set, the standard deviation of the resampled values as its standard error, and their 2.5
+and 97.5 percentiles. With several folds, the summary is the mean over folds and its standard error,
+std(ddof=1) / sqrt(folds).
 """
 
 from __future__ import annotations
@@ -41,25 +45,55 @@ def bootstrap_resample_metrics(
     *,
     n: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
+    groups: Sequence | None = None,
 ) -> dict[str, np.ndarray]:
     """Return, per metric name, its ``n`` values on resamples of ``count`` test rows.
 
-    ``compute`` takes an array of row indices (drawn with replacement from
-    ``numpy.random.default_rng(seed)``, as in :func:`shared.agreement.bootstrap_interval`) and returns
-    the metrics of those rows.
+    ``compute`` takes an array of row indices and returns the metrics of those rows. The draws come
+    from ``numpy.random.default_rng(seed)``, as in :func:`shared.agreement.bootstrap_interval`. Without
+    ``groups``, each resample is ``count`` rows drawn with replacement. With ``groups`` (one value per
+    row), each resample draws as many groups as there are, with replacement, numbered in the order of
+    their first row, and contains every row of each drawn group, in row order. When every group has
+    one row, the resamples equal those without groups.
     """
-    if count < 2:
-        raise ConfigError(f"bootstrap: {count} test samples, expected at least 2 to resample.", value=count, limit=2)
+    members = None if groups is None else group_rows(count, groups)
+    units = count if members is None else len(members)
+    if units < 2:
+        described = "test samples" if members is None else "groups (cases) among the test samples"
+        raise ConfigError(
+            f"bootstrap: {units} {described}, expected at least 2 to resample. Put more samples or cases in the test set.",
+            value=units,
+            limit=2,
+        )
     if n < 2:
         raise ConfigError(f"bootstrap: n is {n}, expected at least 2 resamples for a standard error.", value=n, limit=2)
 
     generator = np.random.default_rng(seed)
     values: dict[str, list[float]] = {}
     for _ in range(n):
-        rows = generator.integers(0, count, size=count)
+        drawn = generator.integers(0, units, size=units)
+        rows = drawn if members is None else np.concatenate([members[group] for group in drawn])
         for name, value in compute(rows).items():
             values.setdefault(name, []).append(float(value))
     return {name: np.asarray(resampled) for name, resampled in values.items()}
+
+
+def group_rows(count: int, groups: Sequence) -> list[np.ndarray]:
+    """Return the row indices of each group, in row order, with the groups in the order of their first row.
+
+    Raises :class:`ConfigError` when ``groups`` does not have one value per row.
+    """
+    groups = np.asarray(groups, dtype=object)
+    if groups.shape != (count,):
+        raise ConfigError(
+            f"bootstrap: groups have shape {groups.shape}, expected one group (case id) per test sample, ({count},).",
+            value=list(groups.shape),
+            limit=count,
+        )
+    number_of: dict = {}
+    codes = np.array([number_of.setdefault(group, len(number_of)) for group in groups.tolist()], dtype=np.int64)
+    order = np.argsort(codes, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(codes, minlength=len(number_of)))[:-1])
 
 
 def summarize_bootstrap(estimates: Mapping[str, float], resampled: Mapping[str, np.ndarray]) -> dict[str, MetricSummary]:

@@ -3,7 +3,8 @@
 A task is a feature matrix with one row per sample, a label per row, and folds of row indices. For a
 slide-level or case-level task a row is a pooled feature (see :func:`load_pooled_features`). For a
 tile-level task a row is a tile, and the folds must group the tiles of a case. With one fold the test
-set is bootstrapped; with several, the metrics are averaged over folds.
+set is bootstrapped, by case when ``groups`` gives each row's case (see
+:mod:`shared.evaluation.bootstrap`); with several, the metrics are averaged over folds.
 """
 
 from __future__ import annotations
@@ -46,12 +47,14 @@ def run_linear_probe(
     balanced: bool = True,
     bootstrap_resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
+    groups: Sequence | None = None,
 ) -> ProtocolResult:
     """Fit a linear probe on each fold's train rows, score it on the test rows, and summarise the metrics.
 
-    Validation rows are not used, because the cost is fixed rather than tuned.
+    Validation rows are not used, because the cost is fixed rather than tuned. ``groups`` (the case of
+    each row) makes the one-fold bootstrap draw cases instead of rows.
     """
-    features, labels = _check_task(features, labels, folds)
+    features, labels, groups = _check_task(features, labels, folds, groups)
     fold_metrics = []
     last = None
     for fold in folds:
@@ -66,6 +69,7 @@ def run_linear_probe(
         len(test_labels),
         n=bootstrap_resamples,
         seed=seed,
+        groups=None if groups is None else groups[folds[0].test],
     )
     return ProtocolResult("linear_probe", fold_metrics, summarize_bootstrap(fold_metrics[0], resampled))
 
@@ -79,13 +83,14 @@ def run_retrieval(
     ks: Sequence[int] = DEFAULT_KS,
     bootstrap_resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
+    groups: Sequence | None = None,
 ) -> ProtocolResult:
     """Query each fold's train rows with its test rows and summarise the retrieval metrics.
 
     A bootstrap resamples the queries and keeps the database, so it measures how the metrics vary with
-    the test set.
+    the test set. ``groups`` (the case of each row) makes it draw the queries of whole cases.
     """
-    features, labels = _check_task(features, labels, folds)
+    features, labels, groups = _check_task(features, labels, folds, groups)
     fold_metrics = []
     last = None
     for fold in folds:
@@ -100,6 +105,7 @@ def run_retrieval(
         len(folds[0].test),
         n=bootstrap_resamples,
         seed=seed,
+        groups=None if groups is None else groups[folds[0].test],
     )
     return ProtocolResult(f"retrieval_{metric}", fold_metrics, summarize_bootstrap(fold_metrics[0], resampled))
 
@@ -141,7 +147,9 @@ def load_pooled_features(folder: Path, sample_ids: Sequence[str]) -> np.ndarray:
     return np.stack(rows)
 
 
-def _check_task(features: np.ndarray, labels: Sequence, folds: Sequence[Fold]) -> tuple[np.ndarray, np.ndarray]:
+def _check_task(
+    features: np.ndarray, labels: Sequence, folds: Sequence[Fold], groups: Sequence | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     features = np.asarray(features)
     labels = np.asarray(labels)
     if features.ndim != 2 or labels.shape != (len(features),):
@@ -149,6 +157,14 @@ def _check_task(features: np.ndarray, labels: Sequence, folds: Sequence[Fold]) -
             f"features have shape {features.shape} and labels {labels.shape}, expected (N, D) features with one label per row.",
             value=[list(features.shape), list(labels.shape)],
         )
+    if groups is not None:
+        groups = np.asarray(groups, dtype=object)
+        if groups.shape != (len(features),):
+            raise ConfigError(
+                f"groups have shape {groups.shape}, expected one case id per feature row, ({len(features)},).",
+                value=list(groups.shape),
+                limit=len(features),
+            )
     if not folds:
         raise ConfigError("no folds. Read them from a split file or make them with make_folds.", value=0)
     for number, fold in enumerate(folds):
@@ -161,4 +177,4 @@ def _check_task(features: np.ndarray, labels: Sequence, folds: Sequence[Fold]) -
                     value=int(indices.max()),
                     limit=len(features) - 1,
                 )
-    return features, labels
+    return features, labels, groups

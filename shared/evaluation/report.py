@@ -3,7 +3,8 @@
 ``report.md`` has one table with a column per model and a row per metric. A cell is
 ``value [low, high]`` (the full-test-set value and the 95% percentile interval of the bootstrap
 resamples) with one fold, and ``mean ± standard error`` over folds with several. Agreement with the
-reference is always bootstrapped over the samples. ``report.json`` contains the same numbers unrounded,
+reference is always bootstrapped over all samples. The report states what the bootstraps drew: cases,
+with all their samples, when the run had case ids, else single samples. ``report.json`` contains the same numbers unrounded,
 with the per-fold values. ``metrics.png`` is a bar chart of every metric with error bars, and
 ``embeddings.png`` a 2-D map (PCA or t-SNE) of each model's features coloured by label.
 
@@ -99,6 +100,8 @@ def report_data(result: BenchResult, files: ReportFiles | None = None) -> dict:
             "classes": {str(label): count for label, count in sorted(Counter(result.labels.tolist()).items(), key=lambda item: str(item[0]))},
             "folds": len(result.folds),
             "interval": result.interval_method,
+            "bootstrap_unit": result.bootstrap_unit,
+            "bootstrap_cases": None if result.groups is None else int(len(set(result.groups.tolist()))),
             "reference": result.reference,
         },
         "options": {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(result.options).items()},
@@ -127,10 +130,11 @@ def report_markdown(result: BenchResult, data: dict, files: ReportFiles) -> str:
     """Return ``report.md``: the task, the one table of every metric by model, the missing information and the figures."""
     names = [model.name for model in result.models]
     options = result.options
+    unit = result.bootstrap_unit
     if result.interval_method == "bootstrap":
         interval = (
             f"one fold, so each cell is the test-set value [2.5th, 97.5th percentile] of {options.bootstrap_resamples} "
-            "bootstrap resamples of the test set"
+            f"bootstrap resamples of the test {unit}s"
         )
     else:
         interval = f"{len(result.folds)} folds, so each cell is the mean ± standard error over folds"
@@ -141,8 +145,9 @@ def report_markdown(result: BenchResult, data: dict, files: ReportFiles) -> str:
         lines.append(f"- {key}: {value}")
     lines += [
         f"- samples: {len(result.labels)} ({classes})",
-        f"- intervals: {interval}. Agreement with the reference is bootstrapped over all samples "
+        f"- intervals: {interval}. Agreement with the reference is bootstrapped over all {unit}s "
         f"({options.bootstrap_resamples} resamples, 95% percentile interval).",
+        f"- bootstrap unit: {_bootstrap_unit_text(result, data)}",
         f"- linear probe: LogisticRegression(C={options.cost}, max_iter=10000, class_weight={'balanced' if options.balanced else None!r}) on raw features.",
         f"- retrieval: test samples query the train samples of each fold by {' and '.join(options.retrieval_metrics)}, k in {', '.join(map(str, options.ks))}.",
         f"- reference model: {result.reference}; neighbours for agreement ranked by {options.agreement_metric} similarity.",
@@ -182,6 +187,19 @@ def report_markdown(result: BenchResult, data: dict, files: ReportFiles) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _bootstrap_unit_text(result: BenchResult, data: dict) -> str:
+    """Return the sentence of ``report.md`` that states what the bootstraps drew with replacement."""
+    if result.groups is None:
+        return (
+            "sample. Each resample draws single samples with replacement, because no case ids were given. Samples of one "
+            "slide or case are correlated, so these intervals are too narrow when a case contributes several samples."
+        )
+    return (
+        f"case. Each resample draws cases with replacement and takes every sample of each drawn case "
+        f"({data['task']['bootstrap_cases']} cases among the {len(result.labels)} samples), because samples of one case are correlated."
+    )
 
 
 def plot_metrics(result: BenchResult, path: Path) -> Path:
