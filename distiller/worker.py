@@ -4,11 +4,15 @@
 (:func:`shared.shards.list_shards`) and, when at least ``min_new_tiles`` arrived since the last training,
 runs :func:`distiller.train.distill` into a run folder and publishes the export with
 :func:`shared.publish.publish_student`, where a student server whose checkpoint folder is the publish
-root picks it up. Output folder layout::
+root picks it up. With ``WorkerOptions.onnx`` the export also gets a ``model.onnx``
+(:func:`distiller.onnx_export.export_onnx`) before it is published, for the student server's onnx
+runtime. A failed ONNX export is logged, and the student is published without the file. Output folder
+layout::
 
     out_dir/
         worker-state.json       tiles trained on, trainings, published version, the run in progress (atomic)
-        runs/RUN/               one `unite distill` output folder per training (lightning/, logs/, student/)
+        runs/RUN/               one `unite distill` output folder per training (lightning/, logs/, student/,
+                                and student/model.onnx with the onnx option)
 
 Resume: the state file names the run in progress before it trains. A worker that starts and finds one
 resumes it from ``runs/RUN/lightning/last.ckpt`` when the shards have the names and lengths that run started
@@ -40,9 +44,10 @@ from lightning.pytorch.callbacks import Callback
 
 from distiller.callbacks import LAST_CHECKPOINT, LastCheckpoint
 from distiller.config import LOGS_SUBDIR, DistillConfig
+from distiller.onnx_export import export_onnx
 from distiller.train import LIGHTNING_SUBDIR, distill
 from shared.checkpoint import CHECKPOINT_WEIGHTS
-from shared.errors import ConfigError
+from shared.errors import ConfigError, ModelError
 from shared.publish import DEFAULT_KEEP, current_version, publish_student
 from shared.shards import SHARD_GLOB, ShardInfo, list_shards
 
@@ -54,6 +59,9 @@ STATE_FORMAT_VERSION = 1
 # One full shard of `unite teach`'s default shard size: fewer new tiles barely change a student.
 DEFAULT_MIN_NEW_TILES = 2048
 DEFAULT_POLL_S = 60.0
+# The file that the student server's onnx runtime loads (student_server.onnx_runtime.ONNX_WEIGHTS), repeated
+# here because the distiller does not import the student server.
+ONNX_FILE = "model.onnx"
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,8 @@ class WorkerOptions:
     checked every ``poll_s`` seconds, and ``once`` makes :meth:`DistillWorker.run` return after one check.
     ``keep`` published versions and as many run folders stay on disk. ``warm_start`` initialises each
     new training from the student currently published (its backbone; the mimic projector starts anew).
+    ``onnx`` writes ``model.onnx`` into each export before it is published. When that export fails, the
+    student is published without the file.
     """
 
     publish_root: Path
@@ -73,6 +83,7 @@ class WorkerOptions:
     keep: int = DEFAULT_KEEP
     warm_start: bool = False
     once: bool = False
+    onnx: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "publish_root", Path(self.publish_root))
@@ -276,6 +287,8 @@ class DistillWorker:
 
         stop_callback = _StopAfterStep(run_dir / LIGHTNING_SUBDIR, self._stop)
         result = distill(config, progress=self.progress, command=self.command, callbacks=[*self.callbacks, stop_callback])
+        if self.options.onnx:
+            self._export_onnx(result.checkpoint_dir, run_dir)
         published = publish_student(result.checkpoint_dir, self.options.publish_root, keep=self.options.keep)
 
         state.trained_tiles = result.train_tiles + result.val_tiles
@@ -289,6 +302,22 @@ class DistillWorker:
             state.trained_tiles, result.steps, result.last_loss, published,
         )
         return CheckResult(trained=True, total_tiles=state.trained_tiles, new_tiles=new_tiles, published=published, resumed=resume)
+
+    def _export_onnx(self, checkpoint_dir: Path, run_dir: Path) -> None:
+        """Write ``checkpoint_dir/model.onnx``, or log why not: a failed ONNX export never stops the torch student's publishing."""
+        started = time.monotonic()
+        try:
+            export = export_onnx(checkpoint_dir, checkpoint_dir / ONNX_FILE)
+        except (ModelError, ConfigError) as error:
+            # export_onnx replaces the target only after its check, so a failure leaves no model.onnx. Nor can one
+            # remain from an earlier attempt, because save_student wrote checkpoint_dir anew.
+            logger.warning(
+                "ONNX export of the student trained in %s failed, so it is published without %s: a running student server "
+                "with the onnx runtime keeps serving the previous version, and one started now is not ready. The error: %s",
+                run_dir, ONNX_FILE, error.message,
+            )
+            return
+        logger.info("ONNX export of the student trained in %s took %.1f s: %s", run_dir, time.monotonic() - started, export.summary())
 
     def _run_config(self, run_dir: Path, *, resume: bool) -> DistillConfig:
         config = self.config
@@ -365,6 +394,7 @@ __all__ = [
     "DEFAULT_MIN_NEW_TILES",
     "DEFAULT_POLL_S",
     "DistillWorker",
+    "ONNX_FILE",
     "STATE_FILE",
     "RUNS_SUBDIR",
     "WorkerOptions",

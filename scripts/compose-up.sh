@@ -16,7 +16,9 @@
 #      layer), and student-onnx when UNITE_COMPOSE_ONNX=1
 #   6. podman's API socket, then `docker compose up -d`: health checks, the student server's /readyz 503
 #      before a student exists, `docker compose run --rm init`, the student server ready, a tile POSTed
-#      from this host to the student server (384 floats) and to the gateway (1536 floats)
+#      from this host to the student server (384 floats) and to the gateway (1536 floats); with
+#      UNITE_COMPOSE_ONNX=1 also student-onnx (profile onnx) started, healthy, and 384 floats for a tile,
+#      served from the model.onnx that init published
 #   7. `docker compose down`, then the named volumes still contain the cache, the shards and the
 #      published student, and a restarted student server is ready at once
 #
@@ -189,6 +191,7 @@ done
 free_port() { "$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 gateway_port=$(free_port)
 student_port=$(free_port)
+onnx_port=$(free_port)
 data_dir="$work/data"
 mkdir -p "$data_dir" "$work/weights"
 sample=$cache_root/data/CMU-1-Small-Region.svs
@@ -207,6 +210,7 @@ UNITE_DATA_DIR=$data_dir
 UNITE_WEIGHTS_DIR=$work/weights
 UNITE_GATEWAY_PORT=$gateway_port
 UNITE_STUDENT_PORT=$student_port
+UNITE_STUDENT_ONNX_PORT=$onnx_port
 UNITE_DISTILL_POLL_S=10
 UNITE_STUDENT_RELOAD_INTERVAL_S=2
 EOF
@@ -260,6 +264,33 @@ wait_alive() {
     waited=$((waited + 2))
   done
 }
+# POST one tile from this host to each published port and check the embedding lengths. The arguments
+# are triples: a name for the messages, a port on 127.0.0.1 and the expected number of floats.
+check_embeddings() { "$python" - "$@" <<'EOF'
+import base64, json, struct, sys, urllib.request, zlib
+
+def png(size=224):
+    rows = bytearray()
+    for y in range(size):
+        rows.append(0)  # PNG filter type 0 (none) starts each row
+        for x in range(size):
+            rows += bytes((200 - (x + y) % 60, 120 + (x * y) % 50, 180 + y % 40))
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(rows))) + chunk(b"IEND", b"")
+
+request = json.dumps({"input": [{"image": base64.b64encode(png()).decode("ascii")}]}).encode()
+arguments = sys.argv[1:]
+for name, port, expected in zip(arguments[0::3], arguments[1::3], map(int, arguments[2::3])):
+    post = urllib.request.Request(f"http://127.0.0.1:{port}/v1/embeddings", data=request, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(post, timeout=120) as response:
+        embedding = json.load(response)["data"][0]["embedding"]
+    if len(embedding) != expected or not all(isinstance(value, float) for value in embedding):
+        sys.exit(f"compose-up: FAILED: the {name} returned {len(embedding)} values, expected {expected} floats")
+    print(f"compose-up: {name} on 127.0.0.1:{port} returned {len(embedding)} floats", file=sys.stderr)
+EOF
+}
 
 log "docker compose up -d (project $project, gateway on 127.0.0.1:$gateway_port, student server on 127.0.0.1:$student_port)"
 compose up -d --no-build >"$work/compose-up.log" 2>&1 || { cat "$work/compose-up.log" >&2; fail "docker compose up failed"; }
@@ -279,31 +310,21 @@ step_done "init (teach, train, publish)"
 wait_healthy student 120
 step_done "student healthy"
 
-"$python" - "$gateway_port" "$student_port" <<'EOF'
-"""POST one tile from this host to each published port and check the embedding lengths."""
-import base64, json, struct, sys, urllib.request, zlib
-
-def png(size=224):
-    rows = bytearray()
-    for y in range(size):
-        rows.append(0)  # PNG filter type 0 (none) starts each row
-        for x in range(size):
-            rows += bytes((200 - (x + y) % 60, 120 + (x * y) % 50, 180 + y % 40))
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(rows))) + chunk(b"IEND", b"")
-
-request = json.dumps({"input": [{"image": base64.b64encode(png()).decode("ascii")}]}).encode()
-for name, port, expected in (("gateway", sys.argv[1], 1536), ("student server", sys.argv[2], 384)):
-    post = urllib.request.Request(f"http://127.0.0.1:{port}/v1/embeddings", data=request, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(post, timeout=120) as response:
-        embedding = json.load(response)["data"][0]["embedding"]
-    if len(embedding) != expected or not all(isinstance(value, float) for value in embedding):
-        sys.exit(f"compose-up: FAILED: the {name} returned {len(embedding)} values, expected {expected} floats")
-    print(f"compose-up: {name} on 127.0.0.1:{port} returned {len(embedding)} floats", file=sys.stderr)
-EOF
+check_embeddings "gateway" "$gateway_port" 1536 "student server" "$student_port" 384
 step_done "embeddings from the host"
+
+# The slim ONNX student serves the model.onnx that init's worker (run with --onnx) put into the published
+# student. The service is in profile "onnx", so the compose commands that name it get that profile.
+if [[ "$build_onnx" == 1 ]]; then
+  log "starting student-onnx (profile onnx) on 127.0.0.1:$onnx_port"
+  compose --profile onnx up -d --no-build student-onnx >"$work/compose-onnx.log" 2>&1 \
+    || { cat "$work/compose-onnx.log" >&2; fail "starting student-onnx failed"; }
+  COMPOSE_PROFILES=onnx wait_healthy student-onnx 120
+  read -r status body < <(http_status "http://127.0.0.1:$onnx_port/readyz")
+  [[ "$status" == 200 ]] || fail "student-onnx's /readyz returned $status after its health check passed, expected 200: $body"
+  check_embeddings "student-onnx" "$onnx_port" 384
+  step_done "student-onnx healthy, embeddings"
+fi
 
 # 7. down keeps the named volumes, and their data is still there.
 compose --profile "*" down --timeout 30 >"$work/compose-down.log" 2>&1 || { cat "$work/compose-down.log" >&2; fail "docker compose down failed"; }

@@ -1,4 +1,4 @@
-"""Tests of the distiller's worker mode on real shards: threshold, training, publishing, resume and the command.
+"""Tests of the distiller's worker mode on real shards: threshold, training, publishing, ONNX export, resume and the command.
 
 Shards hold real LC25000 lung tiles and the pixel-projection teacher of test_distiller.py, and the student
 is timm's test_vit trained for one short epoch, so each training takes seconds on a CPU.
@@ -10,22 +10,31 @@ import json
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from test_distill_training import CrashAtStep
 from test_distiller import RESTRICTIVE_LICENCE, _lung_tiles, _write_shards
 
 from distiller.config import DistillConfig
-from distiller.worker import DEFAULT_MIN_NEW_TILES, DEFAULT_POLL_S, STATE_FILE, DistillWorker, WorkerOptions, read_state
+from distiller.onnx_export import RELATIVE_TOLERANCE
+from distiller.worker import DEFAULT_MIN_NEW_TILES, DEFAULT_POLL_S, ONNX_FILE, STATE_FILE, DistillWorker, WorkerOptions, read_state
 from shared.checkpoint import CHECKPOINT_WEIGHTS, file_sha256, load_student
 from shared.errors import ConfigError
+from shared.imaging import to_model_input
 from shared.publish import DEFAULT_KEEP, VERSIONS_DIR, current_version, resolve_checkpoint_dir
+from student_server.onnx_runtime import ONNX_WEIGHTS, embed_onnx, load_onnx_export
 from unite_cli import distill_worker
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_STUDENT = "test_vit"
+# torch 2.14 cannot export test_vit to ONNX, because it resamples its position embeddings with an antialiased
+# bicubic upsampling that has no ONNX operator, so the ONNX tests train this small timm CNN instead.
+ONNX_STUDENT = "resnet10t"
 TILES_PER_SLIDE = 8
 # Training options of every run here: 3 slides give 16 training tiles, so 4 steps of 4 tiles.
 TRAINING = {"student": SMALL_STUDENT, "batch_size": 4, "epochs": 1, "val_fraction": 0.3, "num_workers": 0, "accelerator": "cpu"}
@@ -117,6 +126,36 @@ def test_worker_resumes_crashed_training(lung_tiles, tmp_path):
     assert load_student(resolve_checkpoint_dir(tmp_path / "published")).config["training"]["steps"] == 4
 
 
+def test_worker_resumed_run_publishes_onnx(lung_tiles, tmp_path):
+    # A new run and a resumed run export through the same code, so one crashed and resumed training covers both.
+    _write_shards(tmp_path / "shards", lung_tiles[:24], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE)
+    config = DistillConfig(shard_dir=tmp_path / "shards", out_dir=tmp_path / "worker", checkpoint_every_n_steps=2, **{**TRAINING, "student": ONNX_STUDENT})
+    options = WorkerOptions(publish_root=tmp_path / "published", min_new_tiles=24, once=True, onnx=True)
+    with pytest.raises(RuntimeError, match="simulated crash at global step 3"):
+        DistillWorker(config, options, callbacks=[CrashAtStep(3)]).check()
+
+    result = DistillWorker(config, options).check()
+    served = resolve_checkpoint_dir(tmp_path / "published")
+    onnx_student, _ = load_onnx_export(served)
+    torch_student = load_student(served).model.eval()
+    tiles = lung_tiles[:5]
+    with torch.no_grad():
+        expected = torch_student.forward_head(torch_student.forward_features(torch.from_numpy(to_model_input(tiles))), pre_logits=True).numpy()
+    actual = embed_onnx(onnx_student, tiles)
+
+    assert result.trained
+    assert result.resumed
+    assert result.published == served
+    assert (served / ONNX_FILE).is_file()
+    assert onnx_student.sha256 == file_sha256(served / CHECKPOINT_WEIGHTS)
+    assert actual.shape == expected.shape
+    assert np.abs(actual - expected).max() <= RELATIVE_TOLERANCE * max(1.0, float(np.abs(expected).max()))
+
+
+def test_worker_onnx_file_matches_server():
+    assert ONNX_FILE == ONNX_WEIGHTS
+
+
 def test_worker_stops_on_restrictive_licence(lung_tiles, tmp_path):
     _write_shards(tmp_path / "shards", lung_tiles[:24], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE, licence=RESTRICTIVE_LICENCE)
 
@@ -184,3 +223,90 @@ def test_cli_stops_on_sigterm_between_checks(tmp_path):
     assert process.returncode == 0, stderr[-3000:]
     assert "received SIGTERM" in stderr
     assert "0 trainings" in stdout
+
+
+# Run by `python -c`: a None entry in sys.modules makes `import onnx` raise ImportError and
+# importlib.util.find_spec return None, as on a machine without the packages, so the worker's ONNX export
+# fails for real. Then the command runs with the remaining arguments.
+ONNX_HIDDEN = textwrap.dedent(
+    """
+    import sys
+
+    sys.modules.update({"onnx": None, "onnxruntime": None})
+    from unite_cli.main import main
+
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_cli_onnx_failure_still_publishes(lung_tiles, tmp_path):
+    _write_shards(tmp_path / "shards", lung_tiles[:24], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE)
+    arguments = worker_command(tmp_path, "--once", "--min-new-tiles", "24", "--onnx")[3:]
+
+    completed = subprocess.run([sys.executable, "-c", ONNX_HIDDEN, *arguments], capture_output=True, text=True, timeout=300, cwd=REPO)
+    served = resolve_checkpoint_dir(tmp_path / "published")
+    warnings = [line for line in completed.stderr.splitlines() if "WARNING distiller.worker: ONNX export" in line]
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "1 trainings" in completed.stdout
+    assert len(warnings) == 1, completed.stderr[-3000:]
+    assert str(tmp_path / "worker" / "runs") in warnings[0]
+    assert "onnx and onnxruntime packages" in warnings[0]
+    assert "keeps serving the previous version" in warnings[0]
+    assert load_student(served).config["student"] == SMALL_STUDENT
+    assert not (served / ONNX_FILE).exists()
+
+
+# 3 slides of 8 tiles give 16 training tiles, 4 steps of 4 per epoch, so 20 epochs plan 80 steps. The
+# SIGTERM, sent when the first epoch's last.ckpt appears, lands long before the last step.
+SIGTERM_EPOCHS = 20
+SIGTERM_PLANNED_STEPS = SIGTERM_EPOCHS * 4
+
+
+def test_cli_sigterm_mid_training_then_resumes(lung_tiles, tmp_path):
+    _write_shards(tmp_path / "shards", lung_tiles[:24], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE)
+    command = worker_command(tmp_path, "--min-new-tiles", "24", "--poll-s", "0.2")
+    command[command.index("--epochs") + 1] = str(SIGTERM_EPOCHS)
+    log_path = tmp_path / "worker.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO)
+        try:
+            # LastCheckpoint writes last.ckpt at the end of each epoch, so its appearance means steps have run.
+            deadline = time.monotonic() + 300
+            while not list((tmp_path / "worker" / "runs").glob("*/lightning/last.ckpt")) and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            process.send_signal(signal.SIGTERM)
+            stdout, _ = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    stderr = log_path.read_text()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    state = json.loads((tmp_path / "worker" / STATE_FILE).read_text())
+    checkpoint_path = tmp_path / "worker" / "runs" / state["running"]["run"] / "lightning" / "last.ckpt"
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+
+    assert "received SIGTERM" in stderr
+    assert f"stopped at global step {checkpoint['global_step']} on request" in stderr
+    assert stdout == ""
+    assert 0 < checkpoint["global_step"] < SIGTERM_PLANNED_STEPS
+    assert checkpoint["state_dict"]
+    assert state["trainings"] == 0
+    assert state["published"] is None
+    assert state["running"]["shards"] == [["shard-00000.h5", 24]]
+    assert current_version(tmp_path / "published") is None
+    assert not (tmp_path / "published" / VERSIONS_DIR).exists()
+
+    resumed = subprocess.run([*command, "--once"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    served = resolve_checkpoint_dir(tmp_path / "published")
+    final_state = read_state(tmp_path / "worker" / STATE_FILE)
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming the unfinished training in {checkpoint_path.parent.parent}" in resumed.stderr
+    assert "1 trainings" in resumed.stdout
+    assert final_state.running is None
+    assert final_state.trainings == 1
+    assert final_state.published == served.name
+    assert load_student(served).config["training"]["steps"] == SIGTERM_PLANNED_STEPS

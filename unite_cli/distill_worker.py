@@ -27,9 +27,9 @@ DESCRIPTION = (
     "train a student as `unite distill` does (in OUT/runs/RUN, which the options' OUT means here) and publish it "
     "into --publish-root, where a student server whose --checkpoint is that folder serves it. OUT/worker-state.json "
     "records the tiles trained on; a training interrupted by a crash or SIGTERM resumes from its last.ckpt at the "
-    "next start. A teacher licence that restricts derivatives or commercial use stops the worker unless "
-    "--accept-teacher-licence is given. Exit status: 0 after --once or a SIGTERM between checks, 143 after a "
-    "SIGTERM that stopped a training, 2 for invalid options."
+    "next start. With --onnx each published student also contains model.onnx. A teacher licence that restricts "
+    "derivatives or commercial use stops the worker unless --accept-teacher-licence is given. Exit status: 0 after "
+    "--once or a SIGTERM between checks, 143 after a SIGTERM that stopped a training, 2 for invalid options."
 )
 
 
@@ -57,6 +57,12 @@ def add_distill_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "--warm-start", action="store_true", help="start each new training from the published student's weights instead of --student-weights or random ones"
     )
     worker.add_argument("--once", action="store_true", help="check once, train at most once, and exit")
+    worker.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export each student as model.onnx (as `unite export-onnx` does) before publishing it, for a student server "
+        "with --runtime onnx; a failed ONNX export is logged and the student is published without it",
+    )
 
 
 def run_distill_worker(args: argparse.Namespace) -> int:
@@ -65,7 +71,13 @@ def run_distill_worker(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     options = WorkerOptions(
-        publish_root=args.publish_root, min_new_tiles=args.min_new_tiles, poll_s=args.poll_s, keep=args.keep, warm_start=args.warm_start, once=args.once
+        publish_root=args.publish_root,
+        min_new_tiles=args.min_new_tiles,
+        poll_s=args.poll_s,
+        keep=args.keep,
+        warm_start=args.warm_start,
+        once=args.once,
+        onnx=args.onnx,
     )
     worker = DistillWorker(config, options, command=" ".join(["unite", *sys.argv[1:]]), progress=sys.stderr.isatty())
 
