@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
 # torch's scaled_dot_product_attention, which timm's attention layers call, exports from opset 14 on.
 MIN_OPSET = 14
+_OPSET_FIX = f"Try another --opset: the default is {DEFAULT_OPSET}, and any from {MIN_OPSET} to the newest your onnxruntime supports may work."
 INPUT_NAME = ONNX_INPUT
 EMBEDDING_OUTPUT = ONNX_EMBEDDING_OUTPUT
 TEACHER_OUTPUT = ONNX_TEACHER_OUTPUT
@@ -149,7 +150,7 @@ def _trace(module: nn.Module, path: Path, *, outputs: list[str], size: int, opse
             )
         except (RuntimeError, ValueError) as error:
             raise ModelError(
-                f"torch.onnx.export failed for the student at opset {opset} ({error}). Try another --opset, such as {DEFAULT_OPSET}.",
+                f"torch.onnx.export failed for the student at opset {opset} ({error}). {_OPSET_FIX}",
                 value=opset,
             ) from error
 
@@ -172,7 +173,7 @@ def _write_metadata(onnx, path: Path, config: dict, sha256: str) -> None:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as error:
-        raise ModelError(f"the exported ONNX graph is invalid ({error}). Try another --opset, such as {DEFAULT_OPSET}.") from error
+        raise ModelError(f"the exported ONNX graph is invalid ({error}). {_OPSET_FIX}") from error
     onnx.save(model, str(path))
 
 
@@ -192,7 +193,7 @@ def _compare_with_torch(
         actual = session.run(outputs, {INPUT_NAME: pixels.numpy()})
     except runtime_errors as error:
         raise ModelError(
-            f"onnxruntime {onnxruntime.__version__} cannot run the exported graph ({error}). Try another --opset, such as {DEFAULT_OPSET}."
+            f"onnxruntime {onnxruntime.__version__} cannot run the exported graph ({error}). {_OPSET_FIX}"
         ) from error
 
     differences, dims = {}, {}
@@ -210,7 +211,7 @@ def _compare_with_torch(
         if not difference <= tolerance:
             raise ModelError(
                 f"ONNX output {name} differs from torch by up to {difference:.3g}, expected at most {tolerance:.3g}. "
-                f"Try another --opset, such as {DEFAULT_OPSET}.",
+                f"{_OPSET_FIX}",
                 value=difference,
                 limit=tolerance,
             )

@@ -651,6 +651,8 @@ def test_compose_up_script():
     completed = subprocess.run([str(REPO / "scripts" / "compose-up.sh")], capture_output=True, text=True, timeout=3300, env=environment, cwd=REPO)
 
     assert completed.returncode == 0, completed.stderr[-6000:]
+    # The image sizes and step timings, shown with `pytest -s` or `-rP`.
+    print(completed.stdout[-4000:])
     assert "compose-up: all checks passed" in completed.stdout
     assert "student server before the first student: /readyz 503" in completed.stderr
     assert re.search(r"student server on 127\.0\.0\.1:\d+ returned 384 floats", completed.stderr)
