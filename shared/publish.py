@@ -12,6 +12,9 @@ renamed), and ``current`` is switched with one ``os.replace`` of a new link over
 reader sees either the previous export or the new one, never a mix. The student server resolves
 ``current`` on every reload check, so pointing ``UNITE_STUDENT_CHECKPOINT_DIR`` at the root (or at
 ``ROOT/current``) is enough to serve each new student as it is published.
+
+:func:`list_versions` reads the published versions, and :func:`rollback_current` points ``current`` back at
+an older one with the same link switch.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-from shared.checkpoint_format import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, file_sha256
+from shared.checkpoint_format import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, ONNX_WEIGHTS, file_sha256, student_label
 from shared.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -182,3 +186,148 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+@dataclass(frozen=True)
+class PublishedVersion:
+    """One folder under ``ROOT/versions``, as :func:`list_versions` reads it.
+
+    ``problem`` is empty for a complete version, and otherwise the reason the student server could not load it.
+    ``student`` is the name the server reports (``<architecture>@<first 12 hex digits of the sha256>``).
+    """
+
+    name: str
+    path: Path
+    current: bool
+    student: str
+    sha256: str
+    teacher: str
+    has_onnx: bool
+    size_bytes: int
+    problem: str
+
+
+def list_versions(root: Path) -> list[PublishedVersion]:
+    """Return the published versions under ``root``, newest first, without the hidden staging folders.
+
+    Each version's weights are hashed to tell a complete version from one whose files were changed or
+    cut short, so listing reads every weights file once. Raises :class:`ConfigError` when ``root`` has no
+    ``versions`` folder.
+    """
+    versions = root / VERSIONS_DIR
+    if not versions.is_dir():
+        raise ConfigError(
+            f"publish root {root} has no {VERSIONS_DIR}/ folder, expected a folder that `unite publish add` or "
+            "`unite distill-worker --publish-root` publishes into. Pass that folder.",
+            value=str(root),
+        )
+    serving = current_version(root)
+    folders = sorted((path for path in versions.iterdir() if path.is_dir() and not path.name.startswith(".")), key=lambda path: path.name, reverse=True)
+    return [_read_version(folder, current=serving is not None and folder.resolve() == serving) for folder in folders]
+
+
+def rollback_current(root: Path, to: str | None = None) -> Path:
+    """Point ``root/current`` at the version named ``to``, or at the newest complete version older than the current one.
+
+    ``to`` is a folder name under ``root/versions`` (a path ending in one is accepted too). The link is
+    switched as :func:`publish_student` switches it, so a student server loads either version, never a mix.
+    Returns the version now current. Choosing the current version changes nothing.
+    Raises :class:`ConfigError` naming the available versions when nothing is published, when ``to``
+    is not a version of ``root``, when that version is incomplete, or when no older complete version exists.
+    A version is complete when it has its weights and a config.json that records their sha256. Whether it
+    loads was checked when it was published, and is not checked again.
+    """
+    available = list_versions(root)
+    complete = [version for version in available if not version.problem]
+    listing = _format_available(available)
+    serving = next((version for version in available if version.current), None)
+
+    if to is None:
+        if serving is None:
+            raise ConfigError(
+                f"cannot roll back publish root {root}: its {CURRENT_LINK} link names no published version. "
+                f"Pass --to with one of the available versions: {listing}.",
+                value=None,
+            )
+        older = [version for version in complete if version.name < serving.name]
+        if not older:
+            raise ConfigError(
+                f"cannot roll back publish root {root}: no complete version is older than the current {serving.name}. "
+                f"Available versions: {listing}. Pass --to to pick one, or publish the student you want with `unite publish add`.",
+                value=serving.name,
+            )
+        target = older[0]
+    else:
+        name = Path(to).name
+        target = next((version for version in available if version.name == name), None)
+        if target is None:
+            raise ConfigError(
+                f"cannot roll back publish root {root} to {to!r}: no such version under {root / VERSIONS_DIR}. "
+                f"Pass one of the available versions: {listing}.",
+                value=to,
+                limit=[version.name for version in available],
+            )
+        if target.problem:
+            raise ConfigError(
+                f"cannot roll back publish root {root} to {target.name}: the version is incomplete ({target.problem}). "
+                f"Pass one of the complete versions: {_format_available(complete)}.",
+                value=target.name,
+                limit=[version.name for version in complete],
+            )
+
+    if serving is not None and target.name == serving.name:
+        logger.info("%s is already the current version of %s", target.path, root)
+        return target.path
+    _point_current(root, target.path)
+    logger.info("rolled back %s: current now points at %s (was %s)", root, target.name, serving.name if serving else "nothing")
+    return target.path
+
+
+def _read_version(folder: Path, *, current: bool) -> PublishedVersion:
+    """Read a version folder's config.json and sizes, and check that its weights match the recorded sha256."""
+    size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    config: dict = {}
+    problem = ""
+    try:
+        loaded = json.loads((folder / CHECKPOINT_CONFIG).read_text())
+        config = loaded if isinstance(loaded, dict) else {}
+        if not config:
+            problem = f"{CHECKPOINT_CONFIG} is not a JSON object"
+    except (OSError, ValueError) as error:
+        problem = f"{CHECKPOINT_CONFIG} cannot be read ({error})"
+    recorded = str(config.get("weights_sha256", ""))
+    weights = folder / CHECKPOINT_WEIGHTS
+    if not problem:
+        if not weights.is_file():
+            problem = f"{CHECKPOINT_WEIGHTS} is missing"
+        elif file_sha256(weights) != recorded:
+            problem = f"{CHECKPOINT_WEIGHTS} does not have the sha256 that {CHECKPOINT_CONFIG} records"
+    try:
+        student = student_label(config) if config else "unknown"
+    except (KeyError, TypeError):
+        student = "unknown"
+    return PublishedVersion(
+        name=folder.name,
+        path=folder,
+        current=current,
+        student=f"{student}@{recorded[:12]}" if recorded else student,
+        sha256=recorded,
+        teacher=str(config.get("teacher") or "unknown"),
+        has_onnx=(folder / ONNX_WEIGHTS).is_file(),
+        size_bytes=size,
+        problem=problem,
+    )
+
+
+def _format_available(versions: list[PublishedVersion]) -> str:
+    if not versions:
+        return "none"
+    names = []
+    for version in versions:
+        name = version.name
+        if version.current:
+            name += " (current)"
+        if version.problem:
+            name += " (incomplete)"
+        names.append(name)
+    return ", ".join(names)

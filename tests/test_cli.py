@@ -29,6 +29,8 @@ SUBCOMMANDS = [
     "pool",
     "bench",
     "evaluate",
+    "publish",
+    "cache",
     "serve-gateway",
     "serve-student",
     "demo",

@@ -1,4 +1,5 @@
-"""Tests of shared.publish: atomic publishing under a concurrent reader, pruning, and rejected exports.
+"""Tests of shared.publish and `unite publish`: atomic publishing under a concurrent reader, pruning, rejected
+exports, listing, rollback under a running student server, and publishing an export by hand.
 
 Exports are real students saved with save_student (timm's test_vit, 0.3 M parameters, so each save is fast).
 """
@@ -10,13 +11,22 @@ import shutil
 import threading
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
 import torch
+from gateway_helpers import wait_for
+from servers import run_app
+from student_helpers import direct_embeddings, lung_tiles, post_embeddings, response_embeddings, save_tiny_student
 
 from shared.checkpoint import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, file_sha256, load_student, save_student
+from shared.checkpoint_format import ONNX_WEIGHTS
 from shared.errors import ConfigError
 from shared.models.student import build_student
-from shared.publish import CURRENT_LINK, VERSIONS_DIR, current_version, publish_student, resolve_checkpoint_dir
+from shared.publish import CURRENT_LINK, VERSIONS_DIR, current_version, list_versions, publish_student, resolve_checkpoint_dir, rollback_current
+from student_server.app import create_app
+from student_server.settings import StudentSettings
+from unite_cli.main import main
 
 SMALL_STUDENT = "test_vit"
 
@@ -173,3 +183,195 @@ def test_publish_same_weights_other_config_is_new_version(exports, tmp_path):
     assert second != first
     assert current_version(tmp_path) == second
     assert (second / CHECKPOINT_CONFIG).read_bytes() == (changed / CHECKPOINT_CONFIG).read_bytes()
+
+
+# `unite publish list`, `rollback` and `add`.
+
+
+def test_list_versions_newest_first(exports, tmp_path):
+    versions = [publish_student(export, tmp_path) for export in exports[:3]]
+
+    listed = list_versions(tmp_path)
+
+    assert [version.name for version in listed] == [version.name for version in reversed(versions)]
+    assert [version.current for version in listed] == [True, False, False]
+    for version, export in zip(listed, reversed(exports[:3])):
+        sha256 = file_sha256(export / CHECKPOINT_WEIGHTS)
+        assert version.sha256 == sha256
+        assert version.student == f"timm:{SMALL_STUDENT}@{sha256[:12]}"
+        assert version.teacher == "test-teacher/v1"
+        assert version.problem == ""
+        assert version.has_onnx is False
+        assert version.size_bytes == sum(path.stat().st_size for path in export.rglob("*") if path.is_file())
+
+
+def test_cli_list_marks_current(exports, tmp_path, capsys):
+    versions = [publish_student(export, tmp_path) for export in exports[:2]]
+    (versions[0] / CHECKPOINT_WEIGHTS).write_bytes(b"cut short")
+
+    status = main(["publish", "list", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+
+    assert status == 0
+    assert lines[0] == f"publish root {tmp_path}: 2 versions, newest first; current: {versions[1].name}"
+    assert lines[1].split() == ["VERSION", "STUDENT", "TEACHER", "ONNX", "SIZE", "STATUS"]
+    newest, oldest = lines[2], lines[3]
+    sha256 = file_sha256(exports[1] / CHECKPOINT_WEIGHTS)
+    size_mb = f"{list_versions(tmp_path)[0].size_bytes / 1e6:.1f}"
+    assert newest.split()[:7] == ["*", versions[1].name, f"timm:{SMALL_STUDENT}@{sha256[:12]}", "test-teacher/v1", "no", size_mb, "MB"]
+    assert newest.endswith("complete")
+    assert oldest.startswith(f"   {versions[0].name}")
+    assert oldest.endswith(f"incomplete: {CHECKPOINT_WEIGHTS} does not have the sha256 that {CHECKPOINT_CONFIG} records")
+
+
+def test_cli_list_without_versions_folder(tmp_path, caplog):
+    status = main(["publish", "list", str(tmp_path)])
+
+    assert status == 2
+    assert f"publish root {tmp_path} has no versions/ folder" in caplog.text
+
+
+def test_rollback_to_previous_then_named(exports, tmp_path, capsys):
+    versions = [publish_student(export, tmp_path) for export in exports[:3]]
+
+    first = main(["publish", "rollback", str(tmp_path)])
+    after_first = current_version(tmp_path)
+    second = main(["publish", "rollback", str(tmp_path)])
+    after_second = current_version(tmp_path)
+    named = main(["publish", "rollback", str(tmp_path), "--to", versions[2].name])
+    printed = capsys.readouterr().out.splitlines()
+
+    assert (first, second, named) == (0, 0, 0)
+    assert after_first == versions[1]
+    assert after_second == versions[0]
+    assert current_version(tmp_path) == versions[2]
+    assert (tmp_path / CURRENT_LINK).is_symlink()
+    assert printed[-1] == f"{tmp_path / CURRENT_LINK} -> {VERSIONS_DIR}/{versions[2].name}"
+    assert published_versions(tmp_path) == sorted(version.name for version in versions)
+
+
+def test_rollback_unknown_version_lists_available(exports, tmp_path, caplog):
+    versions = [publish_student(export, tmp_path) for export in exports[:2]]
+
+    status = main(["publish", "rollback", str(tmp_path), "--to", "20990101T000000000000Z-000000000000"])
+
+    assert status == 2
+    assert "no such version" in caplog.text
+    assert f"{versions[1].name} (current)" in caplog.text
+    assert versions[0].name in caplog.text
+    assert current_version(tmp_path) == versions[1]
+
+
+def test_rollback_to_incomplete_version_rejected(exports, tmp_path):
+    versions = [publish_student(export, tmp_path) for export in exports[:3]]
+    (versions[0] / CHECKPOINT_WEIGHTS).unlink()
+
+    with pytest.raises(ConfigError, match=rf"the version is incomplete \({CHECKPOINT_WEIGHTS} is missing\)") as raised:
+        rollback_current(tmp_path, versions[0].name)
+
+    assert raised.value.limit == [versions[2].name, versions[1].name]
+    assert current_version(tmp_path) == versions[2]
+
+
+def test_rollback_skips_incomplete_previous(exports, tmp_path):
+    versions = [publish_student(export, tmp_path) for export in exports[:3]]
+    (versions[1] / CHECKPOINT_CONFIG).write_text("not json")
+
+    assert rollback_current(tmp_path) == versions[0]
+
+
+def test_rollback_without_older_version(exports, tmp_path):
+    only = publish_student(exports[0], tmp_path)
+
+    with pytest.raises(ConfigError, match=f"no complete version is older than the current {only.name}"):
+        rollback_current(tmp_path)
+
+    assert current_version(tmp_path) == only
+
+
+def test_cli_add_publishes_export(exports, tmp_path, capsys):
+    root = tmp_path / "root"
+
+    added = main(["publish", "add", str(exports[0]), str(root)])
+    again = main(["publish", "add", str(exports[0]), str(root)])
+    printed = capsys.readouterr().out.splitlines()
+
+    version = current_version(root)
+    assert (added, again) == (0, 0)
+    assert printed[0] == f"{root / CURRENT_LINK} -> {VERSIONS_DIR}/{version.name} (published)"
+    assert printed[1] == f"{root / CURRENT_LINK} -> {VERSIONS_DIR}/{version.name} (already current, nothing copied)"
+    assert file_sha256(version / CHECKPOINT_WEIGHTS) == file_sha256(exports[0] / CHECKPOINT_WEIGHTS)
+
+
+def test_cli_add_missing_export(tmp_path, caplog):
+    status = main(["publish", "add", str(tmp_path / "no-export"), str(tmp_path / "root")])
+
+    assert status == 2
+    assert f"EXPORT_DIR {tmp_path / 'no-export'} not found" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tmp_path_factory) -> tuple[Path, Path]:
+    """Two one-block UNITE students. test_vit is not used here, because torch cannot export its antialiased bicubic resize to ONNX."""
+    folder = tmp_path_factory.mktemp("tiny")
+    return save_tiny_student(folder / "first", seed=1), save_tiny_student(folder / "second", seed=2)
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tiny_exports, tmp_path_factory) -> Path:
+    """A copy of the first tiny export with model.onnx beside its weights, as `unite export-onnx` writes it."""
+    from distiller.onnx_export import export_onnx
+
+    folder = tmp_path_factory.mktemp("onnx") / "student"
+    shutil.copytree(tiny_exports[0], folder)
+    export_onnx(folder, folder / ONNX_WEIGHTS)
+    return folder
+
+
+def test_cli_add_export_with_onnx(onnx_export, tmp_path, capsys):
+    status = main(["publish", "add", str(onnx_export), str(tmp_path)])
+    capsys.readouterr()
+    listed = main(["publish", "list", str(tmp_path)])
+    row = capsys.readouterr().out.splitlines()[2]
+
+    version = current_version(tmp_path)
+    assert (status, listed) == (0, 0)
+    assert (version / ONNX_WEIGHTS).read_bytes() == (onnx_export / ONNX_WEIGHTS).read_bytes()
+    assert row.split()[4] == "yes"
+    assert list_versions(tmp_path)[0].has_onnx is True
+
+
+def test_cli_add_rejects_onnx_of_other_weights(onnx_export, tiny_exports, tmp_path, caplog):
+    stale = tmp_path / "stale"
+    shutil.copytree(tiny_exports[1], stale)
+    shutil.copyfile(onnx_export / ONNX_WEIGHTS, stale / ONNX_WEIGHTS)
+
+    status = main(["publish", "add", str(stale), str(tmp_path / "root")])
+
+    assert status == 2
+    assert f"cannot publish {stale}: its {ONNX_WEIGHTS} does not load with the onnx runtime" in caplog.text
+    assert "was exported from weights with sha256" in caplog.text
+    assert not (tmp_path / "root" / CURRENT_LINK).exists()
+
+
+def test_rollback_reloads_running_student_server(tiny_exports, shared_data, tmp_path):
+    first, second = tiny_exports
+    tiles = lung_tiles(shared_data, 2)
+    old_sha, old_embeddings = direct_embeddings(first, tiles)
+    new_sha, _ = direct_embeddings(second, tiles)
+    root = tmp_path / "published"
+    publish_student(first, root)
+    publish_student(second, root)
+    settings = StudentSettings(checkpoint_dir=root, jobs_dir=tmp_path / "jobs", upload_dir=tmp_path / "uploads", reload_interval_s=0.2)
+
+    with run_app(create_app(settings)) as base_url, httpx.Client(base_url=base_url, timeout=120) as client:
+        before = post_embeddings(client, tiles)
+        status = main(["publish", "rollback", str(root)])
+        wait_for(lambda: client.get("/readyz").json().get("checkpoint_sha256") == old_sha, what="the rolled-back student served")
+        after = post_embeddings(client, tiles)
+
+    assert before.json()["checkpoint_sha256"] == new_sha
+    assert status == 0
+    assert after.status_code == 200, after.text
+    assert after.json()["checkpoint_sha256"] == old_sha
+    np.testing.assert_allclose(response_embeddings(after), old_embeddings, atol=0.05)

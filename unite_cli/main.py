@@ -20,6 +20,8 @@ from pydantic import ValidationError
 from shared.errors import ConfigError, UniteError
 from unite_cli.bench import DESCRIPTION as BENCH_DESCRIPTION
 from unite_cli.bench import add_bench_arguments, run_bench_command
+from unite_cli.cache_backup import DESCRIPTION as CACHE_DESCRIPTION
+from unite_cli.cache_backup import add_cache_arguments, run_cache
 from unite_cli.distill import add_distill_arguments, run_distill
 from unite_cli.distill_worker import DESCRIPTION as DISTILL_WORKER_DESCRIPTION
 from unite_cli.distill_worker import add_distill_worker_arguments, run_distill_worker
@@ -29,6 +31,8 @@ from unite_cli.evaluate import DESCRIPTION as EVALUATE_DESCRIPTION
 from unite_cli.evaluate import add_evaluate_arguments, run_evaluate
 from unite_cli.pool import DESCRIPTION as POOL_DESCRIPTION
 from unite_cli.pool import add_pool_arguments, run_pool
+from unite_cli.publish import DESCRIPTION as PUBLISH_DESCRIPTION
+from unite_cli.publish import add_publish_arguments, run_publish
 from unite_cli.serve_gateway import GATEWAY_OPTIONS, add_gateway_arguments
 from unite_cli.teach import DESCRIPTION as TEACH_DESCRIPTION
 from unite_cli.teach import add_teach_arguments, run_teach
@@ -103,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="embed labelled slides with two or more served models, pool and benchmark them", description=EVALUATE_DESCRIPTION
     )
     add_evaluate_arguments(evaluate)
+
+    publish = commands.add_parser(
+        "publish", help="list, roll back or add the students of a publish root that student servers serve", description=PUBLISH_DESCRIPTION
+    )
+    add_publish_arguments(publish)
+
+    cache = commands.add_parser("cache", help="back up the teacher gateway's embedding cache while the gateway runs", description=CACHE_DESCRIPTION)
+    add_cache_arguments(cache)
 
     gateway = commands.add_parser("serve-gateway", help="run the teacher gateway HTTP service")
     add_gateway_arguments(gateway)
@@ -280,6 +292,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         _check_output_folder(args.out, "--out")
         return run_evaluate(args)
+
+    if args.command == "publish":
+        if args.publish_command == "add":
+            _check_input_folder(args.export_dir, "EXPORT_DIR")
+            _check_output_folder(args.root, "ROOT")
+        else:
+            _check_input_folder(args.root, "ROOT")
+        return run_publish(args)
+
+    if args.command == "cache":
+        return run_cache(args)
 
     if args.command == "serve-gateway":
         from unite_cli.serve_gateway import gateway_settings, serve_gateway

@@ -1,0 +1,216 @@
+"""Online backup of the embedding cache with SQLite's backup API, safe while a gateway keeps writing.
+
+A plain file copy of a WAL database can miss the transactions still in ``embeddings.sqlite3-wal`` or
+catch the main file halfway through a checkpoint. :func:`backup_cache` instead copies the database with
+``sqlite3.Connection.backup`` in one step. That step reads inside one read transaction, so the copy is
+the database as it was when the step began. Writers are not blocked, because in WAL mode a reader does not
+block a writer (SQLite's WAL documentation). Rows committed after the step began are not in the copy. While
+the backup reads, SQLite cannot start the ``-wal`` file over, so it grows with the gateway's writes until then.
+
+The copy is written under a temporary name beside the output file and renamed into place after
+``PRAGMA integrity_check`` passed, so a killed backup never leaves a partial file under the final name.
+The output is one self-contained file in rollback-journal mode. A gateway started on a restored copy
+switches it back to WAL when it opens it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.cache import DATABASE_NAME, SCHEMA_VERSION
+from shared.errors import CacheError
+from shared.sqlite import BUSY_TIMEOUT_S, converted_sqlite_errors
+
+logger = logging.getLogger(__name__)
+
+# Suffixes of the files SQLite keeps beside a WAL database.
+_SIDE_FILE_SUFFIXES = ("-wal", "-shm", "-journal", ".lock")
+
+
+@dataclass
+class CacheBackup:
+    """The result of :func:`backup_cache`: the output file, its size and the rows it contains."""
+
+    source: Path
+    out: Path
+    bytes: int
+    rows_by_teacher: dict[str, int] = field(default_factory=dict)
+    quarantined: int = 0
+    schema_version: int = SCHEMA_VERSION
+    seconds: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        """Return the number of cached embeddings over all teachers."""
+        return sum(self.rows_by_teacher.values())
+
+
+def cache_database_path(source: Path) -> Path:
+    """Return the database file that ``source`` names: ``source/embeddings.sqlite3`` for a folder, else ``source``.
+
+    Raises :class:`CacheError` when neither exists.
+    """
+    source = Path(source)
+    if source.is_dir():
+        database = source / DATABASE_NAME
+        if not database.is_file():
+            raise CacheError(
+                f"cache folder {source} contains no {DATABASE_NAME}, expected the gateway's cache folder "
+                "(its --cache-dir or UNITE_GATEWAY_CACHE_DIR). Pass that folder or the database file itself.",
+                value=str(source),
+            )
+        return database
+    if not source.is_file():
+        raise CacheError(
+            f"embedding cache {source} not found, expected a cache folder containing {DATABASE_NAME} or that file. "
+            "Pass the gateway's cache folder (its --cache-dir or UNITE_GATEWAY_CACHE_DIR).",
+            value=str(source),
+        )
+    return source
+
+
+def backup_cache(source: Path, out: Path, *, force: bool = False) -> CacheBackup:
+    """Copy the embedding cache at ``source`` (a cache folder or its database file) into the file ``out``.
+
+    Returns what was written. Raises :class:`CacheError` when ``source`` is not an embedding cache of this
+    schema version, or when ``out`` exists and ``force`` is false. It also raises it when ``out`` would
+    overwrite the source database or one of its side files, when SQLite fails, or when the copy fails
+    ``PRAGMA integrity_check``. ``out`` is then unchanged.
+    """
+    started = time.monotonic()
+    database = cache_database_path(source)
+    out = Path(out)
+    _check_out(database, out, force=force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        _copy_database(database, partial)
+        rows_by_teacher, quarantined, schema_version = _check_copy(partial, database)
+        _fsync_file(partial)
+        # Checked again because another backup may have written ``out`` while this one ran.
+        if not force and out.exists():
+            raise CacheError(_exists_message(out), value=str(out))
+        os.replace(partial, out)
+        _fsync_dir(out.parent)
+    finally:
+        for path in [partial, *(partial.with_name(partial.name + suffix) for suffix in _SIDE_FILE_SUFFIXES)]:
+            path.unlink(missing_ok=True)
+
+    backup = CacheBackup(
+        source=database,
+        out=out,
+        bytes=out.stat().st_size,
+        rows_by_teacher=rows_by_teacher,
+        quarantined=quarantined,
+        schema_version=schema_version,
+        seconds=time.monotonic() - started,
+    )
+    logger.info("backed up embedding cache %s to %s: %d rows, %d bytes in %.1f s", database, out, backup.rows, backup.bytes, backup.seconds)
+    return backup
+
+
+def _check_out(database: Path, out: Path, *, force: bool) -> None:
+    if out.is_dir():
+        raise CacheError(
+            f"backup output {out} is a folder, expected a file path. Pass a file name such as {out / 'embeddings-backup.sqlite3'}.",
+            value=str(out),
+        )
+    resolved = out.resolve()
+    protected = [database.resolve(), *(database.resolve().with_name(database.name + suffix) for suffix in _SIDE_FILE_SUFFIXES)]
+    if resolved in protected:
+        raise CacheError(
+            f"backup output {out} is the cache database {database} or one of its side files. Write the backup to another file, "
+            "preferably on another disk.",
+            value=str(out),
+        )
+    if out.exists() and not force:
+        raise CacheError(_exists_message(out), value=str(out))
+
+
+def _exists_message(out: Path) -> str:
+    return f"backup output {out} already exists, expected a new file. Pass another --out, or --force to replace it."
+
+
+def _copy_database(database: Path, partial: Path) -> None:
+    """Copy ``database`` into the new file ``partial`` with the backup API, after checking it is an embedding cache."""
+    name = f"embedding cache {database}"
+    damaged_fix = "The file is damaged or not a UNITE cache; pass the gateway's cache folder."
+    # mode=ro: the backup never writes to the cache, and a wrong path cannot create an empty database.
+    with converted_sqlite_errors(name, "open it for reading", damaged_fix):
+        source = sqlite3.connect(_read_only_uri(database), uri=True, timeout=BUSY_TIMEOUT_S)
+    try:
+        with converted_sqlite_errors(name, "read its schema", damaged_fix):
+            tables = {row[0] for row in source.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            version = source.execute("PRAGMA user_version").fetchone()[0]
+        if "embeddings" not in tables:
+            raise CacheError(
+                f"{name} has no embeddings table (tables: {sorted(tables)}), expected a UNITE embedding cache. "
+                f"Pass the gateway's cache folder or its {DATABASE_NAME}.",
+                value=str(database),
+            )
+        if version != SCHEMA_VERSION:
+            raise CacheError(
+                f"{name} has schema version {version}, expected {SCHEMA_VERSION}. Back it up with the UNITE version that wrote it.",
+                limit=SCHEMA_VERSION,
+                value=version,
+            )
+        with converted_sqlite_errors(f"backup {partial}", "be written", "Pass an --out on a local disk with free space."):
+            target = sqlite3.connect(partial, isolation_level=None)
+            try:
+                # pages=-1 copies every page in one step, inside one read transaction of the source. Copying a
+                # few pages per step would restart from the first page whenever the gateway commits in between,
+                # so under steady writes the backup might never finish.
+                source.backup(target, pages=-1)
+                # The copy keeps the source's WAL flag. Rollback-journal mode makes it one self-contained file.
+                target.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                target.close()
+    finally:
+        source.close()
+
+
+def _check_copy(partial: Path, database: Path) -> tuple[dict[str, int], int, int]:
+    """Run ``PRAGMA integrity_check`` on the copy and return its rows per teacher, quarantined rows and schema version."""
+    with converted_sqlite_errors(f"backup of {database}", "be checked", "Run the backup again; if it fails again, check the disk."):
+        connection = sqlite3.connect(_read_only_uri(partial), uri=True)
+        try:
+            problems = [row[0] for row in connection.execute("PRAGMA integrity_check")]
+            if problems != ["ok"]:
+                raise CacheError(
+                    f"backup of {database} failed PRAGMA integrity_check: {problems[:5]}, expected ['ok']. "
+                    "Nothing was written to --out. Run the backup again. If it fails again, the cache itself is damaged: restore "
+                    "the last good backup, or move the cache file away so that the gateway starts an empty cache.",
+                    value=problems[:5],
+                )
+            rows = connection.execute("SELECT teacher, COUNT(*) FROM embeddings GROUP BY teacher ORDER BY teacher").fetchall()
+            has_quarantine = connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'quarantine'").fetchone()
+            quarantined = connection.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0] if has_quarantine else 0
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            connection.close()
+    return {teacher: count for teacher, count in rows}, quarantined, version
+
+
+def _read_only_uri(path: Path) -> str:
+    """Return an SQLite URI that opens ``path`` read-only, with the characters a URI reserves escaped."""
+    return path.resolve().as_uri() + "?mode=ro"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
