@@ -19,7 +19,9 @@
 #      from this host to the student server (384 floats) and to the gateway (1536 floats); with
 #      UNITE_COMPOSE_ONNX=1 also student-onnx (profile onnx) started, healthy, and 384 floats for a tile,
 #      served from the model.onnx that init published
-#   7. `docker compose down`, then the named volumes still contain the cache, the shards and the
+#   7. `unite cache backup` in the gateway container, the backup copied to this host with `docker compose
+#      cp` and checked there, and `unite publish list` in the distiller container
+#   8. `docker compose down`, then the named volumes still contain the cache, the shards and the
 #      published student, and a restarted student server is ready at once
 #
 # The stack runs as compose project UNITE_COMPOSE_PROJECT (default unite-compose-test), on free ports of
@@ -326,7 +328,30 @@ if [[ "$build_onnx" == 1 ]]; then
   step_done "student-onnx healthy, embeddings"
 fi
 
-# 7. down keeps the named volumes, and their data is still there.
+# Two commands of docs/operations.md on the running stack: an online backup of the cache, copied to this
+# host and checked there, and the list of published students, which must mark one current with model.onnx.
+log "unite cache backup in the gateway, docker compose cp to this host, unite publish list in the distiller"
+compose exec -T gateway unite cache backup /cache/embeddings --out /cache/backups/embeddings.sqlite3 >"$work/backup.log" 2>&1 \
+  || { cat "$work/backup.log" >&2; fail "unite cache backup in the gateway container failed"; }
+compose cp gateway:/cache/backups/embeddings.sqlite3 "$work/embeddings-backup.sqlite3" >"$work/backup-cp.log" 2>&1 \
+  || { cat "$work/backup-cp.log" >&2; fail "docker compose cp of the cache backup to this host failed"; }
+"$python" - "$work/embeddings-backup.sqlite3" <<'EOF' || fail "the cache backup copied to this host is not a complete cache"
+import sqlite3, sys
+connection = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+check = connection.execute("PRAGMA integrity_check").fetchone()[0]
+rows = connection.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
+if check != "ok" or rows == 0:
+    sys.exit(f"compose-up: FAILED: the cache backup has integrity_check {check!r} and {rows} rows, expected ok and at least 1")
+print(f"compose-up: cache backup on this host: integrity_check ok, {rows} rows", file=sys.stderr)
+EOF
+compose exec -T distiller unite publish list /checkpoints/published >"$work/publish-list.log" 2>&1 \
+  || { cat "$work/publish-list.log" >&2; fail "unite publish list in the distiller container failed"; }
+grep -Eq '^\*  .* yes  .*complete$' "$work/publish-list.log" \
+  || { cat "$work/publish-list.log" >&2; fail "unite publish list shows no complete current version with model.onnx"; }
+log "published students: $(head -n 1 "$work/publish-list.log")"
+step_done "backup and publish list"
+
+# 8. down keeps the named volumes, and their data is still there.
 compose --profile "*" down --timeout 30 >"$work/compose-down.log" 2>&1 || { cat "$work/compose-down.log" >&2; fail "docker compose down failed"; }
 for volume in cache checkpoints; do
   podman volume exists "${project}_$volume" || fail "the named volume ${project}_$volume is gone after docker compose down"

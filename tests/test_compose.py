@@ -657,6 +657,7 @@ def test_compose_up_script():
     assert "student server before the first student: /readyz 503" in completed.stderr
     assert re.search(r"student server on 127\.0\.0\.1:\d+ returned 384 floats", completed.stderr)
     assert re.search(r"gateway on 127\.0\.0\.1:\d+ returned 1536 floats", completed.stderr)
+    assert re.search(r"cache backup on this host: integrity_check ok, [1-9]\d* rows", completed.stderr)
     for target in ("gateway", "distiller", "student"):
         assert re.search(rf"unite-{target}:local\s+\d+ MB", completed.stdout), target
     if onnx:
