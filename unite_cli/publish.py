@@ -128,7 +128,8 @@ def format_versions(root: Path, versions: list[PublishedVersion]) -> str:
         for version in versions
     ]
     widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header) - 1)]
-    lines = [f"publish root {root}: {len(versions)} versions, newest first; current: {current}"]
+    count = f"{len(versions)} version" if len(versions) == 1 else f"{len(versions)} versions"
+    lines = [f"publish root {root}: {count}, newest first; current: {current}"]
     for row in [header, *rows]:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
     return "\n".join(lines)
