@@ -22,10 +22,17 @@ Stopping: :meth:`DistillWorker.request_stop` (the command calls it on SIGTERM) e
 once. During a training, Lightning's own SIGTERM handler is replaced for the fit, and the training stops
 after the current optimiser step with ``last.ckpt`` saved, so the next start continues from there; a
 stop request during the last step lets the run finish and publish.
+
+Distributed training: with a DDP strategy on one machine, Lightning's launcher starts the other processes of
+each training by running the worker's command again with ``LOCAL_RANK`` set (:func:`training_rank`). Such
+a process calls :meth:`DistillWorker.join_training`: it trains the run that the state file names and exits,
+while the worker (rank 0) alone counts tiles, writes the state, publishes and prunes. A stop requested in any
+process stops all of them after the same optimiser step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -40,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning
+import torch.distributed
 from lightning.pytorch.callbacks import Callback
 
 from distiller.callbacks import LAST_CHECKPOINT, LastCheckpoint
@@ -47,6 +55,7 @@ from distiller.config import LOGS_SUBDIR, DistillConfig
 from distiller.onnx_export import export_onnx
 from distiller.train import LIGHTNING_SUBDIR, distill
 from shared.checkpoint import CHECKPOINT_WEIGHTS
+from shared.checkpoint_format import ONNX_WEIGHTS
 from shared.errors import ConfigError, ModelError
 from shared.publish import DEFAULT_KEEP, current_version, publish_student
 from shared.shards import SHARD_GLOB, ShardInfo, list_shards
@@ -59,9 +68,11 @@ STATE_FORMAT_VERSION = 1
 # One full shard of `unite teach`'s default shard size: fewer new tiles barely change a student.
 DEFAULT_MIN_NEW_TILES = 2048
 DEFAULT_POLL_S = 60.0
-# The file that the student server's onnx runtime loads (student_server.onnx_runtime.ONNX_WEIGHTS), repeated
-# here because the distiller does not import the student server.
-ONNX_FILE = "model.onnx"
+# The file that the student server's onnx runtime loads.
+ONNX_FILE = ONNX_WEIGHTS
+# The variables that Lightning 2.6's DDP launcher (_SubprocessScriptLauncher) sets in the process that starts
+# the other processes of a training.
+_LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 @dataclass(frozen=True)
@@ -152,6 +163,15 @@ def read_state(path: Path) -> WorkerState:
     return state
 
 
+def training_rank() -> int:
+    """Return this process's rank in a distributed training: 0 for the worker, above 0 for a process Lightning started.
+
+    Lightning's DDP launcher starts the other processes of a training by running the same command again with
+    ``LOCAL_RANK`` set to their rank. The worker trains on one machine, so that is also their global rank.
+    """
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def write_state(path: Path, state: WorkerState) -> None:
     """Write ``state`` to ``path`` through a temporary file and ``os.replace``, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,6 +205,14 @@ class DistillWorker:
                 f"distill-worker: resume_from is {config.resume_from!r}, but the worker resumes its own runs from "
                 f"{config.out_dir / RUNS_SUBDIR}/RUN/{LIGHTNING_SUBDIR}/{LAST_CHECKPOINT}. Leave it unset.",
                 value=str(config.resume_from),
+            )
+        if config.num_nodes != 1:
+            raise ConfigError(
+                f"distill-worker: num_nodes is {config.num_nodes}, expected 1, because the worker starts the processes of each "
+                f"training on its own machine. To train on several machines, run `unite distill --num-nodes {config.num_nodes}` "
+                "on each and publish its student with `unite publish add`.",
+                value=config.num_nodes,
+                limit=1,
             )
         self.config = config
         self.options = options
@@ -286,7 +314,8 @@ class DistillWorker:
         write_state(self.state_path, state)
 
         stop_callback = _StopAfterStep(run_dir / LIGHTNING_SUBDIR, self._stop)
-        result = distill(config, progress=self.progress, command=self.command, callbacks=[*self.callbacks, stop_callback])
+        with _separate_launches():
+            result = distill(config, progress=self.progress, command=self.command, callbacks=[*self.callbacks, stop_callback])
         if self.options.onnx:
             self._export_onnx(result.checkpoint_dir, run_dir)
         published = publish_student(result.checkpoint_dir, self.options.publish_root, keep=self.options.keep)
@@ -302,6 +331,37 @@ class DistillWorker:
             state.trained_tiles, result.steps, result.last_loss, published,
         )
         return CheckResult(trained=True, total_tiles=state.trained_tiles, new_tiles=new_tiles, published=published, resumed=resume)
+
+    def join_training(self) -> None:
+        """Train as one of the other processes of the distributed training that the worker (rank 0) runs now.
+
+        The worker names the run in the state file before its training starts these processes, and it alone
+        publishes. Returns when the training finished, stopped on request, or resumed a checkpoint with nothing
+        left to train. The worker handles each of these cases itself, and an error exit here would make
+        Lightning's launcher kill every process of the training.
+        """
+        state = read_state(self.state_path)
+        if state.running is None:
+            raise ConfigError(
+                f"distill-worker: process of rank {training_rank()} found no run in progress in {self.state_path}, expected the "
+                "one that the worker of rank 0 started. Do not set LOCAL_RANK when you start the worker.",
+                value=str(self.state_path),
+            )
+        run_dir = self.runs_dir / state.running["run"]
+        # The worker resumes a run only when it has last.ckpt. A new run cannot have one yet, because a save needs
+        # every process of the training, this one included.
+        resume = (run_dir / LIGHTNING_SUBDIR / LAST_CHECKPOINT).is_file()
+        config = self._run_config(run_dir, resume=resume)
+        stop_callback = _StopAfterStep(run_dir / LIGHTNING_SUBDIR, self._stop)
+        logger.info("process of rank %d joins the training in %s", training_rank(), run_dir)
+        try:
+            distill(config, progress=False, command=self.command, callbacks=[*self.callbacks, stop_callback])
+        except WorkerStopped as stopped:
+            logger.info("process of rank %d: %s", training_rank(), stopped)
+        except ConfigError as error:
+            if not resume:
+                raise
+            logger.info("process of rank %d: the resumed training in %s has nothing left to train (%s)", training_rank(), run_dir, error.message)
 
     def _export_onnx(self, checkpoint_dir: Path, run_dir: Path) -> None:
         """Write ``checkpoint_dir/model.onnx``, or log why not: a failed ONNX export never stops the torch student's publishing."""
@@ -339,6 +399,27 @@ class DistillWorker:
                 logger.info("removed the old run folder %s", path)
 
 
+@contextlib.contextmanager
+def _separate_launches():
+    """Let the next distributed training start its own processes, as the first one did.
+
+    After a fit, Lightning's DDP launcher leaves ``LOCAL_RANK`` and the rendezvous variables in the environment
+    and the process group open. The next Trainer would then take the processes as started by a launcher such as
+    torchrun and wait for ones that already exited. Without a distributed training this changes nothing.
+    """
+    saved = {name: os.environ.get(name) for name in _LAUNCHER_VARIABLES}
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _fingerprint(shards: list[ShardInfo]) -> list[list[Any]]:
     # Exports rewrite shards in cache order, so a shard with the same name and length contains the same rows.
     return [[info.path.name, info.length] for info in shards]
@@ -367,10 +448,14 @@ class _StopAfterStep(LastCheckpoint):
             signal.signal(signal.SIGTERM, self._handler_before_fit)
 
     def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self.stop.is_set() or _is_final_step(trainer):
+        if _is_final_step(trainer):
             return
         # A batch that only accumulates gradients cannot be saved without losing them.
         if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
+            return
+        # Every process of a distributed training stops after the same step, because a save waits for all of
+        # them. So a stop requested in any process stops all. With one process the request is used as it is.
+        if not trainer.strategy.reduce_boolean_decision(self.stop.is_set(), all=False):
             return
         self._save(trainer)
         raise WorkerStopped(self.path.parent.parent, int(trainer.global_step))
@@ -401,5 +486,6 @@ __all__ = [
     "WorkerState",
     "WorkerStopped",
     "read_state",
+    "training_rank",
     "write_state",
 ]

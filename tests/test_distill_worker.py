@@ -7,6 +7,7 @@ is timm's test_vit trained for one short epoch, so each training takes seconds o
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -172,6 +173,15 @@ def test_worker_rejects_resume_option(tmp_path):
         DistillWorker(config, WorkerOptions(publish_root=tmp_path / "published"))
 
 
+def test_worker_rejects_several_nodes(tmp_path):
+    config = DistillConfig(shard_dir=tmp_path / "shards", out_dir=tmp_path / "worker", num_nodes=2)
+
+    with pytest.raises(ConfigError, match="num_nodes is 2, expected 1") as raised:
+        DistillWorker(config, WorkerOptions(publish_root=tmp_path / "published"))
+
+    assert "unite publish add" in raised.value.message
+
+
 @pytest.mark.parametrize("field, value", [("min_new_tiles", 0), ("keep", 0), ("poll_s", 0.0)])
 def test_worker_options_reject_invalid(tmp_path, field, value):
     with pytest.raises(ConfigError, match=f"{field} is {value}"):
@@ -310,3 +320,158 @@ def test_cli_sigterm_mid_training_then_resumes(lung_tiles, tmp_path):
     assert final_state.trainings == 1
     assert final_state.published == served.name
     assert load_student(served).config["training"]["steps"] == SIGTERM_PLANNED_STEPS
+
+
+# With --strategy ddp --devices 2 on the CPU, Lightning runs the worker's command again as the process of rank 1,
+# and the two processes meet on 127.0.0.1 with the gloo backend. Each takes 8 of the 16 training tiles, so an
+# epoch has 2 steps of 4 tiles per process.
+DDP_OPTIONS = ("--strategy", "ddp", "--devices", "2")
+DDP_STEPS_PER_EPOCH = 2
+
+
+def ddp_environment() -> dict[str, str]:
+    # Without the launcher's variables the worker starts its own processes. The address keeps them on this machine,
+    # and Lightning picks a free port for each training.
+    environment = {name: value for name, value in os.environ.items() if name not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    return {**environment, "MASTER_ADDR": "127.0.0.1"}
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Return the command lines of the running processes whose command line contains ``text``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            arguments = cmdline.read_bytes().rstrip(b"\0").split(b"\0")
+        except OSError:
+            continue
+        line = " ".join(argument.decode(errors="replace") for argument in arguments)
+        if text in line:
+            found.append(line)
+    return found
+
+
+def wait_for_no_process(text: str, timeout: float) -> list[str]:
+    """Wait until no process mentions ``text``, and return those left after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (left := processes_mentioning(text)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_cli_ddp_once_publishes_one_version(lung_tiles, tmp_path):
+    _write_shards(tmp_path / "shards", lung_tiles[:24], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE)
+    command = worker_command(tmp_path, "--once", "--min-new-tiles", "24", *DDP_OPTIONS)
+
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=ddp_environment())
+    left = wait_for_no_process(str(tmp_path), timeout=60)
+    state = read_state(tmp_path / "worker" / STATE_FILE)
+    versions = list((tmp_path / "published" / VERSIONS_DIR).iterdir())
+    runs = list((tmp_path / "worker" / "runs").iterdir())
+    served = resolve_checkpoint_dir(tmp_path / "published")
+    training = load_student(served).config["training"]
+
+    assert completed.returncode == 0, completed.stderr[-5000:]
+    assert completed.stdout.splitlines() == [f"1 trainings; published students are in {tmp_path / 'published'}"]
+    assert f"process of rank 1 joins the training in {runs[0]}" in completed.stderr
+    assert "ERROR" not in completed.stderr, completed.stderr[-5000:]
+    assert left == []
+    assert len(versions) == 1
+    assert len(runs) == 1
+    assert state.trainings == 1
+    assert state.trained_tiles == 24
+    assert state.published == versions[0].name == served.name
+    assert state.running is None
+    assert training["processes"] == 2
+    assert training["steps"] == DDP_STEPS_PER_EPOCH
+
+
+def test_cli_ddp_sigterm_mid_training_then_resumes(lung_tiles, tmp_path):
+    _write_shards(tmp_path / "shards", lung_tiles[:24], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE)
+    command = worker_command(tmp_path, "--min-new-tiles", "24", "--poll-s", "0.2", *DDP_OPTIONS)
+    command[command.index("--epochs") + 1] = str(SIGTERM_EPOCHS)
+    log_path = tmp_path / "worker.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, env=ddp_environment())
+        try:
+            deadline = time.monotonic() + 300
+            while not list((tmp_path / "worker" / "runs").glob("*/lightning/last.ckpt")) and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            # Only rank 0 gets the signal, as from `docker stop`. Rank 1 stops after the same step.
+            process.send_signal(signal.SIGTERM)
+            stdout, _ = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    left = wait_for_no_process(str(tmp_path), timeout=60)
+    stderr = log_path.read_text()
+    state = read_state(tmp_path / "worker" / STATE_FILE)
+    checkpoint_path = tmp_path / "worker" / "runs" / state.running["run"] / "lightning" / "last.ckpt"
+    step = torch.load(checkpoint_path, map_location="cpu", weights_only=False)["global_step"]
+
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-5000:]
+    assert stdout == ""
+    assert left == []
+    assert f"process of rank 1: training in {checkpoint_path.parent.parent} stopped at global step {step} on request" in stderr
+    assert 0 < step < SIGTERM_EPOCHS * DDP_STEPS_PER_EPOCH
+    assert state.trainings == 0
+    assert state.published is None
+    assert not (tmp_path / "published" / VERSIONS_DIR).exists()
+
+    resumed = subprocess.run([*command, "--once"], capture_output=True, text=True, timeout=600, cwd=REPO, env=ddp_environment())
+    left_after_resume = wait_for_no_process(str(tmp_path), timeout=60)
+    final_state = read_state(tmp_path / "worker" / STATE_FILE)
+    served = resolve_checkpoint_dir(tmp_path / "published")
+
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    assert f"resuming the unfinished training in {checkpoint_path.parent.parent}" in resumed.stderr
+    assert resumed.stdout.splitlines() == [f"1 trainings; published students are in {tmp_path / 'published'}"]
+    assert left_after_resume == []
+    assert len(list((tmp_path / "published" / VERSIONS_DIR).iterdir())) == 1
+    assert final_state.trainings == 1
+    assert final_state.running is None
+    assert final_state.published == served.name
+    assert load_student(served).config["training"]["steps"] == SIGTERM_EPOCHS * DDP_STEPS_PER_EPOCH
+
+
+def test_cli_ddp_loop_trains_twice_then_stops(lung_tiles, tmp_path):
+    # Lightning's launcher starts other processes only from a process that has not launched any, so the worker
+    # must undo that record after the first training for the second one to start a new rank-1 process.
+    _write_shards(tmp_path / "shards", lung_tiles[:24], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE)
+    command = worker_command(tmp_path, "--min-new-tiles", "24", "--poll-s", "0.2", *DDP_OPTIONS)
+    log_path = tmp_path / "worker.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, env=ddp_environment())
+        try:
+            deadline = time.monotonic() + 300
+            while read_state(tmp_path / "worker" / STATE_FILE).trainings < 1 and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            _write_shards(tmp_path / "shards", lung_tiles[:48], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE)
+            while read_state(tmp_path / "worker" / STATE_FILE).trainings < 2 and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            # The rank-1 process of the second training exits on its own, and then only the worker polls.
+            while len(processes_mentioning(str(tmp_path))) > 1 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            running_while_polling = processes_mentioning(str(tmp_path))
+            process.send_signal(signal.SIGTERM)
+            stdout, _ = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    stderr = log_path.read_text()
+    state = read_state(tmp_path / "worker" / STATE_FILE)
+    versions = sorted(path.name for path in (tmp_path / "published" / VERSIONS_DIR).iterdir())
+
+    assert process.returncode == 0, stderr[-5000:]
+    assert running_while_polling == [" ".join(command)]
+    assert stdout.splitlines() == [f"2 trainings; published students are in {tmp_path / 'published'}"]
+    assert stderr.count("process of rank 1 joins the training") == 2
+    assert "ERROR" not in stderr, stderr[-5000:]
+    assert wait_for_no_process(str(tmp_path), timeout=60) == []
+    assert len(versions) == 2
+    assert state.trainings == 2
+    assert state.trained_tiles == 48
+    assert state.published == versions[-1] == resolve_checkpoint_dir(tmp_path / "published").name
+    assert state.running is None
+    assert load_student(resolve_checkpoint_dir(tmp_path / "published")).config["training"]["processes"] == 2

@@ -67,7 +67,7 @@ def add_distill_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_distill_worker(args: argparse.Namespace) -> int:
     """Run ``unite distill-worker`` until SIGTERM, or for one check with --once."""
-    from distiller.worker import DistillWorker, WorkerOptions, WorkerStopped
+    from distiller.worker import DistillWorker, WorkerOptions, WorkerStopped, training_rank
 
     config = config_from_args(args)
     options = WorkerOptions(
@@ -87,6 +87,10 @@ def run_distill_worker(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, request_stop)
     try:
+        # Lightning's DDP launcher runs this command again for the other processes of a training. They only train.
+        if training_rank() != 0:
+            worker.join_training()
+            return 0
         trainings = worker.run()
     except WorkerStopped as stopped:
         logger.info("%s", stopped)
