@@ -172,6 +172,25 @@ def training_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def check_not_launched() -> None:
+    """Raise :class:`ConfigError` when an outside launcher (torchrun, srun) started this worker as one of several processes.
+
+    The worker starts the processes of each training itself, through Lightning's DDP launcher, and only for
+    the length of that training. Processes started by torchrun or srun would follow its first training and
+    exit, so its next training would wait for them forever.
+    """
+    launched_by = [name for name in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE") if name in os.environ]
+    if int(os.environ.get("SLURM_NTASKS", "1") or "1") > 1:
+        launched_by.append("SLURM_NTASKS")
+    if launched_by:
+        raise ConfigError(
+            f"distill-worker: started with {', '.join(launched_by)} set, as torchrun or srun start each of several processes. "
+            "The worker starts the processes of each training itself: start it once, as one process, with --strategy ddp "
+            "--devices N. To train across machines, run `unite distill` under your launcher and publish with `unite publish add`.",
+            value=launched_by,
+        )
+
+
 def write_state(path: Path, state: WorkerState) -> None:
     """Write ``state`` to ``path`` through a temporary file and ``os.replace``, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -485,6 +504,7 @@ __all__ = [
     "WorkerOptions",
     "WorkerState",
     "WorkerStopped",
+    "check_not_launched",
     "read_state",
     "training_rank",
     "write_state",

@@ -203,6 +203,19 @@ def worker_command(tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.parametrize("variable, value", [("WORLD_SIZE", "2"), ("TORCHELASTIC_RUN_ID", "job-1"), ("SLURM_NTASKS", "4")])
+def test_cli_refuses_outside_launcher(tmp_path, variable, value):
+    # torchrun and srun start every process of a job; the worker must be one process that starts its trainings' own.
+    environment = {**ddp_environment(), variable: value}
+
+    completed = subprocess.run(worker_command(tmp_path, "--once"), capture_output=True, text=True, timeout=120, cwd=REPO, env=environment)
+
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert f"started with {variable} set" in completed.stderr
+    assert "--strategy ddp" in completed.stderr
+    assert not (tmp_path / "worker").exists()
+
+
 def test_cli_once_trains_and_publishes(lung_tiles, tmp_path):
     _write_shards(tmp_path / "shards", lung_tiles[:24], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE)
 

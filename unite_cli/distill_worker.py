@@ -67,7 +67,7 @@ def add_distill_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_distill_worker(args: argparse.Namespace) -> int:
     """Run ``unite distill-worker`` until SIGTERM, or for one check with --once."""
-    from distiller.worker import DistillWorker, WorkerOptions, WorkerStopped, training_rank
+    from distiller.worker import DistillWorker, WorkerOptions, WorkerStopped, check_not_launched, training_rank
 
     config = config_from_args(args)
     options = WorkerOptions(
@@ -91,6 +91,7 @@ def run_distill_worker(args: argparse.Namespace) -> int:
         if training_rank() != 0:
             worker.join_training()
             return 0
+        check_not_launched()
         trainings = worker.run()
     except WorkerStopped as stopped:
         logger.info("%s", stopped)
