@@ -79,8 +79,8 @@ def backup_cache(source: Path, out: Path, *, force: bool = False) -> CacheBackup
     """Copy the embedding cache at ``source`` (a cache folder or its database file) into the file ``out``.
 
     Returns what was written. Raises :class:`CacheError` when ``source`` is not an embedding cache of this
-    schema version, or when ``out`` exists and ``force`` is false. It also raises it when ``out`` would
-    overwrite the source database or one of its side files, when SQLite fails, or when the copy fails
+    schema version, or when ``out`` exists and ``force`` is false. It also raises it when ``out`` is directly
+    in the folder of the source database (a subfolder is accepted), when SQLite fails, or when the copy fails
     ``PRAGMA integrity_check``. ``out`` is then unchanged.
     """
     started = time.monotonic()
@@ -122,12 +122,15 @@ def _check_out(database: Path, out: Path, *, force: bool) -> None:
             f"backup output {out} is a folder, expected a file path. Pass a file name such as {out / 'embeddings-backup.sqlite3'}.",
             value=str(out),
         )
-    resolved = out.resolve()
-    protected = [database.resolve(), *(database.resolve().with_name(database.name + suffix) for suffix in _SIDE_FILE_SUFFIXES)]
-    if resolved in protected:
+    # The top level of the cache folder belongs to the gateway: embeddings.sqlite3, the usage ledger
+    # usage.sqlite3, their -wal, -shm and -journal files and their lock files. Replacing any of them under a
+    # running gateway damages it, so --out must be elsewhere, for example in a subfolder such as backups/.
+    cache_folder = database.resolve().parent
+    if out.resolve().parent == cache_folder:
         raise CacheError(
-            f"backup output {out} is the cache database {database} or one of its side files. Write the backup to another file, "
-            "preferably on another disk.",
+            f"backup output {out} is in the cache folder {cache_folder}, where the gateway keeps its databases, their "
+            f"side files and lock files, expected a path outside that folder. Pass an --out in another folder, such as "
+            f"{cache_folder / 'backups' / out.name}, or preferably on another disk.",
             value=str(out),
         )
     if out.exists() and not force:

@@ -50,9 +50,69 @@ def resolve_checkpoint_dir(path: Path) -> Path:
 
 
 def current_version(root: Path) -> Path | None:
-    """Return the version folder that ``root/current`` points to, or None when nothing is published yet."""
+    """Return the version folder that ``root/current`` points to.
+
+    Returns None when nothing is published yet, and also when ``current`` names no version folder of
+    ``root`` (:func:`read_current_link` returns the reason).
+    """
     link = root / CURRENT_LINK
-    return link.resolve() if link.exists() else None
+    if not link.exists() or read_current_link(root).problem:
+        return None
+    return link.resolve()
+
+
+@dataclass(frozen=True)
+class CurrentLink:
+    """The state of ``ROOT/current``.
+
+    ``target`` is the path that the link stores, or None when there is no link. ``problem`` is empty when
+    there is no ``current`` or it is a link to a real folder directly under ``ROOT/versions``, and
+    otherwise describes what ``current`` is. A student server follows the link wherever it points, so a
+    link with a problem can serve files from outside the publish root.
+    """
+
+    target: str | None
+    problem: str
+
+
+def read_current_link(root: Path) -> CurrentLink:
+    """Read ``root/current`` and check that it is a link to a version folder of ``root``."""
+    link = root / CURRENT_LINK
+    if not link.is_symlink():
+        if not link.exists():
+            return CurrentLink(target=None, problem="")
+        kind = "folder" if link.is_dir() else "file"
+        return CurrentLink(target=None, problem=f"{link} is a {kind}, expected a symbolic link to a folder under {root / VERSIONS_DIR}")
+    target = os.readlink(link)
+    try:
+        resolved = link.resolve()
+    except (OSError, RuntimeError) as error:
+        # Python 3.11 raises RuntimeError for a symbolic link loop.
+        return CurrentLink(target=target, problem=f"{link} points at {target}, which cannot be resolved ({error})")
+    versions = root / VERSIONS_DIR
+    if resolved.parent != versions.resolve():
+        return CurrentLink(target=target, problem=f"{link} points at {target}, which resolves to {resolved}, outside {versions}")
+    if not resolved.is_dir():
+        return CurrentLink(target=target, problem=f"{link} points at {target}, but {resolved} is not an existing version folder")
+    return CurrentLink(target=target, problem="")
+
+
+def _check_current_is_link(root: Path, action: str) -> None:
+    """Raise :class:`ConfigError` when ``root/current`` exists but is a folder or file, not a symbolic link.
+
+    ``action`` completes the message "cannot ACTION publish root ROOT". Replacing such a ``current`` with a
+    link would fail, so publishing and rolling back check this before they change anything.
+    """
+    link = root / CURRENT_LINK
+    if link.is_symlink() or not link.exists():
+        return
+    kind = "folder" if link.is_dir() else "file"
+    raise ConfigError(
+        f"cannot {action} publish root {root}: {link} is a {kind}, expected a symbolic link to a folder under {root / VERSIONS_DIR}. "
+        f"Move {link} out of the publish root, then run the command again. A folder holding an export can then be "
+        f"published with `unite publish add FOLDER {root}`.",
+        value=str(link),
+    )
 
 
 def publish_student(export_dir: Path, root: Path, *, keep: int = DEFAULT_KEEP) -> Path:
@@ -61,13 +121,15 @@ def publish_student(export_dir: Path, root: Path, *, keep: int = DEFAULT_KEEP) -
     Returns the version folder now served. Publishing an export whose files are byte for byte those that
     ``current`` already serves changes nothing and returns that folder. The ``keep`` newest versions stay
     on disk (the current one always), so a server that is still reading the previous export finds it.
-    Raises :class:`ConfigError` when ``keep`` is below 1 or ``export_dir`` is not an exported student
-    that loads. That is an export with no weights or no config.json, a config.json whose
-    ``weights_sha256`` does not match the weights, or an architecture that the weights do not fit.
+    Raises :class:`ConfigError` when ``keep`` is below 1, when ``root/current`` exists but is not a
+    symbolic link, or when ``export_dir`` is not an exported student that loads. That is an export with
+    no weights or no config.json, a config.json whose ``weights_sha256`` does not match the weights, or an
+    architecture that the weights do not fit.
     ``current`` is unchanged then.
     """
     if keep < 1:
         raise ConfigError(f"keep is {keep}, expected at least 1 so the current version stays on disk.", limit=1, value=keep)
+    _check_current_is_link(root, "publish into")
     sha256 = _check_export(export_dir)
 
     serving = current_version(root)
@@ -150,18 +212,31 @@ def _point_current(root: Path, target: Path) -> None:
     link = root / CURRENT_LINK
     temporary = root / f".{CURRENT_LINK}-{uuid.uuid4().hex}"
     os.symlink(os.path.relpath(target, root), temporary)
-    os.replace(temporary, link)
+    try:
+        os.replace(temporary, link)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     _fsync_dir(root)
 
 
 def _prune(versions: Path, *, keep: int, current: Path) -> None:
-    published = sorted((path for path in versions.iterdir() if not path.name.startswith(".")), key=lambda path: path.name)
+    # Only real folders are versions. A symbolic link placed under versions/ is neither counted nor followed.
+    published = sorted((path for path in versions.iterdir() if _is_version_folder(path)), key=lambda path: path.name)
     removed = [path for path in published[:-keep] if path.resolve() != current.resolve()]
     removed += [path for path in versions.iterdir() if path.name.startswith(_STAGING_PREFIX) and _is_stale(path)]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     if removed:
         logger.info("removed %d old published versions or stale staging folders from %s: %s", len(removed), versions, [path.name for path in removed])
+
+
+def _is_version_folder(path: Path) -> bool:
+    return not path.name.startswith(".") and path.is_dir() and not path.is_symlink()
+
+
+def _is_linked_version(path: Path) -> bool:
+    return not path.name.startswith(".") and path.is_symlink()
 
 
 def _is_stale(staging: Path) -> bool:
@@ -193,6 +268,8 @@ class PublishedVersion:
     """One folder under ``ROOT/versions``, as :func:`list_versions` reads it.
 
     ``problem`` is empty for a complete version, and otherwise the reason the student server could not load it.
+    ``invalid`` is true for an entry that is a symbolic link, not a folder. Its files are not read, and
+    rollback rejects it, because a link could point anywhere outside the publish root.
     ``student`` is the name the server reports (``<architecture>@<first 12 hex digits of the sha256>``).
     """
 
@@ -205,14 +282,15 @@ class PublishedVersion:
     has_onnx: bool
     size_bytes: int
     problem: str
+    invalid: bool = False
 
 
 def list_versions(root: Path) -> list[PublishedVersion]:
     """Return the published versions under ``root``, newest first, without the hidden staging folders.
 
-    Each version's weights are hashed to tell a complete version from one whose files were changed or
-    cut short, so listing reads every weights file once. Raises :class:`ConfigError` when ``root`` has no
-    ``versions`` folder.
+    A symbolic link under ``root/versions`` is listed as an invalid version. Each version's weights are
+    hashed to tell a complete version from one whose files were changed or cut short, so listing reads
+    every weights file once. Raises :class:`ConfigError` when ``root`` has no ``versions`` folder.
     """
     versions = root / VERSIONS_DIR
     if not versions.is_dir():
@@ -222,8 +300,11 @@ def list_versions(root: Path) -> list[PublishedVersion]:
             value=str(root),
         )
     serving = current_version(root)
-    folders = sorted((path for path in versions.iterdir() if path.is_dir() and not path.name.startswith(".")), key=lambda path: path.name, reverse=True)
-    return [_read_version(folder, current=serving is not None and folder.resolve() == serving) for folder in folders]
+    entries = sorted((path for path in versions.iterdir() if _is_version_folder(path) or _is_linked_version(path)), key=lambda path: path.name, reverse=True)
+    return [
+        _linked_version(entry) if entry.is_symlink() else _read_version(entry, current=serving is not None and entry.resolve() == serving)
+        for entry in entries
+    ]
 
 
 def rollback_current(root: Path, to: str | None = None) -> Path:
@@ -234,9 +315,11 @@ def rollback_current(root: Path, to: str | None = None) -> Path:
     Returns the version now current. Choosing the current version changes nothing.
     Raises :class:`ConfigError` naming the available versions when nothing is published, when ``to``
     is not a version of ``root``, when that version is incomplete, or when no older complete version exists.
-    A version is complete when it has its weights and a config.json that records their sha256. Whether it
-    loads was checked when it was published, and is not checked again.
+    A version is complete when it is a folder, not a symbolic link, and has its weights and a config.json
+    that records their sha256. Whether it loads was checked when it was published, and is not checked again.
+    Raises it also when ``root/current`` exists but is not a symbolic link.
     """
+    _check_current_is_link(root, "roll back")
     available = list_versions(root)
     complete = [version for version in available if not version.problem]
     listing = _format_available(available)
@@ -268,8 +351,9 @@ def rollback_current(root: Path, to: str | None = None) -> Path:
                 limit=[version.name for version in available],
             )
         if target.problem:
+            state = "invalid" if target.invalid else "incomplete"
             raise ConfigError(
-                f"cannot roll back publish root {root} to {target.name}: the version is incomplete ({target.problem}). "
+                f"cannot roll back publish root {root} to {target.name}: the version is {state} ({target.problem}). "
                 f"Pass one of the complete versions: {_format_available(complete)}.",
                 value=target.name,
                 limit=[version.name for version in complete],
@@ -281,6 +365,22 @@ def rollback_current(root: Path, to: str | None = None) -> Path:
     _point_current(root, target.path)
     logger.info("rolled back %s: current now points at %s (was %s)", root, target.name, serving.name if serving else "nothing")
     return target.path
+
+
+def _linked_version(link: Path) -> PublishedVersion:
+    """Describe a symbolic link under ``ROOT/versions`` as an invalid version, without reading where it points."""
+    return PublishedVersion(
+        name=link.name,
+        path=link,
+        current=False,
+        student="unknown",
+        sha256="",
+        teacher="unknown",
+        has_onnx=False,
+        size_bytes=0,
+        problem=f"a symbolic link to {os.readlink(link)}, expected a folder directly under {link.parent}",
+        invalid=True,
+    )
 
 
 def _read_version(folder: Path, *, current: bool) -> PublishedVersion:
@@ -328,6 +428,6 @@ def _format_available(versions: list[PublishedVersion]) -> str:
         if version.current:
             name += " (current)"
         if version.problem:
-            name += " (incomplete)"
+            name += " (invalid)" if version.invalid else " (incomplete)"
         names.append(name)
     return ", ".join(names)

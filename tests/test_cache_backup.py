@@ -190,15 +190,41 @@ def test_existing_out_needs_force(small_cache, tmp_path, caplog):
     assert len(backup_keys(out)) == 10
 
 
-def test_out_over_source_database_rejected(small_cache):
+def test_out_in_cache_folder_rejected(small_cache):
     database = small_cache / DATABASE_NAME
     before = database.read_bytes()
+    files = sorted(path.name for path in small_cache.iterdir())
 
-    for out in (database, small_cache / (DATABASE_NAME + "-wal")):
-        with pytest.raises(CacheError, match="is the cache database .* or one of its side files"):
-            backup_cache(small_cache, out, force=True)
+    for name in (DATABASE_NAME, DATABASE_NAME + "-wal", "usage.sqlite3", "usage.sqlite3-journal", "backup.sqlite3"):
+        with pytest.raises(CacheError, match=f"backup output {small_cache / name} is in the cache folder .* Pass an --out in another folder"):
+            backup_cache(small_cache, small_cache / name, force=True)
 
     assert database.read_bytes() == before
+    assert sorted(path.name for path in small_cache.iterdir()) == files
+
+
+def test_out_over_live_usage_ledger_rejected(tmp_path, caplog):
+    fake = FakeTeacher(dim=DIM)
+    cache_dir = tmp_path / "cache"
+    ledger = cache_dir / "usage.sqlite3"
+    inside = cache_dir / "backups" / "embeddings-backup.sqlite3"
+
+    with fake.serve(), gateway(cache_dir, fake=fake) as http:
+        post_tiles(http, block_tiles(3, seed=5))
+        assert ledger.is_file()
+        status = main(["cache", "backup", str(cache_dir), "--out", str(ledger), "--force"])
+        # The gateway still reads and charges its ledger, so a request after the rejected backup succeeds.
+        after = post_tiles(http, block_tiles(2, seed=6))
+        usage = http.get("/v1/usage")
+        subfolder_status = main(["cache", "backup", str(cache_dir), "--out", str(inside)])
+
+    assert status == 2
+    assert f"backup output {ledger} is in the cache folder" in caplog.text
+    assert after["usage"]["tiles_sent_to_teacher"] == 2
+    assert usage.status_code == 200, usage.text
+    assert integrity(ledger) == ["ok"]
+    assert subfolder_status == 0
+    assert len(backup_keys(inside)) == 5
 
 
 def test_missing_source_names_path(tmp_path, caplog):
@@ -223,10 +249,12 @@ def test_other_sqlite_file_rejected(tmp_path):
     with sqlite3.connect(other) as connection:
         connection.execute("CREATE TABLE spending (teacher TEXT)")
 
-    with pytest.raises(CacheError, match=r"has no embeddings table \(tables: \['spending'\]\)"):
-        backup_cache(other, tmp_path / "backup.sqlite3")
+    out = tmp_path / "backups" / "backup.sqlite3"
 
-    assert not (tmp_path / "backup.sqlite3").exists()
+    with pytest.raises(CacheError, match=r"has no embeddings table \(tables: \['spending'\]\)"):
+        backup_cache(other, out)
+
+    assert not out.exists()
 
 
 def test_damaged_cache_leaves_no_output(small_cache, tmp_path):

@@ -7,6 +7,7 @@ Exports are real students saved with save_student (timm's test_vit, 0.3 M parame
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -23,7 +24,16 @@ from shared.checkpoint import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, file_sha256
 from shared.checkpoint_format import ONNX_WEIGHTS
 from shared.errors import ConfigError
 from shared.models.student import build_student
-from shared.publish import CURRENT_LINK, VERSIONS_DIR, current_version, list_versions, publish_student, resolve_checkpoint_dir, rollback_current
+from shared.publish import (
+    CURRENT_LINK,
+    VERSIONS_DIR,
+    _point_current,
+    current_version,
+    list_versions,
+    publish_student,
+    resolve_checkpoint_dir,
+    rollback_current,
+)
 from student_server.app import create_app
 from student_server.settings import StudentSettings
 from unite_cli.main import main
@@ -231,6 +241,17 @@ def test_cli_list_without_versions_folder(tmp_path, caplog):
     assert f"publish root {tmp_path} has no versions/ folder" in caplog.text
 
 
+def test_cli_list_of_file_names_publish_root(exports, tmp_path, caplog):
+    version = publish_student(exports[0], tmp_path)
+    weights = version / CHECKPOINT_WEIGHTS
+
+    status = main(["publish", "list", str(weights)])
+
+    assert status == 2
+    assert f"ROOT {weights} is a file, expected a folder. Pass the publish root, the folder that contains versions/ and current." in caplog.text
+    assert "Pass the folder that contains it" not in caplog.text
+
+
 def test_rollback_to_previous_then_named(exports, tmp_path, capsys):
     versions = [publish_student(export, tmp_path) for export in exports[:3]]
 
@@ -287,6 +308,116 @@ def test_rollback_without_older_version(exports, tmp_path):
         rollback_current(tmp_path)
 
     assert current_version(tmp_path) == only
+
+
+def hidden_entries(root: Path) -> list[str]:
+    return sorted(path.name for path in root.iterdir() if path.name.startswith("."))
+
+
+def relink_current(root: Path, target: str) -> None:
+    (root / CURRENT_LINK).unlink()
+    os.symlink(target, root / CURRENT_LINK)
+
+
+def test_current_folder_rejected_before_changes(exports, tmp_path, caplog):
+    root = tmp_path / "root"
+    versions = [publish_student(export, root) for export in exports[:2]]
+    current = root / CURRENT_LINK
+    current.unlink()
+    shutil.copytree(exports[1], current)
+
+    added = main(["publish", "add", str(exports[2]), str(root)])
+    rolled_back = main(["publish", "rollback", str(root), "--to", versions[0].name])
+
+    assert (added, rolled_back) == (2, 2)
+    assert caplog.text.count(f"{current} is a folder, expected a symbolic link to a folder under {root / VERSIONS_DIR}") == 2
+    assert f"Move {current} out of the publish root" in caplog.text
+    assert published_versions(root) == sorted(version.name for version in versions)
+    assert current.is_dir()
+    assert not current.is_symlink()
+    assert hidden_entries(root) == []
+
+
+def test_point_current_failure_removes_temporary_link(exports, tmp_path):
+    version = publish_student(exports[0], tmp_path)
+    (tmp_path / CURRENT_LINK).unlink()
+    (tmp_path / CURRENT_LINK).mkdir()
+    (tmp_path / CURRENT_LINK / "file").write_text("not empty")
+
+    with pytest.raises(OSError):
+        _point_current(tmp_path, version)
+
+    assert hidden_entries(tmp_path) == []
+
+
+def test_symlinked_version_invalid_and_rejected(exports, tmp_path, capsys):
+    root = tmp_path / "root"
+    versions = [publish_student(export, root) for export in exports[:2]]
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(versions[0], elsewhere)
+    os.symlink(elsewhere, root / VERSIONS_DIR / "zz-linked")
+
+    listed = list_versions(root)
+    with pytest.raises(ConfigError, match=r"to zz-linked: the version is invalid \(a symbolic link to .*elsewhere, expected a folder directly under"):
+        rollback_current(root, "zz-linked")
+    status = main(["publish", "list", str(root)])
+    printed = capsys.readouterr().out.splitlines()
+
+    linked = next(version for version in listed if version.name == "zz-linked")
+    assert linked.invalid is True
+    assert linked.current is False
+    assert [version.name for version in listed if not version.problem] == [versions[1].name, versions[0].name]
+    assert current_version(root) == versions[1]
+    assert rollback_current(root) == versions[0]
+    assert status == 0
+    assert printed[2].split()[:2] == ["zz-linked", "unknown"]
+    assert f"invalid: a symbolic link to {elsewhere}" in printed[2]
+
+
+@pytest.mark.parametrize("target", ["versions/20990101T000000000000Z-000000000000", "OUTSIDE", "../../x"])
+def test_cli_list_warns_about_bad_current(target, exports, tmp_path, capsys):
+    root = tmp_path / "root"
+    version = publish_student(exports[0], root)
+    if target == "OUTSIDE":
+        target = str(shutil.copytree(exports[1], tmp_path / "outside"))
+    relink_current(root, target)
+
+    status = main(["publish", "list", str(root)])
+    lines = capsys.readouterr().out.splitlines()
+
+    assert status == 0
+    assert lines[0].endswith(f"current: -> {target} (invalid)")
+    assert lines[2].split()[0] == version.name
+    assert lines[-1].startswith(f"WARNING: {root / CURRENT_LINK} points at {target}")
+    assert f"unite publish rollback {root} --to VERSION" in lines[-1]
+    assert current_version(root) is None
+
+
+def test_cli_list_warns_about_current_folder(exports, tmp_path, capsys):
+    publish_student(exports[0], tmp_path)
+    (tmp_path / CURRENT_LINK).unlink()
+    (tmp_path / CURRENT_LINK).mkdir()
+
+    status = main(["publish", "list", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+
+    assert status == 0
+    assert lines[0].endswith("current: not a symbolic link (invalid)")
+    assert lines[-1].startswith(f"WARNING: {tmp_path / CURRENT_LINK} is a folder, expected a symbolic link")
+    assert f"Move {tmp_path / CURRENT_LINK} out of the publish root" in lines[-1]
+
+
+def test_publish_replaces_current_outside_root(exports, tmp_path):
+    root = tmp_path / "root"
+    publish_student(exports[1], root)
+    outside = shutil.copytree(exports[0], tmp_path / "outside")
+    relink_current(root, str(outside))
+
+    version = publish_student(exports[0], root)
+
+    assert version.parent == root / VERSIONS_DIR
+    assert current_version(root) == version
+    assert os.readlink(root / CURRENT_LINK) == f"{VERSIONS_DIR}/{version.name}"
 
 
 def test_cli_add_publishes_export(exports, tmp_path, capsys):

@@ -36,7 +36,13 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CACHE_DIR_OR_DB",
         help=f"the gateway's cache folder (its --cache-dir or UNITE_GATEWAY_CACHE_DIR) or the {DATABASE_NAME} file in it",
     )
-    backup.add_argument("--out", type=Path, required=True, metavar="FILE", help="backup file to write; its folder is created if missing")
+    backup.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="backup file to write, outside the cache folder (a subfolder of it is accepted); its folder is created if missing",
+    )
     backup.add_argument("--force", action="store_true", help="replace --out when it exists (default: fail instead)")
 
 

@@ -189,12 +189,12 @@ def _check_output_folder(path: Path, option: str) -> None:
         )
 
 
-def _check_input_folder(path: Path, option: str) -> None:
+def _check_input_folder(path: Path, option: str, fix: str = "Pass the folder that contains it.") -> None:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{option} {path} not found. Pass an existing folder.", value=str(path))
     if not path.is_dir():
-        raise ConfigError(f"{option} {path} is a file, expected a folder. Pass the folder that contains it.", value=str(path))
+        raise ConfigError(f"{option} {path} is a file, expected a folder. {fix}", value=str(path))
 
 
 def _settings_error(error: ValidationError, args: argparse.Namespace) -> ConfigError | None:
@@ -298,7 +298,7 @@ def _run(args: argparse.Namespace) -> int:
             _check_input_folder(args.export_dir, "EXPORT_DIR")
             _check_output_folder(args.root, "ROOT")
         else:
-            _check_input_folder(args.root, "ROOT")
+            _check_input_folder(args.root, "ROOT", "Pass the publish root, the folder that contains versions/ and current.")
         return run_publish(args)
 
     if args.command == "cache":

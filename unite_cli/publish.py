@@ -12,7 +12,18 @@ from pathlib import Path
 
 from shared.checkpoint_format import ONNX_WEIGHTS
 from shared.errors import ConfigError, ModelError
-from shared.publish import CURRENT_LINK, DEFAULT_KEEP, VERSIONS_DIR, PublishedVersion, current_version, list_versions, publish_student, rollback_current
+from shared.publish import (
+    CURRENT_LINK,
+    DEFAULT_KEEP,
+    VERSIONS_DIR,
+    CurrentLink,
+    PublishedVersion,
+    current_version,
+    list_versions,
+    publish_student,
+    read_current_link,
+    rollback_current,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +84,9 @@ def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
 def run_publish(args: argparse.Namespace) -> int:
     """Run ``unite publish ACTION`` and return the exit status."""
     if args.publish_command == "list":
-        print(format_versions(args.root, list_versions(args.root)))
+        versions = list_versions(args.root)
+        # A bad current link is printed as a WARNING line, and the exit status stays 0, because listing succeeded.
+        print(format_versions(args.root, versions, read_current_link(args.root)))
         return 0
     if args.publish_command == "rollback":
         version = rollback_current(args.root, args.to)
@@ -109,11 +122,24 @@ def check_onnx_export(export_dir: Path) -> None:
         ) from error
 
 
-def format_versions(root: Path, versions: list[PublishedVersion]) -> str:
-    """Return the table that ``unite publish list`` prints, newest version first, with ``*`` marking the current one."""
+def format_versions(root: Path, versions: list[PublishedVersion], link: CurrentLink | None = None) -> str:
+    """Return the table that ``unite publish list`` prints, newest version first, with ``*`` marking the current one.
+
+    When ``link`` has a problem, the first line shows where ``current`` points and a WARNING line follows it.
+    """
+    warning = []
+    if link is not None and link.problem:
+        move = f"Move {root / CURRENT_LINK} out of the publish root, then point" if link.target is None else "Point"
+        warning = [
+            f"WARNING: {link.problem}. A student server given {root} serves whatever {CURRENT_LINK} points at. {move} "
+            f"{CURRENT_LINK} at a published version with `unite publish rollback {root} --to VERSION`, or publish one with "
+            f"`unite publish add EXPORT_DIR {root}`."
+        ]
     if not versions:
-        return f"publish root {root}: no versions published"
+        return "\n".join([f"publish root {root}: no versions published", *warning])
     current = next((version.name for version in versions if version.current), "none")
+    if link is not None and link.problem:
+        current = f"-> {link.target} (invalid)" if link.target is not None else "not a symbolic link (invalid)"
     header = ("", "VERSION", "STUDENT", "TEACHER", "ONNX", "SIZE", "STATUS")
     rows = [
         (
@@ -123,7 +149,7 @@ def format_versions(root: Path, versions: list[PublishedVersion]) -> str:
             version.teacher,
             "yes" if version.has_onnx else "no",
             f"{version.size_bytes / 1e6:.1f} MB",
-            f"incomplete: {version.problem}" if version.problem else "complete",
+            _status(version),
         )
         for version in versions
     ]
@@ -132,4 +158,10 @@ def format_versions(root: Path, versions: list[PublishedVersion]) -> str:
     lines = [f"publish root {root}: {count}, newest first; current: {current}"]
     for row in [header, *rows]:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
-    return "\n".join(lines)
+    return "\n".join([*lines, *warning])
+
+
+def _status(version: PublishedVersion) -> str:
+    if not version.problem:
+        return "complete"
+    return f"{'invalid' if version.invalid else 'incomplete'}: {version.problem}"
