@@ -16,9 +16,9 @@
   embeddings, with their k-means cluster.
 - ``DELETE /v1/jobs/{id}``: removes a succeeded or failed job and its files.
 
-Unknown ids are 404. Results of a job that has not succeeded are 409. A job belongs to the API key that
-submitted it (see :mod:`student_server.jobs`). Every route here shows a job only to its owner, and another
-key gets the same 404 as for an unknown id.
+Unknown ids are 404. Results of a job that has not succeeded are 409. A job belongs to the name, in the
+keys file, of the API key that submitted it (see :mod:`student_server.jobs`). Every route here shows a job
+only to its owner, and a key of another name gets the same 404 as for an unknown id.
 """
 
 from __future__ import annotations
@@ -142,9 +142,20 @@ async def submit_slide(request: Request, jobs: JobsDep, settings: SettingsDep, c
 def list_jobs(
     jobs: JobsDep,
     caller: CallerDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_JOB_LIST_LIMIT, description="Maximum number of jobs returned.")] = DEFAULT_JOB_LIST_LIMIT,
+    limit: Annotated[
+        int,
+        # The range is checked below rather than with ge and le, so the error names it in "limit" as other errors do.
+        Query(description="Maximum number of jobs returned.", json_schema_extra={"minimum": 1, "maximum": MAX_JOB_LIST_LIMIT}),
+    ] = DEFAULT_JOB_LIST_LIMIT,
 ) -> dict[str, Any]:
     """List the caller's slide jobs, newest first, each as GET /v1/jobs/{id} shows it. ``has_more`` is true when ``limit`` cut the list."""
+    if not 1 <= limit <= MAX_JOB_LIST_LIMIT:
+        raise InvalidRequestError(
+            f"the query parameter limit is {limit}, expected 1 to {MAX_JOB_LIST_LIMIT} jobs. "
+            f"Send a limit in that range, or leave it out for {DEFAULT_JOB_LIST_LIMIT}.",
+            limit=[1, MAX_JOB_LIST_LIMIT],
+            value=limit,
+        )
     owned = jobs.jobs_of(caller)
     return {"object": "list", "data": [record.public() for record in owned[:limit]], "has_more": len(owned) > limit}
 

@@ -8,7 +8,9 @@ checkpoint folder with :func:`shared.publish.resolve_checkpoint_dir` (so a publi
 link is followed) and compares the export's folder, weights mtime and size with the served one. A
 changed export is loaded fully off to the side and then swapped in with one assignment, so a batch
 that took :meth:`snapshot` before the swap finishes with the old weights. A failed load keeps the old
-student served and is logged once per export.
+student served and is logged once per export. While a student is served, so does a new export folder
+without the runtime's weights file (model.onnx or model.safetensors), logged once per folder. Both count
+as failed reloads.
 
 An export with a mimic projector also gets teacher-space output: the projector maps the student's
 embeddings to the teacher's space, 1536-d for a UNI2-h teacher.
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from shared.errors import ModelError, NotReadyError
-from shared.publish import resolve_checkpoint_dir
+from shared.publish import CURRENT_LINK, resolve_checkpoint_dir
 from student_server.errors import TeacherSpaceUnavailable
 from student_server.metrics import StudentMetrics
 from student_server.onnx_runtime import ONNX_WEIGHTS, LinearProjector, OnnxStudent, embed_onnx, load_onnx_export
@@ -92,6 +94,8 @@ class StudentModel:
         self.public_reason = self.reason
         self._served: ServedStudent | None = None
         self._failed: ExportIdentity | None = None
+        # The folder last found without its weights file while a student was served, so it is logged once.
+        self._missing: Path | None = None
         self._load_lock = threading.Lock()
         self._inference_lock = threading.Lock()
         self._last_attempt: float | None = None
@@ -146,9 +150,9 @@ class StudentModel:
             try:
                 stat = weights.stat()
             except OSError:
-                if self._served is None:
-                    self._set_missing_reason()
+                self._record_missing(folder)
                 return False
+            self._missing = None
             identity = ExportIdentity(folder=folder, mtime_ns=stat.st_mtime_ns, size=stat.st_size)
             served = self._served
             if (served is not None and served.identity == identity) or identity == self._failed:
@@ -237,6 +241,33 @@ class StudentModel:
         else:
             logger.error("%s; still serving %s (sha256 %s)", reason, self._served.student.name, self._served.student.sha256)
 
+    def _record_missing(self, folder: Path) -> None:
+        """Record that ``folder``, the export the checkpoint setting names now, has no weights file for the runtime.
+
+        With no student served, the server stays not ready with a reason. With one served, it keeps serving it,
+        and the missing file counts as one failed reload and one warning per folder, not one per check.
+        """
+        served = self._served
+        if served is None:
+            self._set_missing_reason()
+            return
+        if folder == self._missing:
+            return
+        self._missing = folder
+        if self.metrics is not None:
+            self.metrics.reloads.labels("failed").inc()
+        runtime = self.settings.runtime
+        logger.warning(
+            "cannot reload the student from %s: it has no %s, which the %s runtime loads. Still serving %s (sha256 %s) from %s. To fix, %s",
+            folder,
+            weights_file(runtime),
+            runtime,
+            served.student.name,
+            served.student.sha256,
+            served.identity.folder,
+            missing_weights_fix(runtime, folder, self.settings.checkpoint_dir),
+        )
+
     def _set_missing_reason(self) -> None:
         folder = self.settings.checkpoint_dir
         weights = weights_file(self.settings.runtime)
@@ -268,6 +299,34 @@ def weights_file(runtime: str) -> str:
     from student_server.torch_runtime import WEIGHTS_FILE
 
     return WEIGHTS_FILE
+
+
+def missing_weights_fix(runtime: str, folder: Path, checkpoint_dir: Path) -> str:
+    """Return the commands that give the export in ``folder`` the weights file that ``runtime`` loads.
+
+    ``checkpoint_dir`` is the configured folder: a publish root, its ``current`` link, or an export folder.
+    """
+    if runtime == "onnx":
+        return (
+            f"run `unite export-onnx {folder} --out {folder / ONNX_WEIGHTS}`, and run `unite distill-worker` with --onnx "
+            f"so that every student it publishes includes {ONNX_WEIGHTS}"
+        )
+    root = publish_root(checkpoint_dir)
+    if root is None:
+        return f"export the student into {folder} again with `unite distill`"
+    return (
+        f"publish a complete export with `unite publish add EXPORT_DIR {root}`, or point current back at a "
+        f"complete version with `unite publish rollback {root}`"
+    )
+
+
+def publish_root(checkpoint_dir: Path) -> Path | None:
+    """Return the publish root that the configured ``checkpoint_dir`` names, or None for a plain export folder."""
+    if (checkpoint_dir / CURRENT_LINK).is_symlink():
+        return checkpoint_dir
+    if checkpoint_dir.name == CURRENT_LINK and checkpoint_dir.is_symlink():
+        return checkpoint_dir.parent
+    return None
 
 
 def load_export(folder: Path, *, runtime: str, device: str) -> tuple[Student, torch.nn.Linear | LinearProjector | None]:

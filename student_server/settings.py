@@ -15,6 +15,8 @@ from shared.settings import load_settings
 ENV_PREFIX = "UNITE_STUDENT_"
 MIB = 1 << 20
 GIB = 1 << 30
+# The largest integer that a JavaScript number represents exactly (Number.MAX_SAFE_INTEGER), the limit of settings that the web page reads.
+MAX_SAFE_INTEGER = 2**53 - 1
 
 
 class StudentSettings(BaseSettings):
@@ -51,7 +53,7 @@ class StudentSettings(BaseSettings):
         default=8 * MIB,
         description="Size in bytes from which the web page sends a TIFF file as a slide (POST /v1/slides) instead of "
         "as a tile (POST /v1/embeddings/upload). PNG and JPEG files are always sent as tiles. The page's "
-        "'Send files as' option overrides this.",
+        "'Send files as' option overrides this. At most 9007199254740991 (2**53 - 1), the largest integer that a JavaScript number represents exactly.",
     )
     max_patches_per_slide: int = Field(
         default=100_000,
@@ -156,6 +158,12 @@ class StudentSettings(BaseSettings):
             raise ValueError(
                 f"page_tiff_slide_min_bytes is {value}, expected a positive number of bytes. "
                 f"Set UNITE_STUDENT_PAGE_TIFF_SLIDE_MIN_BYTES to 1 or more, or unset it for the default {8 * MIB} (8 MiB)."
+            )
+        if value > MAX_SAFE_INTEGER:
+            raise ValueError(
+                f"page_tiff_slide_min_bytes is {value}, expected at most {MAX_SAFE_INTEGER} bytes (2**53 - 1), because the web page "
+                f"reads it as a JavaScript number and rejects larger values. Set UNITE_STUDENT_PAGE_TIFF_SLIDE_MIN_BYTES to "
+                f"{MAX_SAFE_INTEGER} or less, or unset it for the default {8 * MIB} (8 MiB)."
             )
         return value
 

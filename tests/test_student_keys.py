@@ -194,6 +194,40 @@ def test_job_list_limit(keyed_server):
     assert too_large.status_code == 422, too_large.text
 
 
+@pytest.mark.parametrize("limit", [0, -1, 1001, 10**9])
+def test_job_list_limit_out_of_range(keyed_server, limit):
+    client, _, _ = keyed_server
+
+    response = client.get("/v1/jobs", params={"limit": limit}, headers=key(KEY_A))
+
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert error["limit"] == [1, 1000]
+    assert error["value"] == limit
+    assert f"the query parameter limit is {limit}, expected 1 to 1000 jobs" in error["message"]
+
+
+def test_rotated_key_keeps_name_jobs(keyed_server, tmp_path):
+    _, settings, job_id = keyed_server
+    # Jobs belong to the key's name, so a new key named lab-a reads lab-a's jobs and the old key under a new name does not.
+    new_key = "student-key-a2-0123456789abcdef"
+    rotated = tmp_path / "keys.toml"
+    rotated.write_text(f"[[keys]]\nname = 'lab-a'\nsha256 = '{hash_key(new_key)}'\n\n[[keys]]\nname = 'lab-a-old'\nsha256 = '{hash_key(KEY_A)}'\n")
+    shutil.copytree(settings.jobs_dir / job_id, tmp_path / "jobs" / job_id)
+
+    with student_server(job_settings(settings.checkpoint_dir, tmp_path, keys_file=rotated)) as client:
+        new_key_status = client.get(f"/v1/jobs/{job_id}", headers=key(new_key)).status_code
+        new_key_list = listed_ids(client, headers=key(new_key))
+        old_key_status = client.get(f"/v1/jobs/{job_id}", headers=key(KEY_A)).status_code
+        old_key_list = listed_ids(client, headers=key(KEY_A))
+
+    assert new_key_status == 200
+    assert new_key_list == [job_id]
+    assert old_key_status == 404
+    assert old_key_list == []
+
+
 def test_owner_deletes_own_job(checkpoint, data_root, keys_file, tmp_path):
     settings = job_settings(checkpoint, tmp_path, data_root=data_root, keys_file=keys_file)
     with student_server(settings) as client:

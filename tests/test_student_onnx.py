@@ -9,6 +9,7 @@ is caught too.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
+from servers import run_app
 from slide_data import BRACS
 from student_helpers import embeddings_body, lung_tiles, response_embeddings, scrape
 
@@ -35,6 +37,7 @@ from shared.errors import ModelError
 from shared.imaging import to_model_input
 from shared.models.student import UNITE_STUDENT_KWARGS, build_unite_student
 from shared.publish import publish_student
+from student_server.app import create_app
 from student_server.model import StudentModel
 from student_server.onnx_runtime import ONNX_WEIGHTS, LinearProjector, OnnxStudent, load_onnx_export
 from student_server.settings import StudentSettings
@@ -222,6 +225,63 @@ def test_onnx_missing_file_not_ready(exports, tmp_path):
     assert str(folder) not in model.public_reason
 
 
+def test_onnx_published_without_file_keeps_student(exports, tiles, tmp_path, caplog):
+    root = tmp_path / "published"
+    publish_student(exports[0], root)
+    torch_only = tmp_path / "torch-only"
+    shutil.copytree(exports[1], torch_only)
+    (torch_only / ONNX_WEIGHTS).unlink()
+    first_sha256 = load_student(exports[0]).sha256
+    second_sha256 = load_student(exports[1]).sha256
+    app = create_app(onnx_settings(root, tmp_path, reload_interval_s=0.2))
+
+    with caplog.at_level(logging.WARNING, logger="student_server.model"), run_app(app) as base_url:
+        with httpx.Client(base_url=base_url, timeout=60) as client:
+            wait_for_status(client, "/readyz", 200)
+            version = publish_student(torch_only, root)
+            wait_for_sample(client, 'unite_student_reloads_total{outcome="failed"}', 1)
+            # More checks of the same folder neither log nor count the missing file again.
+            app.state.student.check_for_update()
+            app.state.student.check_for_update()
+            ready = client.get("/readyz").json()
+            response = client.post("/v1/embeddings", json=embeddings_body(tiles[:2]))
+            failed = scrape(client)
+            warnings = [record.getMessage() for record in caplog.records if record.name == "student_server.model" and record.levelno >= logging.WARNING]
+
+            # Once the folder is given its model.onnx, the next check serves it.
+            export_onnx(version, version / ONNX_WEIGHTS)
+            wait_ready(client, None, sha256=second_sha256, timeout_s=60)
+            reloaded = scrape(client)
+
+    assert ready["checkpoint_sha256"] == first_sha256
+    assert response.status_code == 200, response.text
+    assert response.json()["checkpoint_sha256"] == first_sha256
+    assert failed['unite_student_reloads_total{outcome="failed"}'] == 1
+    assert failed['unite_student_reloads_total{outcome="success"}'] == 1
+    assert len(warnings) == 1, warnings
+    assert str(version) in warnings[0]
+    assert f"has no {ONNX_WEIGHTS}" in warnings[0]
+    assert f"unite export-onnx {version} --out {version / ONNX_WEIGHTS}" in warnings[0]
+    assert "--onnx" in warnings[0]
+    assert f"Still serving {ready['model']} (sha256 {first_sha256})" in warnings[0]
+    assert reloaded['unite_student_reloads_total{outcome="success"}'] == 2
+    assert reloaded['unite_student_reloads_total{outcome="failed"}'] == 1
+
+
+def wait_for_status(client: httpx.Client, path: str, status: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.get(path).status_code != status:
+        assert time.monotonic() < deadline, f"GET {path} did not answer {status} within {timeout_s} s"
+        time.sleep(0.05)
+
+
+def wait_for_sample(client: httpx.Client, sample: str, value: float, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while scrape(client).get(sample) != value:
+        assert time.monotonic() < deadline, f"metric sample {sample} did not reach {value} within {timeout_s} s"
+        time.sleep(0.05)
+
+
 def test_onnx_from_other_export_rejected(exports, tmp_path):
     folder = tmp_path / "mixed"
     shutil.copytree(exports[0], folder)
@@ -319,11 +379,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(client: httpx.Client, process: subprocess.Popen, *, sha256: str, timeout_s: float) -> dict:
-    """Poll /readyz until it reports the checkpoint ``sha256``; fail when the server exits or the time runs out."""
+def wait_ready(client: httpx.Client, process: subprocess.Popen | None, *, sha256: str, timeout_s: float) -> dict:
+    """Poll /readyz until it reports the checkpoint ``sha256``; fail when the server ``process`` (None for one in this process) exits or the time runs out."""
     deadline = time.monotonic() + timeout_s
     while True:
-        assert process.poll() is None, f"the server exited with status {process.returncode}"
+        assert process is None or process.poll() is None, f"the server exited with status {process.returncode}"
         try:
             response = client.get("/readyz")
             if response.status_code == 200 and response.json()["checkpoint_sha256"] == sha256:

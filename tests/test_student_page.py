@@ -15,6 +15,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -353,6 +354,35 @@ def test_tiff_setting_error_names_variable(monkeypatch):
     assert "UNITE_STUDENT_PAGE_TIFF_SLIDE_MIN_BYTES: Value error, page_tiff_slide_min_bytes is 0" in caught.value.message
 
 
+@pytest.mark.parametrize("value", [str(2**53), "99999999999999999999999"])
+def test_tiff_setting_rejects_unsafe_integer(monkeypatch, value):
+    monkeypatch.setenv("UNITE_STUDENT_PAGE_TIFF_SLIDE_MIN_BYTES", value)
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(StudentSettings, env_prefix=ENV_PREFIX, service="student server")
+
+    message = caught.value.message
+    assert f"UNITE_STUDENT_PAGE_TIFF_SLIDE_MIN_BYTES: Value error, page_tiff_slide_min_bytes is {value}" in message
+    assert "expected at most 9007199254740991 bytes (2**53 - 1)" in message
+    assert "Set UNITE_STUDENT_PAGE_TIFF_SLIDE_MIN_BYTES to 9007199254740991 or less" in message
+
+
+@needs_browser
+def test_page_accepts_largest_tiff_setting(checkpoint, tmp_path):
+    largest = 2**53 - 1
+    settings = StudentSettings(
+        checkpoint_dir=checkpoint, upload_dir=tmp_path / "uploads", jobs_dir=tmp_path / "jobs", page_tiff_slide_min_bytes=largest
+    )
+
+    with run_app(create_app(settings)) as url, open_page(url, tmp_path) as page:
+        page.wait_for_load_state("load")
+
+        assert page.locator("body").get_attribute("data-tiff-slide-min-bytes") == str(largest)
+        assert page.locator("#page-error").count() == 1
+        assert page.locator("#page-error").is_hidden(), page.locator("#page-error").inner_text()
+        assert page.console_errors == []
+
+
 def test_tiff_setting_read_from_environment(monkeypatch):
     monkeypatch.setenv("UNITE_STUDENT_PAGE_TIFF_SLIDE_MIN_BYTES", "123456")
 
@@ -639,3 +669,53 @@ def test_page_tiff_over_setting_sent_as_slide(small_tiff_base_url, shared_data, 
         assert request_info.value.url == f"{small_tiff_base_url}/v1/slides"
         assert card.get_attribute("data-job-id")
         assert page.locator(".tile-card").count() == 0
+
+
+@needs_browser
+def test_page_invalid_job_ids_rejected(base_url, tmp_path):
+    # "." and ".." are the ids that the browser rewrites into other paths: /v1/jobs/. becomes the job list.
+    job_ids = [".", "..", uuid.uuid4().hex.upper(), uuid.uuid4().hex[:31], "../healthz"]
+    query = "&".join(f"job={quote(job_id, safe='')}" for job_id in job_ids)
+
+    with open_page(base_url, tmp_path, path=f"/?{query}") as page:
+        page.wait_for_function(
+            "count => [...document.querySelectorAll('.slide-card')].filter(card => !card.querySelector('.error').hidden).length === count",
+            arg=len(job_ids),
+            timeout=TILE_TIMEOUT_MS,
+        )
+        cards = page.locator(".slide-card")
+
+        assert cards.count() == len(job_ids)
+        for index, job_id in enumerate(job_ids):
+            card = cards.nth(index)
+            error = card.locator(".error").inner_text()
+            assert card.get_attribute("data-status") == "failed", job_id
+            assert card.get_attribute("data-job-id") is None, job_id
+            assert f'the job id "{job_id}" in the page\'s address is invalid' in error
+            assert "expected 32 lowercase hex digits" in error
+        assert page.console_errors == []
+
+
+@needs_browser
+def test_page_job_response_without_status_fails(base_url, tmp_path):
+    job_id = uuid.uuid4().hex
+    job_path = f"/v1/jobs/{job_id}"
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = context.new_page()
+            # The request for the job goes to the real server's job list, which has no "status".
+            page.route(base_url + job_path, lambda route: route.continue_(url=base_url + "/v1/jobs"))
+            page.goto(f"{base_url}/?job={job_id}")
+            card = wait_for_card(page, ".slide-card", "false", TILE_TIMEOUT_MS)
+
+            assert card.get_attribute("data-status") == "failed"
+            assert card.locator(".error").inner_text() == (
+                f"GET {job_path} returned no job: its status is none, expected one of queued, running, succeeded, failed, "
+                "interrupted. Check that the page is served by the student server and that the job id is right."
+            )
+        finally:
+            context.close()

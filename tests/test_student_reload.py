@@ -6,6 +6,8 @@ while a second student is published, and every response must come from exactly t
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import threading
 import time
@@ -139,3 +141,52 @@ def test_server_becomes_ready_when_first_student_published(exports, tiles, tmp_p
     assert str(root) not in before.text
     assert refused.status_code == 503
     assert after.status_code == 200, after.text
+
+
+def test_version_without_weights_keeps_student(exports, tiles, tmp_path, caplog):
+    first, second = exports
+    old_sha, old_embeddings = direct_embeddings(first, tiles)
+    new_sha, _ = direct_embeddings(second, tiles[:1])
+    root = tmp_path / "published"
+    publish_student(first, root)
+    # `unite publish add` rejects such a version, but a copy by hand into versions/ can still leave one.
+    version = root / "versions" / "20261205T010203123456Z-no-weights"
+    shutil.copytree(second, version)
+    (version / CHECKPOINT_WEIGHTS).unlink()
+    app = serve(root, tmp_path)
+
+    with caplog.at_level(logging.WARNING, logger="student_server.model"), run_app(app) as base_url:
+        with httpx.Client(base_url=base_url, timeout=120) as client:
+            wait_for(lambda: client.get("/readyz").status_code == 200)
+            point_current(root, version)
+            wait_for(lambda: scrape(client)['unite_student_reloads_total{outcome="failed"}'] >= 1)
+            # More checks of the same folder neither log nor count the missing file again.
+            app.state.student.check_for_update()
+            app.state.student.check_for_update()
+            response = post_embeddings(client, tiles)
+            ready = client.get("/readyz").json()
+            samples = scrape(client)
+            warnings = [record.getMessage() for record in caplog.records if record.name == "student_server.model" and record.levelno >= logging.WARNING]
+
+            # Once the weights arrive, the next check serves them.
+            shutil.copy(second / CHECKPOINT_WEIGHTS, version / CHECKPOINT_WEIGHTS)
+            wait_for(lambda: client.get("/readyz").json().get("checkpoint_sha256") == new_sha)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["checkpoint_sha256"] == old_sha
+    np.testing.assert_allclose(response_embeddings(response), old_embeddings, atol=ATOL)
+    assert ready["checkpoint_sha256"] == old_sha
+    assert samples['unite_student_reloads_total{outcome="failed"}'] == 1
+    assert samples['unite_student_reloads_total{outcome="success"}'] == 1
+    assert len(warnings) == 1, warnings
+    assert str(version.resolve()) in warnings[0]
+    assert f"has no {CHECKPOINT_WEIGHTS}" in warnings[0]
+    assert f"unite publish rollback {root}" in warnings[0]
+    assert f"Still serving {ready['model']} (sha256 {old_sha})" in warnings[0]
+
+
+def point_current(root, version) -> None:
+    """Switch ``root/current`` to ``version`` with one rename of a new link, as a publish does."""
+    link = root / "current.next"
+    link.symlink_to(version.relative_to(root), target_is_directory=True)
+    os.replace(link, root / "current")

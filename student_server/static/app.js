@@ -11,6 +11,9 @@ const DEFAULT_TIFF_SLIDE_MIN_BYTES = 8 * 1024 * 1024;
 const POLL_INTERVAL_MS = 500;
 const SLOW_POLL_INTERVAL_MS = 2000;
 const MAX_POLL_FAILURES = 10;
+// A job id as the server makes it (uuid4().hex): 32 lowercase hex digits. Anything else names no job.
+const JOB_ID_PATTERN = /^[0-9a-f]{32}$/;
+const JOB_STATUSES = ["queued", "running", "succeeded", "failed", "interrupted"];
 const SVG_NS = "http://www.w3.org/2000/svg";
 
 let cardCount = 0;
@@ -293,8 +296,19 @@ async function embedSlide(file) {
 }
 
 // Show a job submitted earlier, named by its id, as a slide card: its progress, then its results.
+// An id that is not 32 lowercase hex digits is not sent, because the browser rewrites ids such as "." and
+// ".." into other paths (for instance /v1/jobs/. becomes /v1/jobs/, the job list).
 function showJob(jobId) {
   const card = newSlideCard(`Job ${jobId}`);
+  if (!JOB_ID_PATTERN.test(jobId)) {
+    card.dataset.status = "failed";
+    showError(
+      $(".error", card),
+      `the job id "${jobId}" in the page's address is invalid: expected 32 lowercase hex digits, as the server returns in "id" ` +
+        `when a slide is submitted. Open the page with ?job=<id> and the id of a submitted job.`,
+    );
+    return;
+  }
   card.dataset.jobId = jobId;
   setProgress(card, "Embedding patches", 0);
   pollJob(card, `/v1/jobs/${encodeURIComponent(jobId)}`, 0);
@@ -318,6 +332,18 @@ async function pollJob(card, jobPath, failures) {
     }
     $(".status", card).textContent = `Checking the job failed, retrying: ${error.message}`;
     setTimeout(() => pollJob(card, jobPath, failures + 1), SLOW_POLL_INTERVAL_MS);
+    return;
+  }
+
+  // Any other response, for instance a job list or a proxy's page, would otherwise be polled forever.
+  if (!job || !JOB_STATUSES.includes(job.status)) {
+    card.dataset.status = "failed";
+    const status = job && job.status !== undefined ? JSON.stringify(job.status) : "none";
+    showError(
+      $(".error", card),
+      `GET ${jobPath} returned no job: its status is ${status}, expected one of ${JOB_STATUSES.join(", ")}. ` +
+        "Check that the page is served by the student server and that the job id is right.",
+    );
     return;
   }
 
