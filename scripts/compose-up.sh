@@ -16,19 +16,20 @@
 #      layer), and student-onnx when UNITE_COMPOSE_ONNX=1
 #   6. podman's API socket, then `docker compose up -d`: health checks, the student server's /readyz 503
 #      before a student exists, `docker compose run --rm init`, the student server ready, a tile POSTed
-#      from this host to the student server (384 floats) and to the gateway (1536 floats); with
+#      from this host to the student server (384 floats) and to the gateway (1536 floats), the sample
+#      slide POSTed as a slide job that succeeds; with
 #      UNITE_COMPOSE_ONNX=1 also student-onnx (profile onnx) started, healthy, and 384 floats for a tile,
 #      served from the model.onnx that init published
 #   7. `unite cache backup` in the gateway container, the backup copied to this host with `docker compose
 #      cp` and checked there, and `unite publish list` in the distiller container
 #   8. `docker compose down`, then the named volumes still contain the cache, the shards and the
-#      published student, and a restarted student server is ready at once
+#      published student, and a restarted student server is ready at once and still has the slide job
 #
 # The stack runs as compose project UNITE_COMPOSE_PROJECT (default unite-compose-test), on free ports of
 # 127.0.0.1, so a deployment named "unite" on the same machine is not touched. Its volumes are removed at
 # the end unless UNITE_COMPOSE_KEEP=1. Image sizes and step timings are printed at the end.
 #
-# Needs: root (for apt-get and podman's rootful storage), Linux x86-64, python3 3.11 (the image's Python,
+# Needs: root (for apt-get and podman's rootful storage), Linux x86-64, curl, python3 3.11 (the image's Python,
 # so the host's wheels fit), the package index for the wheelhouse (once per requirements change), and
 # Debian's mirror for debootstrap (once). On 2 cores a first run takes an estimated 10 to 15 minutes and
 # a run with the images built 1 to 4 minutes (docs/deployment.md has the measured steps).
@@ -294,6 +295,26 @@ for name, port, expected in zip(arguments[0::3], arguments[1::3], map(int, argum
 EOF
 }
 
+# Poll GET /v1/jobs/ID on the student server until the slide job has succeeded and its result can be
+# read; a failed job or the time limit in seconds fails the script.
+wait_job() { "$python" - "http://127.0.0.1:$student_port/v1/jobs/$1" "$2" <<'EOF'
+import json, sys, time, urllib.request
+url, limit = sys.argv[1], float(sys.argv[2])
+deadline = time.monotonic() + limit
+while True:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        job = json.load(response)
+    if job["status"] == "succeeded":
+        with urllib.request.urlopen(url + "/result", timeout=30) as response:
+            json.load(response)
+        print(f"compose-up: slide job {job['id']} succeeded with {job['num_patches']} patches", file=sys.stderr)
+        break
+    if job["status"] == "failed" or time.monotonic() > deadline:
+        sys.exit(f"compose-up: FAILED: slide job {job['id']} is {job['status']} after at most {limit:.0f} s: {job['error']}")
+    time.sleep(2)
+EOF
+}
+
 log "docker compose up -d (project $project, gateway on 127.0.0.1:$gateway_port, student server on 127.0.0.1:$student_port)"
 compose up -d --no-build >"$work/compose-up.log" 2>&1 || { cat "$work/compose-up.log" >&2; fail "docker compose up failed"; }
 wait_healthy gateway 180
@@ -314,6 +335,16 @@ step_done "student healthy"
 
 check_embeddings "gateway" "$gateway_port" 1536 "student server" "$student_port" 384
 step_done "embeddings from the host"
+
+# A slide job of the sample slide. Its record and outputs live in the named volume jobs, so the student
+# server restarted in step 8 still serves them.
+log "POST /v1/slides with the sample slide, then wait for the slide job"
+curl -sS --max-time 120 "http://127.0.0.1:$student_port/v1/slides" -F "file=@$sample" >"$work/slide-job.json" \
+  || fail "POST /v1/slides to the student server failed"
+job_id=$("$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["id"])' "$work/slide-job.json") \
+  || { cat "$work/slide-job.json" >&2; fail "POST /v1/slides returned no job id"; }
+wait_job "$job_id" 300
+step_done "slide job"
 
 # The slim ONNX student serves the model.onnx that init's worker (run with --onnx) put into the published
 # student. The service is in profile "onnx", so the compose commands that name it get that profile.
@@ -353,7 +384,7 @@ step_done "backup and publish list"
 
 # 8. down keeps the named volumes, and their data is still there.
 compose --profile "*" down --timeout 30 >"$work/compose-down.log" 2>&1 || { cat "$work/compose-down.log" >&2; fail "docker compose down failed"; }
-for volume in cache checkpoints; do
+for volume in cache checkpoints jobs; do
   podman volume exists "${project}_$volume" || fail "the named volume ${project}_$volume is gone after docker compose down"
 done
 compose run --rm --no-deps init sh -c \
@@ -361,6 +392,7 @@ compose run --rm --no-deps init sh -c \
   >"$work/volumes.log" 2>&1 || { cat "$work/volumes.log" >&2; fail "the named volumes lost the cache, the shards or the published student"; }
 compose up -d --no-build student >"$work/compose-restart.log" 2>&1 || { cat "$work/compose-restart.log" >&2; fail "restarting the student server failed"; }
 wait_healthy student 120
+wait_job "$job_id" 30
 step_done "down, volumes kept, restart"
 
 echo "compose-up: all checks passed in $(( $(date +%s) - started )) s"

@@ -207,7 +207,7 @@ def test_compose_named_volumes_are_shared(resolved):
     publish_root = option_value(services["distiller"]["command"], "--publish-root")
     checkpoint = option_value(services["student"]["command"], "--checkpoint")
 
-    assert set(resolved["volumes"]) == {"cache", "checkpoints"}
+    assert set(resolved["volumes"]) == {"cache", "checkpoints", "jobs", "jobs-onnx"}
     for service in services.values():
         for mount in service.get("volumes", []):
             assert mount["type"] == "bind" or mount["source"] in resolved["volumes"], mount
@@ -218,6 +218,9 @@ def test_compose_named_volumes_are_shared(resolved):
     assert named_volume_for(services["student"], checkpoint) == "checkpoints"
     # The student server serves ROOT/current of the folder the distiller worker publishes into.
     assert PurePosixPath(checkpoint) == PurePosixPath(publish_root)
+    # Slide jobs outlive the container, and the two student servers that can run together keep their own.
+    for name, volume in (("student", "jobs"), ("student-gpu", "jobs"), ("student-onnx", "jobs-onnx")):
+        assert named_volume_for(services[name], services[name]["environment"]["UNITE_STUDENT_JOBS_DIR"]) == volume, name
 
 
 def test_compose_readers_mount_read_only(resolved):
@@ -613,10 +616,10 @@ def compose_up_unavailable() -> str | None:
         return f"scripts/compose-up.sh needs Linux x86-64, and this is {sys.platform} {os.uname().machine}"
     if os.geteuid() != 0:
         return "scripts/compose-up.sh needs root, for podman's rootful storage and for apt-get"
-    missing = [tool for tool in ("podman", "runc", "debootstrap") if shutil.which(tool) is None]
+    missing = [tool for tool in ("podman", "runc", "debootstrap", "curl") if shutil.which(tool) is None]
     if missing:
-        # .ci/run installs them with apt-get where it can; scripts/compose-up.sh run by hand does too.
-        return f"{', '.join(missing)} not installed: install them (apt-get install podman runc debootstrap) or run scripts/compose-up.sh as root"
+        # .ci/run installs them with apt-get where it can; scripts/compose-up.sh run by hand installs all but curl.
+        return f"{', '.join(missing)} not installed: install them with apt-get install {' '.join(missing)}"
     free = shutil.disk_usage(_existing_parent(PODMAN_STORAGE)).free
     if free < COMPOSE_FREE_DISK_BYTES:
         return (
@@ -636,7 +639,7 @@ def _existing_parent(path: Path) -> Path:
 @pytest.mark.timeout(3600)
 def test_compose_up_script():
     # Builds the images, runs `docker compose up`, the init profile, a tile from this host to both
-    # published ports and `docker compose down`, then checks the named volumes kept their data. Measured
+    # published ports, a slide job and `docker compose down`, then checks the named volumes kept their data. Measured
     # on 2 cores: 74 to 160 s with the images built, about 7 minutes when the dependency layer is rebuilt.
     reason = compose_up_unavailable()
     if reason is not None:
@@ -658,6 +661,8 @@ def test_compose_up_script():
     assert re.search(r"student server on 127\.0\.0\.1:\d+ returned 384 floats", completed.stderr)
     assert re.search(r"gateway on 127\.0\.0\.1:\d+ returned 1536 floats", completed.stderr)
     assert re.search(r"cache backup on this host: integrity_check ok, [1-9]\d* rows", completed.stderr)
+    # The slide job succeeded, and the student server recreated after `down` still had it.
+    assert len(re.findall(r"slide job [0-9a-f]{32} succeeded with [1-9]\d* patches", completed.stderr)) == 2
     for target in ("gateway", "distiller", "student"):
         assert re.search(rf"unite-{target}:local\s+\d+ MB", completed.stdout), target
     if onnx:
