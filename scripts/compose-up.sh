@@ -298,15 +298,21 @@ EOF
 # Poll GET /v1/jobs/ID on the student server until the slide job has succeeded and its result can be
 # read; a failed job or the time limit in seconds fails the script.
 wait_job() { "$python" - "http://127.0.0.1:$student_port/v1/jobs/$1" "$2" <<'EOF'
-import json, sys, time, urllib.request
+import json, sys, time, urllib.error, urllib.request
 url, limit = sys.argv[1], float(sys.argv[2])
 deadline = time.monotonic() + limit
+
+def get(address):
+    try:
+        with urllib.request.urlopen(address, timeout=30) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as error:
+        sys.exit(f"compose-up: FAILED: GET {address} returned {error.code}: {error.read().decode()[:300]}")
+
 while True:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        job = json.load(response)
+    job = get(url)
     if job["status"] == "succeeded":
-        with urllib.request.urlopen(url + "/result", timeout=30) as response:
-            json.load(response)
+        get(url + "/result")
         print(f"compose-up: slide job {job['id']} succeeded with {job['num_patches']} patches", file=sys.stderr)
         break
     if job["status"] == "failed" or time.monotonic() > deadline:
