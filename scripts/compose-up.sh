@@ -16,10 +16,10 @@
 #      layer), and student-onnx when UNITE_COMPOSE_ONNX=1
 #   6. podman's API socket, then `docker compose up -d`: health checks, the student server's /readyz 503
 #      before a student exists, `docker compose run --rm init`, the student server ready, a tile POSTed
-#      from this host to the student server (384 floats) and to the gateway (1536 floats), the sample
-#      slide POSTed as a slide job that succeeds; with
-#      UNITE_COMPOSE_ONNX=1 also student-onnx (profile onnx) started, healthy, and 384 floats for a tile,
-#      served from the model.onnx that init published
+#      from this host to the student server (384 floats) and to the gateway (1536 floats), and the sample
+#      slide POSTed as a slide job that must succeed. With UNITE_COMPOSE_ONNX=1, student-onnx (profile
+#      onnx) is started too and must become healthy and return 384 floats for a tile from the model.onnx
+#      that init published
 #   7. `unite cache backup` in the gateway container, the backup copied to this host with `docker compose
 #      cp` and checked there, and `unite publish list` in the distiller container
 #   8. `docker compose down`, then the named volumes still contain the cache, the shards and the
@@ -296,7 +296,7 @@ EOF
 }
 
 # Poll GET /v1/jobs/ID on the student server until the slide job has succeeded and its result can be
-# read; a failed job or the time limit in seconds fails the script.
+# read. A failed job, or no success within the time limit in seconds, fails the script.
 wait_job() { "$python" - "http://127.0.0.1:$student_port/v1/jobs/$1" "$2" <<'EOF'
 import json, sys, time, urllib.error, urllib.request
 url, limit = sys.argv[1], float(sys.argv[2])

@@ -600,7 +600,7 @@ def test_compose_commands_run_without_containers(resolved, shared_data, tmp_path
 # The whole stack for real, under podman
 
 
-# podman's rootful storage, which holds the images, and the free space a first build needs there: the
+# podman's rootful storage, which contains the images, and the free space a first build needs there: the
 # wheelhouse, the dependency layer, podman's temporary copies while it commits layers, and the images. A
 # first run from empty storage used at most 29 GiB more than before it started.
 PODMAN_STORAGE = Path("/var/lib/containers")
