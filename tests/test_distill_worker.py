@@ -287,13 +287,11 @@ SIGTERM_EPOCHS = 20
 SIGTERM_PLANNED_STEPS = SIGTERM_EPOCHS * 4
 
 
-def test_cli_sigterm_mid_training_then_resumes(lung_tiles, tmp_path):
-    _write_shards(tmp_path / "shards", lung_tiles[:24], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE)
-    command = worker_command(tmp_path, "--min-new-tiles", "24", "--poll-s", "0.2")
-    command[command.index("--epochs") + 1] = str(SIGTERM_EPOCHS)
+def sigterm_after_first_epoch(command: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Start the worker, send it SIGTERM once a training has written last.ckpt, and return its exit status, stdout and stderr."""
     log_path = tmp_path / "worker.log"
     with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, env=env)
         try:
             # LastCheckpoint writes last.ckpt at the end of each epoch, so its appearance means steps have run.
             deadline = time.monotonic() + 300
@@ -305,8 +303,17 @@ def test_cli_sigterm_mid_training_then_resumes(lung_tiles, tmp_path):
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    stderr = log_path.read_text()
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    return process.returncode, stdout, log_path.read_text()
+
+
+def test_cli_sigterm_mid_training_then_resumes(lung_tiles, tmp_path):
+    _write_shards(tmp_path / "shards", lung_tiles[:24], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE)
+    command = worker_command(tmp_path, "--min-new-tiles", "24", "--poll-s", "0.2")
+    command[command.index("--epochs") + 1] = str(SIGTERM_EPOCHS)
+
+    returncode, stdout, stderr = sigterm_after_first_epoch(command, tmp_path)
+
+    assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
     state = json.loads((tmp_path / "worker" / STATE_FILE).read_text())
     checkpoint_path = tmp_path / "worker" / "runs" / state["running"]["run"] / "lightning" / "last.ckpt"
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
@@ -402,27 +409,15 @@ def test_cli_ddp_sigterm_mid_training_then_resumes(lung_tiles, tmp_path):
     _write_shards(tmp_path / "shards", lung_tiles[:24], slides_per_shard=3, tiles_per_slide=TILES_PER_SLIDE)
     command = worker_command(tmp_path, "--min-new-tiles", "24", "--poll-s", "0.2", *DDP_OPTIONS)
     command[command.index("--epochs") + 1] = str(SIGTERM_EPOCHS)
-    log_path = tmp_path / "worker.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, env=ddp_environment())
-        try:
-            deadline = time.monotonic() + 300
-            while not list((tmp_path / "worker" / "runs").glob("*/lightning/last.ckpt")) and process.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            # Only rank 0 gets the signal, as from `docker stop`. Rank 1 stops after the same step.
-            process.send_signal(signal.SIGTERM)
-            stdout, _ = process.communicate(timeout=120)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+
+    # Only rank 0 gets the signal, as from `docker stop`. Rank 1 stops after the same step.
+    returncode, stdout, stderr = sigterm_after_first_epoch(command, tmp_path, env=ddp_environment())
     left = wait_for_no_process(str(tmp_path), timeout=60)
-    stderr = log_path.read_text()
     state = read_state(tmp_path / "worker" / STATE_FILE)
     checkpoint_path = tmp_path / "worker" / "runs" / state.running["run"] / "lightning" / "last.ckpt"
     step = torch.load(checkpoint_path, map_location="cpu", weights_only=False)["global_step"]
 
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-5000:]
+    assert returncode == 128 + signal.SIGTERM, stderr[-5000:]
     assert stdout == ""
     assert left == []
     assert f"process of rank 1: training in {checkpoint_path.parent.parent} stopped at global step {step} on request" in stderr
