@@ -10,6 +10,14 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
 root=${UNITE_VENV_ROOT:-$HOME/.cache/unite/venvs}
+if ! command -v "$python" >/dev/null; then
+  echo "The interpreter $python was not found. Install Python 3.11 or newer, or set PYTHON to one." >&2
+  exit 1
+fi
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "$python is $("$python" -V 2>&1), and UNITE needs Python 3.11 or newer (it reads TOML with tomllib). Set PYTHON to a python3.11 or newer." >&2
+  exit 1
+fi
 key=$( { cat "$repo/requirements.txt"; "$python" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-16)
 venv="$root/$key"
 
