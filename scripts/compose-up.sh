@@ -20,8 +20,8 @@
 #      slide POSTed as a slide job that must succeed. With UNITE_COMPOSE_ONNX=1, student-onnx (profile
 #      onnx) is started too and must become healthy and return 384 floats for a tile from the model.onnx
 #      that init published
-#   7. `unite cache backup` in the gateway container, the backup copied to this host with `docker compose
-#      cp` and checked there, and `unite publish list` in the distiller container
+#   7. `unite cache backup` of the cache and the usage ledger in the gateway container, both copied to
+#      this host with `docker compose cp` and checked there, and `unite publish list` in the distiller container
 #   8. `docker compose down`, then the named volumes still contain the cache, the shards and the
 #      published student, and a restarted student server is ready at once and still has the slide job
 #
@@ -368,18 +368,22 @@ fi
 # Two commands of docs/operations.md on the running stack: an online backup of the cache, copied to this
 # host and checked there, and the list of published students, which must mark one current with model.onnx.
 log "unite cache backup in the gateway, docker compose cp to this host, unite publish list in the distiller"
-compose exec -T gateway unite cache backup /cache/embeddings --out /cache/backups/embeddings.sqlite3 >"$work/backup.log" 2>&1 \
+compose exec -T gateway unite cache backup /cache/embeddings --out /cache/backups/embeddings.sqlite3 \
+  --usage-out /cache/backups/usage.sqlite3 >"$work/backup.log" 2>&1 \
   || { cat "$work/backup.log" >&2; fail "unite cache backup in the gateway container failed"; }
-compose cp gateway:/cache/backups/embeddings.sqlite3 "$work/embeddings-backup.sqlite3" >"$work/backup-cp.log" 2>&1 \
-  || { cat "$work/backup-cp.log" >&2; fail "docker compose cp of the cache backup to this host failed"; }
-"$python" - "$work/embeddings-backup.sqlite3" <<'EOF' || fail "the cache backup copied to this host is not a complete cache"
+for database in embeddings usage; do
+  compose cp "gateway:/cache/backups/$database.sqlite3" "$work/$database-backup.sqlite3" >"$work/backup-cp.log" 2>&1 \
+    || { cat "$work/backup-cp.log" >&2; fail "docker compose cp of the $database backup to this host failed"; }
+done
+"$python" - "$work/embeddings-backup.sqlite3" "$work/usage-backup.sqlite3" <<'EOF' || fail "the backups copied to this host are not a complete cache and ledger"
 import sqlite3, sys
-connection = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
-check = connection.execute("PRAGMA integrity_check").fetchone()[0]
-rows = connection.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
-if check != "ok" or rows == 0:
-    sys.exit(f"compose-up: FAILED: the cache backup has integrity_check {check!r} and {rows} rows, expected ok and at least 1")
-print(f"compose-up: cache backup on this host: integrity_check ok, {rows} rows", file=sys.stderr)
+for path, name, table in ((sys.argv[1], "cache", "embeddings"), (sys.argv[2], "usage ledger", "usage")):
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    check = connection.execute("PRAGMA integrity_check").fetchone()[0]
+    rows = connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+    if check != "ok" or rows == 0:
+        sys.exit(f"compose-up: FAILED: the {name} backup has integrity_check {check!r} and {rows} rows, expected ok and at least 1")
+    print(f"compose-up: {name} backup on this host: integrity_check ok, {rows} rows", file=sys.stderr)
 EOF
 compose exec -T distiller unite publish list /checkpoints/published >"$work/publish-list.log" 2>&1 \
   || { cat "$work/publish-list.log" >&2; fail "unite publish list in the distiller container failed"; }

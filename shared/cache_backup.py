@@ -1,4 +1,4 @@
-"""Online backup of the embedding cache with SQLite's backup API, safe while a gateway keeps writing.
+"""Online backup of the embedding cache, and of the gateway's usage ledger, with SQLite's backup API, safe while a gateway keeps writing.
 
 A plain file copy of a WAL database can miss the transactions still in ``embeddings.sqlite3-wal`` or
 catch the main file halfway through a checkpoint. :func:`backup_cache` instead copies the database with
@@ -31,6 +31,18 @@ logger = logging.getLogger(__name__)
 
 # Suffixes of the files SQLite keeps beside a WAL database.
 _SIDE_FILE_SUFFIXES = ("-wal", "-shm", "-journal", ".lock")
+
+
+@dataclass(frozen=True)
+class DatabaseKind:
+    """A UNITE SQLite database that :func:`copy_database` can back up: its name in messages, a table it must have, its schema version."""
+
+    label: str
+    table: str
+    schema_version: int
+
+
+EMBEDDING_CACHE = DatabaseKind("embedding cache", "embeddings", SCHEMA_VERSION)
 
 
 @dataclass
@@ -78,31 +90,14 @@ def cache_database_path(source: Path) -> Path:
 def backup_cache(source: Path, out: Path, *, force: bool = False) -> CacheBackup:
     """Copy the embedding cache at ``source`` (a cache folder or its database file) into the file ``out``.
 
-    Returns what was written. Raises :class:`CacheError` when ``source`` is not an embedding cache of this
-    schema version, or when ``out`` exists and ``force`` is false. It also raises it when ``out`` is directly
-    in the folder of the source database (a subfolder is accepted), when SQLite fails, or when the copy fails
-    ``PRAGMA integrity_check``. ``out`` is then unchanged.
+    Returns what was written. Raises :class:`CacheError` as :func:`copy_database` does, and when ``source``
+    is neither a cache folder nor a database file. ``out`` is then unchanged.
     """
     started = time.monotonic()
     database = cache_database_path(source)
     out = Path(out)
-    _check_out(database, out, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        _copy_database(database, partial)
-        rows_by_teacher, quarantined, schema_version = _check_copy(partial, database)
-        _fsync_file(partial)
-        # Checked again because another backup may have written ``out`` while this one ran.
-        if not force and out.exists():
-            raise CacheError(_exists_message(out), value=str(out))
-        os.replace(partial, out)
-        _fsync_dir(out.parent)
-    finally:
-        for path in [partial, *(partial.with_name(partial.name + suffix) for suffix in _SIDE_FILE_SUFFIXES)]:
-            path.unlink(missing_ok=True)
-
+    copy_database(database, out, EMBEDDING_CACHE, force=force)
+    rows_by_teacher, quarantined, schema_version = _summarise_cache(out)
     backup = CacheBackup(
         source=database,
         out=out,
@@ -116,7 +111,35 @@ def backup_cache(source: Path, out: Path, *, force: bool = False) -> CacheBackup
     return backup
 
 
-def _check_out(database: Path, out: Path, *, force: bool) -> None:
+def copy_database(database: Path, out: Path, kind: DatabaseKind, *, force: bool = False) -> None:
+    """Copy the SQLite database ``database`` of ``kind`` into the file ``out``, checked, while others keep writing it.
+
+    Raises :class:`CacheError` when ``database`` lacks the table of ``kind`` or has another schema version, or
+    when ``out`` exists and ``force`` is false. It also raises it when ``out`` is directly in the folder of
+    ``database`` (a subfolder is accepted), when SQLite fails, or when the copy fails ``PRAGMA
+    integrity_check``. ``out`` is then unchanged.
+    """
+    out = Path(out)
+    check_backup_out(database, out, force=force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        _copy_database(database, partial, kind)
+        _check_integrity(partial, database, kind)
+        _fsync_file(partial)
+        # Checked again because another backup may have written ``out`` while this one ran.
+        if not force and out.exists():
+            raise CacheError(_exists_message(out), value=str(out))
+        os.replace(partial, out)
+        _fsync_dir(out.parent)
+    finally:
+        for path in [partial, *(partial.with_name(partial.name + suffix) for suffix in _SIDE_FILE_SUFFIXES)]:
+            path.unlink(missing_ok=True)
+
+
+def check_backup_out(database: Path, out: Path, *, force: bool) -> None:
+    """Raise :class:`CacheError` when ``out`` cannot take a backup of ``database``: a folder, in the cache folder, or existing without ``force``."""
     if out.is_dir():
         raise CacheError(
             f"backup output {out} is a folder, expected a file path. Pass a file name such as {out / 'embeddings-backup.sqlite3'}.",
@@ -141,10 +164,10 @@ def _exists_message(out: Path) -> str:
     return f"backup output {out} already exists, expected a new file. Pass another --out, or --force to replace it."
 
 
-def _copy_database(database: Path, partial: Path) -> None:
-    """Copy ``database`` into the new file ``partial`` with the backup API, after checking it is an embedding cache."""
-    name = f"embedding cache {database}"
-    damaged_fix = "The file is damaged or not a UNITE cache; pass the gateway's cache folder."
+def _copy_database(database: Path, partial: Path, kind: DatabaseKind) -> None:
+    """Copy ``database`` into the new file ``partial`` with the backup API, after checking it is of ``kind``."""
+    name = f"{kind.label} {database}"
+    damaged_fix = f"The file is damaged or not a UNITE {kind.label}; pass the gateway's cache folder."
     # mode=ro: the backup never writes to the cache, and a wrong path cannot create an empty database.
     with converted_sqlite_errors(name, "open it for reading", damaged_fix):
         source = sqlite3.connect(_read_only_uri(database), uri=True, timeout=BUSY_TIMEOUT_S)
@@ -152,16 +175,16 @@ def _copy_database(database: Path, partial: Path) -> None:
         with converted_sqlite_errors(name, "read its schema", damaged_fix):
             tables = {row[0] for row in source.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             version = source.execute("PRAGMA user_version").fetchone()[0]
-        if "embeddings" not in tables:
+        if kind.table not in tables:
             raise CacheError(
-                f"{name} has no embeddings table (tables: {sorted(tables)}), expected a UNITE embedding cache. "
-                f"Pass the gateway's cache folder or its {DATABASE_NAME}.",
+                f"{name} has no {kind.table} table (tables: {sorted(tables)}), expected a UNITE {kind.label}. "
+                "Pass the gateway's cache folder, or the database file of that kind in it.",
                 value=str(database),
             )
-        if version != SCHEMA_VERSION:
+        if version != kind.schema_version:
             raise CacheError(
-                f"{name} has schema version {version}, expected {SCHEMA_VERSION}. Back it up with the UNITE version that wrote it.",
-                limit=SCHEMA_VERSION,
+                f"{name} has schema version {version}, expected {kind.schema_version}. Back it up with the UNITE version that wrote it.",
+                limit=kind.schema_version,
                 value=version,
             )
         with converted_sqlite_errors(f"backup {partial}", "be written", "Pass an --out on a local disk with free space."):
@@ -179,19 +202,28 @@ def _copy_database(database: Path, partial: Path) -> None:
         source.close()
 
 
-def _check_copy(partial: Path, database: Path) -> tuple[dict[str, int], int, int]:
-    """Run ``PRAGMA integrity_check`` on the copy and return its rows per teacher, quarantined rows and schema version."""
+def _check_integrity(partial: Path, database: Path, kind: DatabaseKind) -> None:
+    """Run ``PRAGMA integrity_check`` on the copy ``partial`` of ``database``, and raise :class:`CacheError` unless it is ok."""
     with converted_sqlite_errors(f"backup of {database}", "be checked", "Run the backup again; if it fails again, check the disk."):
         connection = sqlite3.connect(_read_only_uri(partial), uri=True)
         try:
             problems = [row[0] for row in connection.execute("PRAGMA integrity_check")]
-            if problems != ["ok"]:
-                raise CacheError(
-                    f"backup of {database} failed PRAGMA integrity_check: {problems[:5]}, expected ['ok']. "
-                    "Nothing was written to --out. Run the backup again. If it fails again, the cache itself is damaged: restore "
-                    "the last good backup, or move the cache file away so that the gateway starts an empty cache.",
-                    value=problems[:5],
-                )
+        finally:
+            connection.close()
+    if problems != ["ok"]:
+        raise CacheError(
+            f"backup of {database} failed PRAGMA integrity_check: {problems[:5]}, expected ['ok']. "
+            f"Nothing was written to --out. Run the backup again. If it fails again, the {kind.label} itself is damaged: restore "
+            "the last good backup, or move the file away so that the gateway starts an empty one.",
+            value=problems[:5],
+        )
+
+
+def _summarise_cache(path: Path) -> tuple[dict[str, int], int, int]:
+    """Return the rows per teacher, the quarantined rows and the schema version of the cache backup ``path``."""
+    with converted_sqlite_errors(f"backup {path}", "be read", "Run the backup again; if it fails again, check the disk."):
+        connection = sqlite3.connect(_read_only_uri(path), uri=True)
+        try:
             rows = connection.execute("SELECT teacher, COUNT(*) FROM embeddings GROUP BY teacher ORDER BY teacher").fetchall()
             has_quarantine = connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'quarantine'").fetchone()
             quarantined = connection.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0] if has_quarantine else 0

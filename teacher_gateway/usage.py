@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.cache_backup import DatabaseKind
 from shared.sqlite import ThreadLocalConnections, converted_sqlite_errors, open_wal_database
 from teacher_gateway.errors import (
     BudgetExhaustedError,
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 DATABASE_NAME = "usage.sqlite3"
 SCHEMA_VERSION = 1
+# The ledger as `unite cache backup --usage-out` checks it: its name in messages, table and schema version.
+BACKUP_KIND = DatabaseKind("usage ledger", "usage", SCHEMA_VERSION)
 WINDOW_S = 60
 ANONYMOUS = "anonymous"
 CANARY = "canary"

@@ -19,9 +19,10 @@ from fake_teacher import FakeTeacher, tile_digest
 from gateway_helpers import REPO, block_tiles, gateway, wait_for
 
 from shared.cache import DATABASE_NAME, CacheEntry, EmbeddingCache
-from shared.cache_backup import backup_cache
+from shared.cache_backup import backup_cache, copy_database
 from shared.errors import CacheError
 from shared.imaging import encode_base64_png
+from teacher_gateway.usage import BACKUP_KIND
 from unite_cli.main import main
 
 DIM = 16
@@ -273,3 +274,76 @@ def test_damaged_cache_leaves_no_output(small_cache, tmp_path):
         backup_cache(small_cache, out)
 
     assert list(out.parent.iterdir()) == []
+
+
+def test_usage_ledger_backup_restores_spending(tmp_path, capsys):
+    fake = FakeTeacher(dim=DIM)
+    cache_dir = tmp_path / "cache"
+    out = tmp_path / "backups" / "embeddings-backup.sqlite3"
+    usage_out = tmp_path / "backups" / "usage-backup.sqlite3"
+
+    with fake.serve():
+        with gateway(cache_dir, fake=fake, budget_tiles=20) as http:
+            post_tiles(http, block_tiles(6, seed=7))
+            # Both copies are taken while the gateway keeps its ledger open and charges it.
+            status = main(["cache", "backup", str(cache_dir), "--out", str(out), "--usage-out", str(usage_out)])
+            printed = capsys.readouterr().out
+            post_tiles(http, block_tiles(4, seed=8))
+            spent_before_restore = http.get("/v1/usage").json()["budget"]["tiles"]["spent"]
+
+        # Restore both files as docs/operations.md describes: gateway stopped, WAL side files removed.
+        for name, backup in ((DATABASE_NAME, out), ("usage.sqlite3", usage_out)):
+            for suffix in ("-wal", "-shm"):
+                (cache_dir / (name + suffix)).unlink(missing_ok=True)
+            shutil.copyfile(backup, cache_dir / name)
+
+        with gateway(cache_dir, fake=fake, budget_tiles=20) as http:
+            restored = http.get("/v1/usage").json()["budget"]["tiles"]
+
+    assert status == 0
+    assert f"backed up usage ledger {cache_dir / 'usage.sqlite3'}" in printed
+    assert f"bytes            {usage_out.stat().st_size}" in printed
+    assert integrity(usage_out) == ["ok"]
+    assert spent_before_restore == 10
+    # The ledger as it was at the backup: the 6 tiles charged before it, not the 4 after.
+    assert restored == {"limit": 20, "spent": 6, "left": 14}
+
+
+def test_usage_out_checked_before_copying(small_cache, tmp_path, caplog):
+    out = tmp_path / "backups" / "embeddings-backup.sqlite3"
+    usage_out = tmp_path / "backups" / "usage-backup.sqlite3"
+
+    missing_ledger = main(["cache", "backup", str(small_cache), "--out", str(out), "--usage-out", str(usage_out)])
+    missing_message = caplog.text
+    caplog.clear()
+    (small_cache / "usage.sqlite3").write_bytes(b"")
+    same_file = main(["cache", "backup", str(small_cache), "--out", str(out), "--usage-out", str(out)])
+    same_message = caplog.text
+    caplog.clear()
+    usage_out.parent.mkdir()
+    usage_out.write_bytes(b"an older ledger backup")
+    existing = main(["cache", "backup", str(small_cache), "--out", str(out), "--usage-out", str(usage_out)])
+
+    assert missing_ledger == 2
+    assert f"usage ledger {small_cache / 'usage.sqlite3'} not found" in missing_message
+    assert same_file == 2
+    assert "is the same file as --out" in same_message
+    assert existing == 2
+    assert f"backup output {usage_out} already exists" in caplog.text
+    # Each rejection came before the embedding cache was copied.
+    assert not out.exists()
+    assert usage_out.read_bytes() == b"an older ledger backup"
+
+
+def test_usage_out_rejects_other_database(small_cache, tmp_path):
+    with sqlite3.connect(small_cache / "usage.sqlite3") as connection:
+        connection.execute("CREATE TABLE spending (teacher TEXT)")
+    out = tmp_path / "backups" / "embeddings-backup.sqlite3"
+    usage_out = tmp_path / "backups" / "usage-backup.sqlite3"
+
+    status = main(["cache", "backup", str(small_cache), "--out", str(out), "--usage-out", str(usage_out)])
+
+    assert status == 2
+    assert not usage_out.exists()
+    with pytest.raises(CacheError, match=r"usage ledger .* has no usage table \(tables: \['spending'\]\)"):
+        copy_database(small_cache / "usage.sqlite3", usage_out, BACKUP_KIND)

@@ -661,6 +661,7 @@ def test_compose_up_script():
     assert re.search(r"student server on 127\.0\.0\.1:\d+ returned 384 floats", completed.stderr)
     assert re.search(r"gateway on 127\.0\.0\.1:\d+ returned 1536 floats", completed.stderr)
     assert re.search(r"cache backup on this host: integrity_check ok, [1-9]\d* rows", completed.stderr)
+    assert re.search(r"usage ledger backup on this host: integrity_check ok, [1-9]\d* rows", completed.stderr)
     # The slide job succeeded, and the student server recreated after `down` still had it.
     assert len(re.findall(r"slide job [0-9a-f]{32} succeeded with [1-9]\d* patches", completed.stderr)) == 2
     for target in ("gateway", "distiller", "student"):

@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_publish_arguments(publish)
 
-    cache = commands.add_parser("cache", help="back up the teacher gateway's embedding cache while the gateway runs", description=CACHE_DESCRIPTION)
+    cache = commands.add_parser(
+        "cache", help="back up the teacher gateway's embedding cache and usage ledger while the gateway runs", description=CACHE_DESCRIPTION
+    )
     add_cache_arguments(cache)
 
     gateway = commands.add_parser("serve-gateway", help="run the teacher gateway HTTP service")
