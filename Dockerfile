@@ -94,9 +94,9 @@ FROM runtime AS student
 EXPOSE 8200
 CMD ["unite", "serve-student", "--host", "0.0.0.0", "--port", "8200", "--checkpoint", "/checkpoints/published"]
 
-# The slim student: its own environment from STUDENT_ONNX_REQUIREMENTS (the student server's
-# requirements without torch, torchvision, timm and lightning), serving the ONNX export (model.onnx)
-# of the published student.
+# The slim student: its own environment from STUDENT_ONNX_REQUIREMENTS (requirements.txt without
+# torch, torchvision, timm, Lightning, TensorBoard and the test tools), serving the ONNX export
+# (model.onnx) of the published student.
 FROM base AS deps-onnx
 ARG PIP_INDEX_URL=
 ARG PIP_EXTRA_INDEX_URL=
