@@ -15,11 +15,13 @@ switches it back to WAL when it opens it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,95 +113,140 @@ def backup_cache(source: Path, out: Path, *, force: bool = False) -> CacheBackup
     return backup
 
 
-def copy_database(database: Path, out: Path, kind: DatabaseKind, *, force: bool = False) -> None:
+def copy_database(database: Path, out: Path, kind: DatabaseKind, *, force: bool = False, option: str = "--out") -> None:
     """Copy the SQLite database ``database`` of ``kind`` into the file ``out``, checked, while others keep writing it.
 
     Raises :class:`CacheError` when ``database`` lacks the table of ``kind`` or has another schema version, or
-    when ``out`` exists and ``force`` is false. It also raises it when ``out`` is directly in the folder of
-    ``database`` (a subfolder is accepted), when SQLite fails, or when the copy fails ``PRAGMA
-    integrity_check``. ``out`` is then unchanged.
+    when ``out`` cannot take the backup (see :func:`check_backup_out`). It also raises it when SQLite fails or
+    when the copy fails ``PRAGMA integrity_check``. ``out`` is then unchanged. ``option`` is the command-line
+    option that gave ``out``, named in the messages.
     """
     out = Path(out)
-    check_backup_out(database, out, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_backup_out(database, out, force=force, option=option)
+    make_backup_folder(out, option=option)
 
     partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
-        _copy_database(database, partial, kind)
+        with _open_read_only(database, kind) as source:
+            _check_kind(source, database, kind)
+            _copy_into(source, partial, out, option)
         _check_integrity(partial, database, kind)
         _fsync_file(partial)
         # Checked again because another backup may have written ``out`` while this one ran.
         if not force and out.exists():
-            raise CacheError(_exists_message(out), value=str(out))
+            raise CacheError(_exists_message(out, option), value=str(out))
         os.replace(partial, out)
         _fsync_dir(out.parent)
     finally:
         for path in [partial, *(partial.with_name(partial.name + suffix) for suffix in _SIDE_FILE_SUFFIXES)]:
-            path.unlink(missing_ok=True)
+            # A folder that became unwritable must not hide the error that ended the copy.
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
 
 
-def check_backup_out(database: Path, out: Path, *, force: bool) -> None:
-    """Raise :class:`CacheError` when ``out`` cannot take a backup of ``database``: a folder, in the cache folder, or existing without ``force``."""
+def check_database(database: Path, kind: DatabaseKind) -> None:
+    """Raise :class:`CacheError` unless ``database`` opens read-only and has the table and schema version of ``kind``."""
+    with _open_read_only(database, kind) as source:
+        _check_kind(source, database, kind)
+
+
+def check_backup_out(database: Path, out: Path, *, force: bool, option: str = "--out") -> None:
+    """Raise :class:`CacheError` when ``out`` cannot take a backup of ``database``.
+
+    That is when ``out`` is a folder or another non-regular file, is directly in the folder of
+    ``database``, or exists while ``force`` is false.
+    """
+    cache_folder = database.resolve().parent
+    suggestion = cache_folder / "backups" / f"{database.stem}-backup.sqlite3"
     if out.is_dir():
+        if out.resolve() != cache_folder:
+            suggestion = out / f"{database.stem}-backup.sqlite3"
+        raise CacheError(f"backup output {out} is a folder, expected a file path. Pass an {option} such as {suggestion}.", value=str(out))
+    if out.exists() and not out.is_file():
         raise CacheError(
-            f"backup output {out} is a folder, expected a file path. Pass a file name such as {out / 'embeddings-backup.sqlite3'}.",
+            f"backup output {out} exists and is not a regular file (a device, pipe or socket), expected a new file or "
+            f"an earlier backup. Pass an {option} such as {suggestion}.",
             value=str(out),
         )
     # The top level of the cache folder belongs to the gateway: embeddings.sqlite3, the usage ledger
     # usage.sqlite3, their -wal, -shm and -journal files and their lock files. Replacing any of them under a
-    # running gateway damages it, so --out must be elsewhere, for example in a subfolder such as backups/.
-    cache_folder = database.resolve().parent
+    # running gateway damages it, so the output must be elsewhere, for example in a subfolder such as backups/.
     if out.resolve().parent == cache_folder:
         raise CacheError(
             f"backup output {out} is in the cache folder {cache_folder}, where the gateway keeps its databases, their "
-            f"side files and lock files, expected a path outside that folder. Pass an --out in another folder, such as "
+            f"side files and lock files, expected a path outside that folder. Pass an {option} in another folder, such as "
             f"{cache_folder / 'backups' / out.name}, or preferably on another disk.",
             value=str(out),
         )
     if out.exists() and not force:
-        raise CacheError(_exists_message(out), value=str(out))
+        raise CacheError(_exists_message(out, option), value=str(out))
 
 
-def _exists_message(out: Path) -> str:
-    return f"backup output {out} already exists, expected a new file. Pass another --out, or --force to replace it."
-
-
-def _copy_database(database: Path, partial: Path, kind: DatabaseKind) -> None:
-    """Copy ``database`` into the new file ``partial`` with the backup API, after checking it is of ``kind``."""
-    name = f"{kind.label} {database}"
-    damaged_fix = f"The file is damaged or not a UNITE {kind.label}; pass the gateway's cache folder."
-    # mode=ro: the backup never writes to the cache, and a wrong path cannot create an empty database.
-    with converted_sqlite_errors(name, "open it for reading", damaged_fix):
-        source = sqlite3.connect(_read_only_uri(database), uri=True, timeout=BUSY_TIMEOUT_S)
+def make_backup_folder(out: Path, *, option: str = "--out") -> None:
+    """Create the folder of ``out`` if it is missing, or raise :class:`CacheError` naming ``option`` when that fails."""
     try:
-        with converted_sqlite_errors(name, "read its schema", damaged_fix):
-            tables = {row[0] for row in source.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            version = source.execute("PRAGMA user_version").fetchone()[0]
-        if kind.table not in tables:
-            raise CacheError(
-                f"{name} has no {kind.table} table (tables: {sorted(tables)}), expected a UNITE {kind.label}. "
-                "Pass the gateway's cache folder, or the database file of that kind in it.",
-                value=str(database),
-            )
-        if version != kind.schema_version:
-            raise CacheError(
-                f"{name} has schema version {version}, expected {kind.schema_version}. Back it up with the UNITE version that wrote it.",
-                limit=kind.schema_version,
-                value=version,
-            )
-        with converted_sqlite_errors(f"backup {partial}", "be written", "Pass an --out on a local disk with free space."):
-            target = sqlite3.connect(partial, isolation_level=None)
-            try:
-                # pages=-1 copies every page in one step, inside one read transaction of the source. Copying a
-                # few pages per step would restart from the first page whenever the gateway commits in between,
-                # so under steady writes the backup might never finish.
-                source.backup(target, pages=-1)
-                # The copy keeps the source's WAL flag. Rollback-journal mode makes it one self-contained file.
-                target.execute("PRAGMA journal_mode = DELETE")
-            finally:
-                target.close()
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CacheError(
+            f"backup output {out}: cannot create its folder {out.parent} ({error.strerror or error}). "
+            f"Pass an {option} in a folder you can write to.",
+            value=str(out),
+        ) from error
+
+
+def _exists_message(out: Path, option: str) -> str:
+    return f"backup output {out} already exists, expected a new file. Pass another {option}, or --force to replace it."
+
+
+@contextlib.contextmanager
+def _open_read_only(database: Path, kind: DatabaseKind) -> Iterator[sqlite3.Connection]:
+    """Open ``database`` read-only: the backup never writes to it, and a wrong path cannot create an empty database."""
+    with converted_sqlite_errors(f"{kind.label} {database}", "open it for reading", _damaged_fix(kind)):
+        connection = sqlite3.connect(_read_only_uri(database), uri=True, timeout=BUSY_TIMEOUT_S)
+    try:
+        yield connection
     finally:
-        source.close()
+        connection.close()
+
+
+def _damaged_fix(kind: DatabaseKind) -> str:
+    return f"The file is damaged or is not a UNITE {kind.label}: check the path, or restore the {kind.label} from a backup."
+
+
+def _check_kind(source: sqlite3.Connection, database: Path, kind: DatabaseKind) -> None:
+    """Raise :class:`CacheError` unless the open ``source`` has the table and the schema version of ``kind``."""
+    name = f"{kind.label} {database}"
+    with converted_sqlite_errors(name, "read its schema", _damaged_fix(kind)):
+        tables = {row[0] for row in source.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        version = source.execute("PRAGMA user_version").fetchone()[0]
+    if kind.table not in tables:
+        raise CacheError(
+            f"{name} has no {kind.table} table (tables: {sorted(tables)}), expected a UNITE {kind.label}. "
+            "Pass the gateway's cache folder, or the database file of that kind in it.",
+            value=str(database),
+        )
+    if version != kind.schema_version:
+        raise CacheError(
+            f"{name} has schema version {version}, expected {kind.schema_version}. Back it up with the UNITE version that wrote it.",
+            limit=kind.schema_version,
+            value=version,
+        )
+
+
+def _copy_into(source: sqlite3.Connection, partial: Path, out: Path, option: str) -> None:
+    """Copy the open ``source`` into the new file ``partial`` with the backup API, naming ``out`` in errors."""
+    fix = f"Pass an {option} on a local disk with free space, in a folder you can write to."
+    with converted_sqlite_errors(f"backup {out}", "be written", fix, operational_fix=fix):
+        target = sqlite3.connect(partial, isolation_level=None)
+        try:
+            # pages=-1 copies every page in one step, inside one read transaction of the source. Copying a
+            # few pages per step would restart from the first page whenever the gateway commits in between,
+            # so under steady writes the backup might never finish.
+            source.backup(target, pages=-1)
+            # The copy keeps the source's WAL flag. Rollback-journal mode makes it one self-contained file.
+            target.execute("PRAGMA journal_mode = DELETE")
+        finally:
+            target.close()
 
 
 def _check_integrity(partial: Path, database: Path, kind: DatabaseKind) -> None:

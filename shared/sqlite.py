@@ -115,10 +115,12 @@ def open_wal_database(
 
 
 @contextmanager
-def converted_sqlite_errors(name: str, action: str, damaged_fix: str) -> Iterator[None]:
+def converted_sqlite_errors(name: str, action: str, damaged_fix: str, *, operational_fix: str | None = None) -> Iterator[None]:
     """Convert sqlite3 errors raised while doing ``action`` into :class:`CacheError` starting with ``name``.
 
-    ``damaged_fix`` ends the message of a damaged or foreign file (``sqlite3.DatabaseError``).
+    ``damaged_fix`` ends the message of a damaged or foreign file (``sqlite3.DatabaseError``), and
+    ``operational_fix`` the message of a failed operation such as a full disk (``sqlite3.OperationalError``),
+    in place of the advice about the cache folder.
     """
     try:
         yield
@@ -126,7 +128,7 @@ def converted_sqlite_errors(name: str, action: str, damaged_fix: str) -> Iterato
         if "locked" in str(error) or "busy" in str(error):
             fix = f"Another process held the write lock for more than {BUSY_TIMEOUT_S:.0f} s; retry, or stop the other writer."
         else:
-            fix = "Check that the cache folder is on a local disk, writable and not full."
+            fix = operational_fix or "Check that the cache folder is on a local disk, writable and not full."
         raise CacheError(f"{name}: cannot {action} ({error}). {fix}") from error
     except sqlite3.DatabaseError as error:
         raise CacheError(f"{name}: cannot {action} ({error}). {damaged_fix}") from error

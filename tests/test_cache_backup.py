@@ -6,8 +6,10 @@ call log shows which tiles the teacher embedded and which came from the cache.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -22,7 +24,7 @@ from shared.cache import DATABASE_NAME, CacheEntry, EmbeddingCache
 from shared.cache_backup import backup_cache, copy_database
 from shared.errors import CacheError
 from shared.imaging import encode_base64_png
-from teacher_gateway.usage import BACKUP_KIND
+from teacher_gateway.usage import BACKUP_KIND, UsageLedger
 from unite_cli.main import main
 
 DIM = 16
@@ -344,6 +346,51 @@ def test_usage_out_rejects_other_database(small_cache, tmp_path):
     status = main(["cache", "backup", str(small_cache), "--out", str(out), "--usage-out", str(usage_out)])
 
     assert status == 2
+    # The ledger is checked before the cache is copied.
+    assert not out.exists()
     assert not usage_out.exists()
     with pytest.raises(CacheError, match=r"usage ledger .* has no usage table \(tables: \['spending'\]\)"):
         copy_database(small_cache / "usage.sqlite3", usage_out, BACKUP_KIND)
+
+
+@pytest.fixture
+def cache_with_ledger(small_cache) -> Path:
+    """Return ``small_cache`` with a usage ledger beside it, as a gateway leaves it."""
+    UsageLedger(small_cache).close()
+    return small_cache
+
+
+def test_usage_out_unusable_paths_rejected(cache_with_ledger, tmp_path, caplog):
+    out = tmp_path / "backups" / "embeddings-backup.sqlite3"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    cases = [
+        # (--usage-out, --force, expected message)
+        (blocker / "usage-backup.sqlite3", False, f"cannot create its folder {blocker}"),
+        (pipe, True, f"backup output {pipe} exists and is not a regular file"),
+        (cache_with_ledger, False, f"Pass an --usage-out such as {cache_with_ledger.resolve() / 'backups' / 'usage-backup.sqlite3'}"),
+        (cache_with_ledger / "usage-backup.sqlite3", True, "Pass an --usage-out in another folder"),
+    ]
+
+    for usage_out, force, message in cases:
+        caplog.clear()
+        status = main(["cache", "backup", str(cache_with_ledger), "--out", str(out), "--usage-out", str(usage_out), *(["--force"] if force else [])])
+
+        assert status == 2, usage_out
+        assert message in caplog.text, caplog.text
+        assert not out.exists(), usage_out
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
+
+
+def test_usage_ledger_found_through_symbolic_link(cache_with_ledger, tmp_path):
+    link = tmp_path / "elsewhere" / "cache.sqlite3"
+    link.parent.mkdir()
+    link.symlink_to(cache_with_ledger / DATABASE_NAME)
+    usage_out = tmp_path / "backups" / "usage-backup.sqlite3"
+
+    status = main(["cache", "backup", str(link), "--out", str(tmp_path / "backups" / "e.sqlite3"), "--usage-out", str(usage_out)])
+
+    assert status == 0
+    assert integrity(usage_out) == ["ok"]

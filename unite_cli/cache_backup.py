@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from shared.cache import DATABASE_NAME
-from shared.cache_backup import CacheBackup, backup_cache, cache_database_path, check_backup_out, copy_database
+from shared.cache_backup import CacheBackup, backup_cache, cache_database_path, check_backup_out, check_database, copy_database, make_backup_folder
 from shared.errors import ConfigError
 
 DESCRIPTION = (
@@ -65,7 +65,7 @@ def run_cache(args: argparse.Namespace) -> int:
         if ledger is not None:
             from teacher_gateway.usage import BACKUP_KIND
 
-            copy_database(ledger, args.usage_out, BACKUP_KIND, force=args.force)
+            copy_database(ledger, args.usage_out, BACKUP_KIND, force=args.force, option="--usage-out")
             lines = [f"backed up usage ledger {ledger}", f"  to               {args.usage_out}", "  integrity_check  ok"]
             print("\n".join([*lines, f"  bytes            {args.usage_out.stat().st_size}"]))
         return 0
@@ -73,7 +73,12 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def _usage_ledger_path(args: argparse.Namespace) -> Path:
-    """Return the usage ledger beside the cache that ``args.source`` names, after checking ``--usage-out``, so nothing is copied on an error."""
+    """Return the usage ledger beside the cache that ``args.source`` names, after checking it and ``--usage-out``.
+
+    The checks run before the cache is copied, so a missing or foreign ledger or an unusable ``--usage-out``
+    stops the command before it writes anything. A failure while the ledger is copied leaves ``--out`` written.
+    """
+    from teacher_gateway.usage import BACKUP_KIND
     from teacher_gateway.usage import DATABASE_NAME as LEDGER_NAME
 
     if args.usage_out.resolve() == args.out.resolve():
@@ -82,14 +87,17 @@ def _usage_ledger_path(args: argparse.Namespace) -> Path:
             f"{args.out.with_name('usage-backup.sqlite3')}.",
             value=str(args.usage_out),
         )
-    ledger = cache_database_path(args.source).parent / LEDGER_NAME
+    # The ledger lies beside the real database file, also when the source is a symbolic link to it.
+    ledger = cache_database_path(args.source).resolve().parent / LEDGER_NAME
     if not ledger.is_file():
         raise ConfigError(
             f"usage ledger {ledger} not found, expected it beside the embedding cache: a gateway creates it when it starts. "
             "Leave out --usage-out for a cache that no gateway has served.",
             value=str(ledger),
         )
-    check_backup_out(ledger, args.usage_out, force=args.force)
+    check_backup_out(ledger, args.usage_out, force=args.force, option="--usage-out")
+    check_database(ledger, BACKUP_KIND)
+    make_backup_folder(args.usage_out, option="--usage-out")
     return ledger
 
 
