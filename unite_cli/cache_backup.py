@@ -12,6 +12,8 @@ from pathlib import Path
 from shared.cache import DATABASE_NAME
 from shared.cache_backup import CacheBackup, backup_cache, cache_database_path, check_backup_out, check_database, copy_database, make_backup_folder
 from shared.errors import ConfigError
+from teacher_gateway.usage import BACKUP_KIND as LEDGER_KIND
+from teacher_gateway.usage import DATABASE_NAME as LEDGER_NAME
 
 DESCRIPTION = (
     "Manage the teacher gateway's embedding cache. `backup` copies it, and with --usage-out the usage ledger, with "
@@ -63,9 +65,7 @@ def run_cache(args: argparse.Namespace) -> int:
         ledger = _usage_ledger_path(args) if args.usage_out is not None else None
         print(format_backup(backup_cache(args.source, args.out, force=args.force)))
         if ledger is not None:
-            from teacher_gateway.usage import BACKUP_KIND
-
-            copy_database(ledger, args.usage_out, BACKUP_KIND, force=args.force, option="--usage-out")
+            copy_database(ledger, args.usage_out, LEDGER_KIND, force=args.force, option="--usage-out")
             lines = [f"backed up usage ledger {ledger}", f"  to               {args.usage_out}", "  integrity_check  ok"]
             print("\n".join([*lines, f"  bytes            {args.usage_out.stat().st_size}"]))
         return 0
@@ -78,9 +78,6 @@ def _usage_ledger_path(args: argparse.Namespace) -> Path:
     The checks run before the cache is copied, so a missing or foreign ledger or an unusable ``--usage-out``
     stops the command before it writes anything. A failure while the ledger is copied leaves ``--out`` written.
     """
-    from teacher_gateway.usage import BACKUP_KIND
-    from teacher_gateway.usage import DATABASE_NAME as LEDGER_NAME
-
     if args.usage_out.resolve() == args.out.resolve():
         raise ConfigError(
             f"--usage-out {args.usage_out} is the same file as --out, expected two files. Pass for example --usage-out "
@@ -96,7 +93,7 @@ def _usage_ledger_path(args: argparse.Namespace) -> Path:
             value=str(ledger),
         )
     check_backup_out(ledger, args.usage_out, force=args.force, option="--usage-out")
-    check_database(ledger, BACKUP_KIND)
+    check_database(ledger, LEDGER_KIND)
     make_backup_folder(args.usage_out, option="--usage-out")
     return ledger
 
