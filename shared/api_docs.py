@@ -11,19 +11,27 @@ behind the service's ``api_docs`` setting:
 A browser that opens ``/docs`` or ``/redoc`` sends no ``Authorization`` or ``X-API-Key`` header, so with
 ``key`` and a keys file the pages return 401 in a browser. Clients that can send a header fetch
 ``/openapi.json`` with the key instead, or the operator sets ``open``.
+
+The pages load Swagger UI and ReDoc from :data:`ASSETS_PATH` on the service itself, files of the
+fastapi-offline package, and nothing from a CDN, so they work on a network without internet access.
+Those files are public library code and are served without a key while the docs are not ``off``.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, Header, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 ApiDocsAccess = Literal["open", "key", "off"]
 DOCS_PATHS = ("/openapi.json", "/docs", "/redoc")
+ASSETS_PATH = "/docs-assets"
 
 # Called with the request and its Authorization and X-API-Key headers. It returns when the server has no
 # keys file or the key is listed, and raises the service's 401 error otherwise.
@@ -46,6 +54,7 @@ def add_docs_routes(app: FastAPI, *, access: ApiDocsAccess, check_key: KeyCheck)
     if access == "off":
         return
     title = app.title
+    app.mount(ASSETS_PATH, StaticFiles(directory=docs_assets_dir()), name="docs-assets")
 
     def check_access(request: Request, authorization: str | None, x_api_key: str | None) -> None:
         if access == "key":
@@ -67,7 +76,13 @@ def add_docs_routes(app: FastAPI, *, access: ApiDocsAccess, check_key: KeyCheck)
         x_api_key: Annotated[str | None, Header()] = None,
     ) -> HTMLResponse:
         check_access(request, authorization, x_api_key)
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{title} - docs")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{title} - docs",
+            swagger_js_url=f"{ASSETS_PATH}/swagger-ui-bundle.js",
+            swagger_css_url=f"{ASSETS_PATH}/swagger-ui.css",
+            swagger_favicon_url=f"{ASSETS_PATH}/favicon.png",
+        )
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc_page(
@@ -76,4 +91,15 @@ def add_docs_routes(app: FastAPI, *, access: ApiDocsAccess, check_key: KeyCheck)
         x_api_key: Annotated[str | None, Header()] = None,
     ) -> HTMLResponse:
         check_access(request, authorization, x_api_key)
-        return get_redoc_html(openapi_url="/openapi.json", title=f"{title} - ReDoc")
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title=f"{title} - ReDoc",
+            redoc_js_url=f"{ASSETS_PATH}/redoc.standalone.js",
+            redoc_favicon_url=f"{ASSETS_PATH}/favicon.png",
+            with_google_fonts=False,
+        )
+
+
+def docs_assets_dir() -> Path:
+    """Return the folder of Swagger UI's and ReDoc's files in the installed fastapi-offline package."""
+    return Path(str(importlib.resources.files("fastapi_offline") / "static"))
