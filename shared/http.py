@@ -139,7 +139,7 @@ class _ErrorHandlers:
         message = _printable("invalid request: " + "; ".join(described))
         self.logger.warning("request %s rejected with 422: %s", request_id_of(request), message)
         value = offending_value(problems)
-        body = {"error": {"code": InvalidRequestError.code, "message": message, "limit": None, "value": value}}
+        body = {"error": {"code": InvalidRequestError.code, "message": message, "limit": declared_range(request, problems), "value": value}}
         return JSONResponse(body, status_code=422)
 
     async def handle_http_error(self, request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -196,6 +196,28 @@ def describe_validation_problem(problem: dict[str, Any], *, content_type: str | 
         else:
             field = shorten_echoed(str(part))
     return f"{field or 'body'}: {problem.get('msg')}"
+
+
+def declared_range(request: Request, problems: list[dict[str, Any]]) -> list[Any] | None:
+    """Return ``[minimum, maximum]`` that the route's schema states for the one query or path parameter the problems name, or None.
+
+    A parameter whose range the endpoint checks itself declares it as ``minimum`` and ``maximum`` in its
+    schema, so a value that is not even a number gets the same ``limit`` as one out of range.
+    """
+    locations = {tuple(problem.get("loc", ()))[:2] for problem in problems}
+    if len(locations) != 1:
+        return None
+    location = locations.pop()
+    if len(location) != 2 or location[0] not in ("query", "path"):
+        return None
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    parameters = [] if dependant is None else dependant.query_params if location[0] == "query" else dependant.path_params
+    for parameter in parameters:
+        if parameter.alias == location[1]:
+            schema = parameter.field_info.json_schema_extra
+            if isinstance(schema, dict) and ("minimum" in schema or "maximum" in schema):
+                return [schema.get("minimum"), schema.get("maximum")]
+    return None
 
 
 def offending_value(problems: list[dict[str, Any]]) -> Any:

@@ -194,6 +194,21 @@ def test_job_list_limit(keyed_server):
     assert too_large.status_code == 422, too_large.text
 
 
+@pytest.mark.parametrize("limit", ["ten", "1.5", ""])
+def test_job_list_limit_not_integer(keyed_server, limit):
+    client, _, _ = keyed_server
+
+    response = client.get("/v1/jobs", params={"limit": limit}, headers=key(KEY_A))
+
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    # The same range as for an integer out of range, taken from the parameter's schema.
+    assert error["limit"] == [1, 1000]
+    assert error["value"] == limit
+    assert "limit" in error["message"]
+
+
 @pytest.mark.parametrize("limit", [0, -1, 1001, 10**9])
 def test_job_list_limit_out_of_range(keyed_server, limit):
     client, _, _ = keyed_server
