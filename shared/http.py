@@ -211,7 +211,9 @@ def declared_range(request: Request, problems: list[dict[str, Any]]) -> list[Any
     if len(location) != 2 or location[0] not in ("query", "path"):
         return None
     dependant = getattr(request.scope.get("route"), "dependant", None)
-    parameters = [] if dependant is None else dependant.query_params if location[0] == "query" else dependant.path_params
+    if dependant is None:
+        return None
+    parameters = dependant.query_params if location[0] == "query" else dependant.path_params
     for parameter in parameters:
         if parameter.alias == location[1]:
             schema = parameter.field_info.json_schema_extra
