@@ -27,6 +27,7 @@ from pathlib import Path
 
 from shared.cache import DATABASE_NAME, SCHEMA_VERSION
 from shared.errors import CacheError
+from shared.fsync import fsync_dir, fsync_file
 from shared.sqlite import BUSY_TIMEOUT_S, converted_sqlite_errors
 
 logger = logging.getLogger(__name__)
@@ -131,12 +132,12 @@ def copy_database(database: Path, out: Path, kind: DatabaseKind, *, force: bool 
             _check_kind(source, database, kind)
             _copy_into(source, partial, out, option)
         _check_integrity(partial, database, kind)
-        _fsync_file(partial)
+        fsync_file(partial)
         # Checked again because another backup may have written ``out`` while this one ran.
         if not force and out.exists():
             raise CacheError(_exists_message(out, option), value=str(out))
         os.replace(partial, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     finally:
         for path in [partial, *(partial.with_name(partial.name + suffix) for suffix in _SIDE_FILE_SUFFIXES)]:
             # A folder that became unwritable must not hide the error that ended the copy.
@@ -283,16 +284,3 @@ def _summarise_cache(path: Path) -> tuple[dict[str, int], int, int]:
 def _read_only_uri(path: Path) -> str:
     """Return an SQLite URI that opens ``path`` read-only, with the characters a URI reserves escaped."""
     return path.resolve().as_uri() + "?mode=ro"
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as file:
-        os.fsync(file.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

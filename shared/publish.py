@@ -31,6 +31,7 @@ from pathlib import Path
 
 from shared.checkpoint_format import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, ONNX_WEIGHTS, file_sha256, student_label
 from shared.errors import ConfigError, ModelError
+from shared.fsync import fsync_dir, fsync_file
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def publish_student(export_dir: Path, root: Path, *, keep: int = DEFAULT_KEEP) -
     shutil.copytree(export_dir, staging)
     _fsync_tree(staging)
     os.replace(staging, target)
-    _fsync_dir(versions)
+    fsync_dir(versions)
 
     _point_current(root, target)
     _prune(versions, keep=keep, current=target)
@@ -217,7 +218,7 @@ def _point_current(root: Path, target: Path) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def _prune(versions: Path, *, keep: int, current: Path) -> None:
@@ -250,17 +251,8 @@ def _is_stale(staging: Path) -> bool:
 def _fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
-            with open(path, "rb") as file:
-                os.fsync(file.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+            fsync_file(path)
+    fsync_dir(folder)
 
 
 @dataclass(frozen=True)

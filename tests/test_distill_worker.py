@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -227,23 +228,12 @@ def test_cli_once_trains_and_publishes(lung_tiles, tmp_path):
 
 
 def test_cli_stops_on_sigterm_between_checks(tmp_path):
-    log_path = tmp_path / "worker.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(worker_command(tmp_path, "--poll-s", "0.2", "--min-new-tiles", "8"), stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO)
-        try:
-            # The worker logs one line per check; after two it is polling.
-            deadline = time.monotonic() + 120
-            while log_path.read_text().count("waiting for 8") < 2 and process.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            process.send_signal(signal.SIGTERM)
-            stdout, _ = process.communicate(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    stderr = log_path.read_text()
+    command = worker_command(tmp_path, "--poll-s", "0.2", "--min-new-tiles", "8")
 
-    assert process.returncode == 0, stderr[-3000:]
+    # The worker logs one line per check; after two it is polling.
+    returncode, stdout, stderr = sigterm_when(command, tmp_path, lambda log: log.read_text().count("waiting for 8") >= 2, timeout_s=120)
+
+    assert returncode == 0, stderr[-3000:]
     assert "received SIGTERM" in stderr
     assert "0 trainings" in stdout
 
@@ -287,15 +277,16 @@ SIGTERM_EPOCHS = 20
 SIGTERM_PLANNED_STEPS = SIGTERM_EPOCHS * 4
 
 
-def sigterm_after_first_epoch(command: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Start the worker, send it SIGTERM once a training has written last.ckpt, and return its exit status, stdout and stderr."""
+def sigterm_when(
+    command: list[str], tmp_path: Path, ready: Callable[[Path], bool], *, env: dict[str, str] | None = None, timeout_s: float = 300
+) -> tuple[int, str, str]:
+    """Start the worker, send it SIGTERM once ``ready(log_path)`` is true (or after ``timeout_s``), and return its exit status, stdout and stderr."""
     log_path = tmp_path / "worker.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, env=env)
         try:
-            # LastCheckpoint writes last.ckpt at the end of each epoch, so its appearance means steps have run.
-            deadline = time.monotonic() + 300
-            while not list((tmp_path / "worker" / "runs").glob("*/lightning/last.ckpt")) and process.poll() is None and time.monotonic() < deadline:
+            deadline = time.monotonic() + timeout_s
+            while not ready(log_path) and process.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.1)
             process.send_signal(signal.SIGTERM)
             stdout, _ = process.communicate(timeout=120)
@@ -304,6 +295,12 @@ def sigterm_after_first_epoch(command: list[str], tmp_path: Path, env: dict[str,
                 process.kill()
                 process.wait()
     return process.returncode, stdout, log_path.read_text()
+
+
+def sigterm_after_first_epoch(command: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run the worker as :func:`sigterm_when` does, sending SIGTERM once a training has written last.ckpt."""
+    # LastCheckpoint writes last.ckpt at the end of each epoch, so its appearance means steps have run.
+    return sigterm_when(command, tmp_path, lambda _: any((tmp_path / "worker" / "runs").glob("*/lightning/last.ckpt")), env=env)
 
 
 def test_cli_sigterm_mid_training_then_resumes(lung_tiles, tmp_path):
